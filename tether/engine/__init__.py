@@ -1,0 +1,1 @@
+"""Engine: models, log-probs, optimisation, distribution, checkpoints, metrics."""

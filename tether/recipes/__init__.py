@@ -1,0 +1,1 @@
+"""Recipes: one readable loop per algorithm."""
