@@ -128,6 +128,11 @@ def load_config(cls: type, yaml_path: str | Path | None = None, overrides: list[
     return _build(cls, values, prefix="")
 
 
+def from_dict(cls: type, values: dict, prefix: str = ""):
+    """Build a config dataclass from a plain mapping (e.g. a saved config.yaml section)."""
+    return _build(cls, values, prefix)
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """`--train.lr=1e-4` or `train.lr=1e-4` -> ("train.lr", 1e-4); the value is parsed as YAML."""
     text = item[2:] if item.startswith("--") else item

@@ -1,0 +1,124 @@
+"""Checkpoints: exact round trip, atomic under a crash mid-save, safetensors only."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tether.config import TrainConfig
+from tether.engine import checkpoint
+from tether.engine.logprobs import CausalLMLogps
+from tether.engine.models import tiny_llama
+from tether.engine.optimize import build_optimizer, build_scheduler
+
+
+def _setup(seed=0):
+    model = CausalLMLogps(tiny_llama(vocab_size=32, tie=True, seed=seed), chunk_size=8)
+    opt = build_optimizer(model, TrainConfig(lr=1e-2))
+    sched = build_scheduler(opt, TrainConfig(lr=1e-2, warmup_ratio=0.5), total_steps=10)
+    return model, opt, sched
+
+
+def _step(model, opt, sched):
+    ids = torch.randint(0, 32, (2, 6))
+    loss = -model(ids, torch.ones(2, 6, dtype=torch.bool)).sum()
+    loss.backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+
+
+def test_round_trip_restores_model_optimizer_scheduler_and_rng(tmp_path):
+    model, opt, sched = _setup()
+    _step(model, opt, sched)
+    checkpoint.save(tmp_path, 1, model=model, optimizer=opt, scheduler=sched,
+                    trainer_state={"note": "x"})
+    expected_next = torch.rand(3)  # what the RNG gives right after the save
+    lr_at_save = opt.param_groups[0]["lr"]
+    _step(model, opt, sched)
+    after_two = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    model2, opt2, sched2 = _setup(seed=1)  # different init: everything must come from disk
+    state = checkpoint.load(checkpoint.latest(tmp_path), model=model2, optimizer=opt2,
+                            scheduler=sched2)
+    assert state == {"step": 1, "note": "x"}
+    torch.testing.assert_close(torch.rand(3), expected_next, atol=0, rtol=0)
+    assert sched2.last_epoch == 1
+    assert opt2.param_groups[0]["lr"] == lr_at_save
+    torch.manual_seed(123)
+    _step(model2, opt2, sched2)
+    # replay the same step on the original with the same data: equal to the bit
+    model3, opt3, sched3 = _setup(seed=2)
+    checkpoint.load(checkpoint.latest(tmp_path), model=model3, optimizer=opt3, scheduler=sched3)
+    torch.manual_seed(123)
+    _step(model3, opt3, sched3)
+    for (n, p2), (_, p3) in zip(model2.named_parameters(), model3.named_parameters()):
+        torch.testing.assert_close(p2, p3, atol=0, rtol=0)
+    assert set(after_two) == {n for n, _ in model2.named_parameters()}
+
+
+def test_tied_embeddings_saved_once(tmp_path):
+    from safetensors.torch import load_file
+
+    model, opt, sched = _setup()
+    path = checkpoint.save(tmp_path, 1, model=model, optimizer=opt, scheduler=sched,
+                           trainer_state={})
+    names = set(load_file(path / "model.safetensors"))
+    assert "model.model.embed_tokens.weight" in names
+    assert "model.lm_head.weight" not in names  # tied: one tensor, one name
+    assert not list(path.glob("*.pt")) and not list(path.glob("*.bin"))
+
+
+def test_crash_during_save_keeps_last_good_checkpoint(tmp_path):
+    """A process killed (os._exit, no cleanup) in the middle of writing checkpoint 2 leaves
+    checkpoint 1 and the `latest` pointer intact; the next save sweeps the debris."""
+    script = textwrap.dedent(f"""
+        import os, torch
+        from tether.engine import checkpoint
+        from tests.engine.test_checkpoint import _setup, _step
+        model, opt, sched = _setup()
+        _step(model, opt, sched)
+        checkpoint.save({str(tmp_path)!r}, 1, model=model, optimizer=opt, scheduler=sched,
+                        trainer_state={{}})
+        real = checkpoint.save_file
+        def dying(tensors, path, *a, **k):
+            real(tensors, path, *a, **k)
+            if str(path).endswith("optimizer.safetensors") and ".tmp-step-000002" in str(path):
+                os._exit(9)  # killed mid-save: model and optimizer written, state.json not
+        checkpoint.save_file = dying
+        _step(model, opt, sched)
+        checkpoint.save({str(tmp_path)!r}, 2, model=model, optimizer=opt, scheduler=sched,
+                        trainer_state={{}})
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert (tmp_path / ".tmp-step-000002").is_dir()  # the debris of the killed save
+    assert checkpoint.latest(tmp_path) == tmp_path / "step-000001"
+    model, opt, sched = _setup(seed=3)
+    assert checkpoint.load(checkpoint.latest(tmp_path), model=model, optimizer=opt,
+                           scheduler=sched)["step"] == 1
+    checkpoint.save(tmp_path, 2, model=model, optimizer=opt, scheduler=sched, trainer_state={})
+    assert not (tmp_path / ".tmp-step-000002").exists()
+    assert checkpoint.latest(tmp_path) == tmp_path / "step-000002"
+
+
+def test_latest_ignores_incomplete_dirs_and_stale_pointer(tmp_path):
+    (tmp_path / "step-000005").mkdir()  # no state.json: incomplete
+    assert checkpoint.latest(tmp_path) is None
+    (tmp_path / "step-000003").mkdir()
+    (tmp_path / "step-000003" / "state.json").write_text(json.dumps({}))
+    (tmp_path / "latest").write_text("step-000005")
+    assert checkpoint.latest(tmp_path) == tmp_path / "step-000003"
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    model, opt, sched = _setup()
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, model=model, optimizer=opt, scheduler=sched,
+                        trainer_state={}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000002", "step-000003"]

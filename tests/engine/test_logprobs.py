@@ -1,0 +1,70 @@
+"""Chunked log-probs equal the naive full-logits computation, values and gradients."""
+
+import pytest
+import torch
+
+from tether.engine.logprobs import CausalLMLogps, chunked_token_logps, naive_token_logps
+from tether.engine.models import tiny_llama
+
+
+def _inputs(seed=0, n=37, h=16, v=50, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, v, (n,), generator=g)
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 37, 1000])
+def test_chunked_equals_naive_values_and_grads_fp32(chunk_size):
+    hidden, weight, labels = _inputs()
+    upstream = torch.randn(37, generator=torch.Generator().manual_seed(1))
+    got = chunked_token_logps(hidden, weight, labels, chunk_size=chunk_size)
+    gh, gw = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
+    want = naive_token_logps(hidden, weight, labels)
+    wh, ww = torch.autograd.grad((want * upstream).sum(), (hidden, weight))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gh, wh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gw, ww, atol=1e-5, rtol=0)
+
+
+def test_hand_worked_two_token_vocab():
+    """hidden h = [1], W = [[0], [ln 3]]: logits (0, ln 3), softmax (1/4, 3/4).
+
+    label 1: log p = log 3/4 = -0.287682; d logp / dh = (onehot - softmax) . W = (0 - 1/4)*0 +
+    (1 - 3/4)*ln 3 = 0.274653; d logp / dW = (onehot - softmax)^T h = [[-1/4], [1/4]].
+    """
+    hidden = torch.tensor([[1.0]], requires_grad=True)
+    weight = torch.tensor([[0.0], [torch.log(torch.tensor(3.0)).item()]], requires_grad=True)
+    logp = chunked_token_logps(hidden, weight, torch.tensor([1]), chunk_size=1)
+    logp.sum().backward()
+    assert logp.item() == pytest.approx(-0.287682, abs=1e-6)
+    assert hidden.grad.item() == pytest.approx(0.274653, abs=1e-6)
+    torch.testing.assert_close(weight.grad, torch.tensor([[-0.25], [0.25]]))
+
+
+def test_batched_shape_and_bf16_autocast_close_to_fp32():
+    hidden, weight, labels = _inputs(n=24)
+    h3, l3 = hidden.reshape(4, 6, 16), labels.reshape(4, 6)
+    full = chunked_token_logps(h3, weight, l3, chunk_size=7)
+    assert full.shape == (4, 6) and full.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = chunked_token_logps(h3, weight, l3, chunk_size=7)
+        low.sum().backward()
+    assert low.dtype == torch.float32
+    assert weight.grad.dtype == torch.float32  # master weights keep fp32 grads
+    torch.testing.assert_close(low, full.detach(), atol=0.15, rtol=0.02)
+
+
+def test_model_wrapper_matches_hf_logits():
+    """CausalLMLogps(out)[:, t] = log_softmax(HF logits[:, t-1])[input_ids[:, t]]; out[:, 0] = 0."""
+    model = tiny_llama(vocab_size=64, tie=True)
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[2, 6:] = False
+    wrapped = CausalLMLogps(model, chunk_size=4)
+    got = wrapped(ids, mask)
+    logits = model(input_ids=ids, attention_mask=mask.long()).logits
+    want = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.all(got[:, 0] == 0)
+    torch.testing.assert_close(got[:, 1:][mask[:, 1:]], want[mask[:, 1:]], atol=1e-5, rtol=0)

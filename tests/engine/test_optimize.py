@@ -1,0 +1,85 @@
+"""Gradient accumulation is normalised globally; the lr schedule matches hand-worked values."""
+
+import math
+
+import pytest
+import torch
+
+from tether.engine.logprobs import CausalLMLogps
+from tether.engine.models import tiny_llama
+from tether.engine.optimize import accumulate_gradients, lr_factor
+from tether.losses import nll_loss
+
+
+def _batch(lengths, vocab=64, seed=0):
+    """Right-padded batch; completion = the last half of each sequence (uneven token counts)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), T), generator=g)
+    attn = torch.zeros(len(lengths), T, dtype=torch.bool)
+    loss = torch.zeros_like(attn)
+    for i, n in enumerate(lengths):
+        attn[i, :n] = True
+        loss[i, n // 2:n] = True
+    ids[~attn] = 0
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+def _slice(batch, idx):
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def _loss_fn(model, mb):
+    return nll_loss(model(mb["input_ids"], mb["attention_mask"]), mb["loss_mask"])
+
+
+def _grads(model, micro_batches, precision="fp32"):
+    model.zero_grad(set_to_none=True)
+    out = accumulate_gradients(model, micro_batches, loss_fn=_loss_fn,
+                               count_units=lambda mb: int(mb["loss_mask"].sum()),
+                               device=torch.device("cpu"), precision=precision)
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_four_micro_batches_give_the_gradient_of_one_big_batch():
+    """Lengths 3..12 give 2..6 completion tokens per row: a per-micro-batch mean would weight
+    short rows more; dividing each micro-batch's sum by the global token count does not."""
+    model = CausalLMLogps(tiny_llama(vocab_size=64), chunk_size=16)
+    batch = _batch([3, 12, 5, 9, 4, 11, 7, 6])
+    full_out, full = _grads(model, [batch])
+    parts = [_slice(batch, slice(i, i + 2)) for i in range(0, 8, 2)]
+    acc_out, acc = _grads(model, parts)
+    assert acc_out["units"] == full_out["units"] == sum(n - n // 2 for n in [3, 12, 5, 9, 4, 11, 7, 6])
+    assert acc_out["loss"] == pytest.approx(full_out["loss"], abs=1e-6)
+    for name in full:
+        torch.testing.assert_close(acc[name], full[name], atol=1e-6, rtol=1e-5)
+
+
+def test_naive_per_micro_batch_mean_would_differ():
+    """Guard that the test above can fail: averaging micro-batch means changes the gradient."""
+    model = CausalLMLogps(tiny_llama(vocab_size=64), chunk_size=16)
+    batch = _batch([3, 12, 5, 9, 4, 11, 7, 6])
+    _, full = _grads(model, [batch])
+    model.zero_grad(set_to_none=True)
+    for i in range(0, 8, 2):
+        mb = _slice(batch, slice(i, i + 2))
+        loss_sum, _ = _loss_fn(model, mb)
+        (loss_sum / mb["loss_mask"].sum() / 4).backward()
+    diff = max((p.grad - full[n]).abs().max().item() for n, p in model.named_parameters())
+    assert diff > 1e-4
+
+
+def test_lr_schedule_hand_values():
+    """total 10, warmup 2: steps 0,1 -> 1/2, 2/2. Cosine after: p = (s - 2) / 8.
+    s=2: p=0 -> 1; s=6: p=0.5 -> 0.5; s=9: p=7/8 -> 0.5 (1 + cos(7 pi/8)) = 0.0380602.
+    With min_ratio 0.1 at s=6: 0.1 + 0.9 * 0.5 = 0.55. Linear at s=6: 1 - 0.5 = 0.5."""
+    f = lambda s, **kw: lr_factor(s, total_steps=10, warmup_steps=2, **kw)  # noqa: E731
+    assert f(0, schedule="cosine") == 0.5
+    assert f(1, schedule="cosine") == 1.0
+    assert f(2, schedule="cosine") == 1.0
+    assert f(6, schedule="cosine") == pytest.approx(0.5)
+    assert f(9, schedule="cosine") == pytest.approx(0.0380602, abs=1e-7)
+    assert f(6, schedule="cosine", min_ratio=0.1) == pytest.approx(0.55)
+    assert f(6, schedule="linear") == pytest.approx(0.5)
+    assert f(9, schedule="constant") == 1.0
+    assert math.isclose(f(9, schedule="linear"), 1 / 8)

@@ -1,0 +1,158 @@
+"""`tether <recipe> [CONFIG.yaml] [--section.key=value ...]`, and `tether export RUN_DIR OUT_DIR`.
+
+User mistakes (bad config key, malformed row, missing file) print one line naming what to fix and
+exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tether.errors import TetherError
+
+
+@dataclass
+class Recipe:
+    summary: str
+    config: Callable[[], type]
+    run: Callable[[], Callable]
+
+
+def _sft_config():
+    from tether.config import SFTConfig
+
+    return SFTConfig
+
+
+def _sft_run():
+    from tether.recipes.sft import run
+
+    return run
+
+
+RECIPES: dict[str, Recipe] = {
+    "sft": Recipe("supervised fine-tuning on demonstrations (prompt-completion, messages, text)",
+                  _sft_config, _sft_run),
+}
+
+USAGE = """usage: tether <command> [CONFIG.yaml] [--section.key=value ...]
+
+Post-training for language models. Runs on one CPU with the default model
+(SmolLM2-135M-Instruct, no download) and scales out with torchrun + FSDP2.
+
+recipes:
+{recipes}
+
+other commands:
+  export RUN_DIR OUT_DIR   write a run's latest weights as a plain HF model directory
+                           (LoRA adapters merged) that from_pretrained loads
+  keys RECIPE              list every config key of a recipe with its default
+
+examples:
+  tether sft                                   # built-in data, default model
+  tether sft my.yaml --train.lr=1e-5 --data.path=rows.jsonl
+  torchrun --nproc_per_node 2 -m tether sft --train.batch_size=8
+  tether export runs/sft runs/sft-model
+
+Config keys and data formats: docs/config.md, docs/data.md. Metrics: docs/metrics.md.
+"""
+
+
+def usage() -> str:
+    width = max(len(n) for n in RECIPES)
+    lines = [f"  {name.ljust(width)}  {r.summary}" for name, r in RECIPES.items()]
+    return USAGE.format(recipes="\n".join(lines))
+
+
+def split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """(CONFIG.yaml or None, overrides). Accepts `--key=value` and `--key value`."""
+    config_path, overrides, i = None, [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            if "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("--"):
+                arg, i = f"{arg}={args[i + 1]}", i + 1
+            overrides.append(arg)
+        elif config_path is None:
+            config_path = arg
+        else:
+            raise TetherError(f"unexpected argument '{arg}' (only one CONFIG.yaml is taken)")
+        i += 1
+    return config_path, overrides
+
+
+def cmd_recipe(name: str, args: list[str]) -> int:
+    from tether.config import load_config
+
+    recipe = RECIPES[name]
+    config_path, overrides = split_args(args)
+    cfg = load_config(recipe.config(), config_path, overrides)
+    recipe.run()(cfg)
+    return 0
+
+
+def cmd_keys(args: list[str]) -> int:
+    from tether.config import valid_keys
+
+    if len(args) != 1 or args[0] not in RECIPES:
+        raise TetherError(f"usage: tether keys RECIPE (one of {', '.join(RECIPES)})")
+    cfg = RECIPES[args[0]].config()()
+    for key in valid_keys(type(cfg)):
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        print(f"{key} = {value!r}")
+    return 0
+
+
+def cmd_export(args: list[str]) -> int:
+    if len(args) != 2:
+        raise TetherError("usage: tether export RUN_DIR OUT_DIR")
+    from tether.engine.checkpoint import export_run
+
+    out = export_run(Path(args[0]), Path(args[1]))
+    print(f"exported to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if any(a in ("-h", "--help") for a in rest) and command in RECIPES:
+        print(f"tether {command}: {RECIPES[command].summary}\n"
+              f"keys: `tether keys {command}`; see docs/config.md")
+        return 0
+    try:
+        if command in RECIPES:
+            return cmd_recipe(command, rest)
+        if command == "export":
+            return cmd_export(rest)
+        if command == "keys":
+            return cmd_keys(rest)
+        import difflib
+
+        near = difflib.get_close_matches(command, [*RECIPES, "export", "keys"], n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise TetherError(f"unknown command '{command}'{hint} (see `tether --help`)")
+    except TetherError as err:
+        print(f"tether: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tether: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,242 @@
+"""Atomic checkpoints, exact resume, and export to a plain HF model directory.
+
+A checkpoint is a directory `RUN_DIR/checkpoints/step-000123/` holding
+    model.safetensors      trainable parameters (all of them for a full fine-tune; the adapter for LoRA)
+    optimizer.safetensors  AdamW moments and step counts, keyed "<param name>::<state key>"
+    rng.safetensors        torch CPU (and CUDA) generator states
+    state.json             step, data position, optimizer hyper-parameters, scheduler, python RNG
+Nothing is pickled: tensors go through safetensors, the rest through JSON.
+
+Atomicity: everything is written into a hidden temporary directory, each file is fsync'ed, the
+directory is renamed into place (atomic on POSIX), and only then is the `latest` pointer replaced
+(write + fsync + rename). A crash at any point leaves the previous checkpoint and pointer intact;
+a half-written temporary directory is never taken for a checkpoint and is swept on the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tether.engine import dist
+
+LATEST = "latest"
+STATE = "state.json"
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain CPU tensor: gathers an FSDP2 DTensor shard from all ranks (collective)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu().contiguous()
+
+
+def _place_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `like`: this rank's shard of it when `like` is a DTensor."""
+    if hasattr(like, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(like.device_mesh.device_type), like.device_mesh,
+                                 like.placements)
+    return full.to(like.device)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(_place_like(state[name].to(p.dtype), p))
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    """(tensors keyed "<param>::<key>", param-group hyper-parameters without the params)."""
+    tensors = {}
+    for name, p in model.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            value = torch.as_tensor(value)
+            tensors[f"{name}::{key}"] = _full(value) if value.dim() else value.detach().cpu()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return tensors, groups
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                         tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    for name, p in model.named_parameters():
+        keys = [k for k in tensors if k.startswith(f"{name}::")]
+        if keys:
+            optimizer.state[p] = {
+                k.split("::", 1)[1]: (_place_like(tensors[k], p) if tensors[k].dim()
+                                      else tensors[k].clone()) for k in keys}
+    for group, saved in zip(optimizer.param_groups, groups):
+        group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(ckpt_root: str | Path, step: int, *, model: nn.Module,
+         optimizer: torch.optim.Optimizer, scheduler, trainer_state: dict[str, Any],
+         keep_last: int = 2) -> Path | None:
+    """Write checkpoint `step` atomically. Collective under FSDP2; rank 0 writes.
+
+    Returns the checkpoint directory on rank 0 (None on other ranks).
+    """
+    weights = trainable_state(model)
+    optim_tensors, groups = optimizer_state(model, optimizer)
+    if not dist.is_main():
+        dist.barrier()
+        return None
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a crash during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    tmp.mkdir()
+    save_file(weights, tmp / "model.safetensors")
+    save_file(optim_tensors, tmp / "optimizer.safetensors")
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, tmp / "rng.safetensors")
+    for f in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        _fsync_file(tmp / f)
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    state = {"step": step, "trainer": trainer_state, "optimizer_groups": groups,
+             "scheduler": sched, "python_random": _py_random_state()}
+    _fsync_write(tmp / STATE, json.dumps(state, indent=1).encode())  # written last
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _write_pointer(root, final.name)
+    _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _py_random_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_pointer(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST}.tmp"
+    _fsync_write(tmp, name.encode())
+    os.replace(tmp, root / LATEST)
+    _fsync_dir(root)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    steps = sorted(p for p in root.glob("step-*") if (p / STATE).is_file())
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest(ckpt_root: str | Path) -> Path | None:
+    """The newest complete checkpoint: the `latest` pointer, or the highest complete step."""
+    root = Path(ckpt_root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / STATE).is_file():
+            return candidate
+    complete = sorted(p for p in root.glob("step-*") if (p / STATE).is_file())
+    return complete[-1] if complete else None
+
+
+def load(ckpt_dir: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+         scheduler=None, restore_rng: bool = True) -> dict[str, Any]:
+    """Restore what `save` wrote; returns the trainer state (step, data position, ...)."""
+    ckpt = Path(ckpt_dir)
+    state = json.loads((ckpt / STATE).read_text())
+    load_trainable_state(model, load_file(ckpt / "model.safetensors"))
+    if optimizer is not None:
+        load_optimizer_state(model, optimizer, load_file(ckpt / "optimizer.safetensors"),
+                             state["optimizer_groups"])
+    if scheduler is not None:
+        sched = dict(state["scheduler"])
+        sched["lr_lambdas"] = [None] * len(optimizer.param_groups if optimizer else [0])
+        scheduler.load_state_dict(sched)
+    if restore_rng:
+        rng = load_file(ckpt / "rng.safetensors")
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["torch_cuda"])
+        version, internal, gauss = state["python_random"]
+        random.setstate((version, tuple(internal), gauss))
+    return {"step": state["step"], **state["trainer"]}
+
+
+def export(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """Write a plain HF directory (safetensors) that `from_pretrained` loads; LoRA is merged."""
+    out = Path(out_dir)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    return out
+
+
+def export_run(run_dir: Path, out_dir: Path) -> Path:
+    """`tether export RUN_DIR OUT_DIR`: the run's latest checkpoint as a plain HF directory."""
+    import yaml
+
+    from tether.config import ModelConfig, from_dict
+    from tether.engine.logprobs import CausalLMLogps
+    from tether.engine.models import load_causal_lm, load_tokenizer
+    from tether.errors import TetherError
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise TetherError(f"{run_dir} is not a tether run directory (no config.yaml)")
+    ckpt = latest(run_dir / "checkpoints")
+    if ckpt is None:
+        raise TetherError(f"{run_dir / 'checkpoints'} holds no complete checkpoint to export")
+    model_section = (yaml.safe_load(config_path.read_text()) or {}).get("model", {})
+    model_cfg = from_dict(ModelConfig, model_section, prefix="model.")
+    wrapped = CausalLMLogps(load_causal_lm(model_cfg))
+    load(ckpt, model=wrapped, restore_rng=False)
+    return export(wrapped.model, load_tokenizer(model_cfg), out_dir)

@@ -1,0 +1,110 @@
+"""Distribution, applied from outside: recipes and losses never branch on world size.
+
+Under `torchrun --nproc_per_node N` each process joins a process group (gloo on CPU, nccl on
+GPU) and the model is wrapped with FSDP2 `fully_shard`, one unit per decoder layer plus the root.
+A plain `python` run is world size 1 of the same code: every helper here is then a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init() -> None:
+    """Join the process group when launched by torchrun (WORLD_SIZE set); otherwise do nothing."""
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(device())
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(value: float | torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a float64 tensor, on the communication device)."""
+    t = torch.as_tensor(value, dtype=torch.float64, device=device()).clone()
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of a transformers model (peft-wrapped or not)."""
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return list(layers)
+    raise ValueError("could not find the decoder layers (a `layers` ModuleList) to shard")
+
+
+def shard(module: nn.Module) -> nn.Module:
+    """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, norm, lm_head).
+
+    `module` should be the object whose forward the recipe calls (e.g. `CausalLMLogps`), so that
+    the root's hooks gather the shared parameters for it. Gradients are summed, not averaged,
+    across ranks: the optimizer step already divides by the global count of loss units.
+    """
+    if world_size() == 1:
+        return module
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(module):
+        fully_shard(layer)
+    fully_shard(module)
+    for m in module.modules():
+        if hasattr(m, "set_gradient_divide_factor") and hasattr(m, "unshard"):
+            m.set_gradient_divide_factor(1.0)
+    return module
+
+
+def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
+    """Skip the reduce-scatter on all but the last micro-batch of an accumulation step."""
+    if hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(enabled)
+
+
+def shard_indices(n: int) -> slice:
+    """This rank's contiguous share of `n` global items (n must divide by world size)."""
+    ws = world_size()
+    if n % ws:
+        raise ValueError(f"global batch of {n} does not divide over {ws} ranks")
+    per = n // ws
+    return slice(rank() * per, (rank() + 1) * per)

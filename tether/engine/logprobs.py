@@ -1,0 +1,124 @@
+"""Per-token log-probs of the labels from hidden states, in chunks through the lm_head.
+
+A 135M model over a 49k vocabulary spends most of its activation memory on logits: B x T x V
+floats (8 x 512 x 49152 x 4 bytes = 805 MB in fp32, and autograd keeps a copy for backward).
+`chunked_token_logps` never holds more than `chunk_size` rows of logits: the forward keeps only
+each row's log-sum-exp, and the backward recomputes each chunk's softmax.
+
+For target y_t with logits z_t = W h_t (W: (V, H) lm_head weight):
+    log p(y_t) = z_t[y_t] - logsumexp(z_t)
+    d log p / d z_t = onehot(y_t) - softmax(z_t)
+so  dL/dh_t = g_t (onehot - softmax) W  and  dL/dW = sum_t g_t (onehot - softmax)^T h_t.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The matmul dtype: the autocast dtype when autocast is on for this device, else `dtype`."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):
+        # hidden: (N, H); weight: (V, H); labels: (N,) long -> logps (N,) fp32
+        compute = _compute_dtype(hidden.device.type, hidden.dtype)
+        w = weight.to(compute)
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logps)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                end = start + chunk_size
+                logits = (hidden[start:end].to(compute) @ w.T).float()  # (n, V)
+                lse[start:end] = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, labels[start:end, None]).squeeze(1)
+                logps[start:end] = picked - lse[start:end]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk_size, ctx.compute = chunk_size, compute
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        compute, chunk_size = ctx.compute, ctx.chunk_size
+        w = weight.to(compute)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                end = start + chunk_size
+                h = hidden[start:end].to(compute)  # (n, H)
+                logits = (h @ w.T).float()  # (n, V)
+                # d logp / d logits = onehot(label) - softmax, scaled by the incoming grad
+                grad_logits = -torch.exp(logits - lse[start:end, None])
+                grad_logits.scatter_add_(1, labels[start:end, None],
+                                         torch.ones_like(grad_logits[:, :1]))
+                grad_logits *= grad_logps[start:end, None]
+                grad_logits = grad_logits.to(compute)
+                if grad_hidden is not None:
+                    grad_hidden[start:end] = (grad_logits @ w).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += (grad_logits.T @ h).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        *, chunk_size: int = 1024) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[labels] without materialising all the logits.
+
+    hidden: (..., H); weight: (V, H); labels: (...) long. Returns (...) fp32.
+    Under autocast the matmuls run in the autocast dtype; log-sum-exp is always fp32.
+    """
+    shape = labels.shape
+    flat = _ChunkedTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                    labels.reshape(-1), chunk_size)
+    return flat.reshape(shape)
+
+
+def naive_token_logps(hidden: torch.Tensor, weight: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+    """Reference implementation (full logits); for tests only."""
+    logits = (hidden @ weight.T).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+
+
+class CausalLMLogps(nn.Module):
+    """Wraps a transformers causal LM so that forward returns per-token label log-probs.
+
+    `forward(input_ids, attention_mask)` -> (B, T) fp32 where out[:, t] = log p(input_ids[:, t] |
+    input_ids[:, :t]) for t >= 1 and out[:, 0] = 0 (nothing predicts the first token). Aligning the
+    output with the input positions lets one bool mask over input tokens select the targets.
+
+    Going through this module's own forward (not the HF model's) matters under FSDP2: the root
+    module's hooks gather the embeddings and lm_head before the chunked log-prob pass uses them.
+    """
+
+    def __init__(self, model: nn.Module, *, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model  # a PreTrainedModel or a peft wrapper around one
+        self.chunk_size = chunk_size
+
+    def causal_lm(self):
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids: (B, T) long; attention_mask: (B, T) bool, or (B, 1, T, T) bool for packed rows
+        lm = self.causal_lm()
+        mask = attention_mask if attention_mask.dim() == 4 else attention_mask.long()
+        hidden = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state  # (B, T, H)
+        weight = lm.get_output_embeddings().weight  # (V, H)
+        logps = chunked_token_logps(hidden[:, :-1], weight, input_ids[:, 1:],
+                                    chunk_size=self.chunk_size)  # (B, T-1)
+        return torch.nn.functional.pad(logps, (1, 0))  # (B, T)

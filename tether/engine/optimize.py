@@ -1,0 +1,143 @@
+"""One optimizer step over micro-batches: accumulation normalised globally, clipping, AdamW,
+warmup + cosine schedule, bf16 autocast with fp32 master weights.
+
+Normalisation: a loss function returns a *sum* over its loss units (tokens for SFT, pairs for
+DPO) and the number of units is known up front. Each micro-batch's sum is divided by the global
+number of units in the whole step (all micro-batches, all ranks) before backward, so the
+accumulated gradient equals that of one big batch however the batch is split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from tether.config import TrainConfig
+from tether.engine import dist
+from tether.errors import ConfigError
+
+PRECISIONS = ("bf16", "fp32")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast (matmuls in bf16, fp32 weights and reductions) or nothing for fp32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got '{precision}'")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
+              min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based).
+
+    warmup (step < W):        (step + 1) / W
+    then, with p = (step - W) / max(1, total - W) in [0, 1):
+      cosine:   m + (1 - m) * 0.5 * (1 + cos(pi * p))
+      linear:   m + (1 - m) * (1 - p)
+      constant: 1
+    """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule must be one of {SCHEDULES}, got '{schedule}'")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * shape
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW on trainable parameters; no weight decay on biases and norms (1-D tensors)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.dim() >= 2]
+    no_decay = [p for n, p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_eps, foreach=False)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, total_steps=total_steps, warmup_steps=warmup, schedule=cfg.schedule,
+        min_ratio=cfg.min_lr_ratio))
+
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict]]
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: Sequence[Any], *, loss_fn: LossFn,
+                         count_units: Callable[[Any], float], device: torch.device,
+                         precision: str = "bf16") -> dict[str, float]:
+    """Forward/backward every micro-batch; the gradients add up to those of the global mean.
+
+    loss_fn(model, mb) -> (loss_sum, metrics): the loss summed over mb's units.
+    count_units(mb) -> number of loss units in mb (known before any forward).
+    Each micro-batch backpropagates loss_sum / U, U = units summed over all micro-batches and
+    ranks, so sum over micro-batches and ranks of the gradients = grad of (total loss / U).
+    Returns loss (the global mean per unit), units (U), and the loss function's metrics summed
+    over micro-batches and ranks.
+    """
+    global_units = dist.all_reduce_sum(sum(count_units(mb) for mb in micro_batches)).item()
+    if global_units <= 0:
+        raise ValueError("this step has no loss units (no completion tokens in the batch)")
+    loss_total = 0.0
+    summed: dict[str, float] = {}
+    for i, mb in enumerate(micro_batches):
+        dist.set_gradient_sync(model, i == len(micro_batches) - 1)
+        with autocast(device, precision):
+            loss_sum, metrics = loss_fn(model, mb)
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(f"the loss of micro-batch {i} is {loss_sum.item()}")
+        (loss_sum / global_units).backward()
+        loss_total += loss_sum.item()
+        for k, v in metrics.items():
+            summed[k] = summed.get(k, 0.0) + float(v)
+    out = {"loss": dist.all_reduce_sum(loss_total).item() / global_units, "units": global_units}
+    out.update({k: dist.all_reduce_sum(v).item() for k, v in summed.items()})
+    return out
+
+
+def train_step(model: nn.Module, micro_batches: Sequence[Any], *, loss_fn: LossFn,
+               count_units: Callable[[Any], float], optimizer: torch.optim.Optimizer,
+               scheduler, device: torch.device, precision: str = "bf16",
+               max_grad_norm: float = 1.0) -> dict[str, float]:
+    """One optimizer step: accumulate gradients, clip, step, advance the schedule, zero grads.
+
+    Returns `accumulate_gradients`' metrics plus grad_norm (before clipping), lr (used for this
+    step) and time/step in seconds.
+    """
+    t0 = time.perf_counter()
+    out = accumulate_gradients(model, micro_batches, loss_fn=loss_fn, count_units=count_units,
+                               device=device, precision=precision)
+    out["grad_norm"] = clip_grad_norm(model, max_grad_norm)
+    out["lr"] = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    out["time/step"] = time.perf_counter() - t0
+    return out
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Global L2 norm of the gradients (over all ranks), clipped to `max_norm` if > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    value = float(norm)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"gradient norm is {value}: the loss or a gradient went NaN/inf")
+    return value

@@ -1,0 +1,169 @@
+"""Supervised fine-tuning: maximise log p(completion | prompt) on demonstrations.
+
+Stages: data -> model -> (resume) -> eval -> [collate -> optimize -> log -> checkpoint]* -> eval.
+The loss is the mean negative log-likelihood over completion tokens, normalised by the global
+number of completion tokens in each optimizer step (see `tether.engine.optimize`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from tether.config import SFTConfig, save_config
+from tether.data.collate import Batch, block_causal_mask, pack_examples, packed_collate, pad_collate
+from tether.data.formats import load_sft_examples
+from tether.data.tasks import builtin_sft_rows
+from tether.engine import checkpoint, dist
+from tether.engine.logprobs import CausalLMLogps
+from tether.engine.metrics import MetricsLogger, peak_memory_mb
+from tether.engine.models import load_causal_lm, load_tokenizer
+from tether.engine.optimize import autocast, build_optimizer, build_scheduler, train_step
+from tether.errors import ConfigError
+from tether.losses import nll_loss
+
+
+def sft_loss(policy: CausalLMLogps, batch: Batch) -> tuple[torch.Tensor, dict]:
+    """Summed NLL of the batch's target tokens (the optimizer divides by the global count)."""
+    mask = block_causal_mask(batch.segment_ids) if batch.segment_ids is not None \
+        else batch.attention_mask
+    token_logps = policy(batch.input_ids, mask, batch.position_ids)  # (B, T)
+    return nll_loss(token_logps, batch.loss_mask)
+
+
+def check_batch_sizes(cfg: SFTConfig) -> int:
+    """Micro-batches per rank per step; the global batch must split evenly."""
+    world, tc = dist.world_size(), cfg.train
+    if tc.batch_size % (tc.micro_batch_size * world):
+        raise ConfigError(
+            f"train.batch_size ({tc.batch_size}) must be a multiple of train.micro_batch_size "
+            f"({tc.micro_batch_size}) x world size ({world})")
+    return tc.batch_size // (tc.micro_batch_size * world)
+
+
+def step_items(items: list, step: int, batch_size: int, seed: int) -> list:
+    """The global batch of optimizer step `step`: a pure function of (step, seed), so a resumed
+    run sees exactly the data an uninterrupted one would. Each epoch is a fresh permutation."""
+    per_epoch = len(items) // batch_size
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return [items[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
+
+
+@torch.no_grad()
+def evaluate(policy: CausalLMLogps, batches: list[Batch], device, precision: str) -> float:
+    """Mean NLL per completion token over the held-out batches (nan if there are none)."""
+    was_training = policy.training
+    policy.eval()
+    total, tokens = 0.0, 0
+    for batch in batches:
+        with autocast(device, precision):
+            loss_sum, _ = sft_loss(policy, batch.to(device))
+        total, tokens = total + loss_sum.item(), tokens + batch.num_loss_tokens
+    policy.train(was_training)
+    total, tokens = dist.all_reduce_sum(total).item(), dist.all_reduce_sum(tokens).item()
+    return total / tokens if tokens else float("nan")
+
+
+def run(cfg: SFTConfig) -> dict:
+    dist.init()
+    device = dist.device()
+    tc, run_dir = cfg.train, Path(cfg.run.output_dir)
+    micro_steps = check_batch_sizes(cfg)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+
+    # --- data: rows -> validated, tokenised examples (or packed rows) --------------------------
+    tokenizer = load_tokenizer(cfg.model)
+    builtin = cfg.data.path is None
+    train_examples, eval_examples = load_sft_examples(
+        cfg.data, tokenizer, rows=builtin_sft_rows() if builtin else None,
+        source="built-in arithmetic SFT set" if builtin else None)
+    pad_id = tokenizer.pad_token_id
+    if cfg.data.packing:
+        train_items = pack_examples(train_examples, cfg.data.max_length)
+        collate = lambda items: packed_collate(items, pad_id)  # noqa: E731
+    else:
+        train_items = train_examples
+        collate = lambda items: pad_collate(items, pad_id)  # noqa: E731
+    if len(train_items) < tc.batch_size:
+        raise ConfigError(f"train.batch_size ({tc.batch_size}) exceeds the {len(train_items)} "
+                          "training examples; lower it or add data")
+    steps_per_epoch = len(train_items) // tc.batch_size
+    total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.epochs * steps_per_epoch)
+    eval_share = eval_examples[dist.rank()::dist.world_size()]
+    eval_batches = [pad_collate(eval_share[i:i + tc.micro_batch_size], pad_id)
+                    for i in range(0, len(eval_share), tc.micro_batch_size)]
+
+    # --- model: fp32 master weights, chunked log-prob head, FSDP2 when distributed ------------
+    model = load_causal_lm(cfg.model)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    policy = dist.shard(CausalLMLogps(model, chunk_size=tc.logprob_chunk_size).to(device))
+    policy.train()
+    optimizer = build_optimizer(policy, tc)
+    scheduler = build_scheduler(optimizer, tc, total_steps)
+
+    # --- resume: model, optimizer, scheduler, RNG and data position ---------------------------
+    ckpt_root = run_dir / "checkpoints"
+    start_step = 0
+    if cfg.run.resume:
+        last = checkpoint.latest(ckpt_root)
+        if last is None:
+            raise ConfigError(f"run.resume is true but {ckpt_root} holds no checkpoint")
+        start_step = checkpoint.load(last, model=policy, optimizer=optimizer,
+                                     scheduler=scheduler)["step"]
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    logger = MetricsLogger(run_dir, total_steps=total_steps, description="sft",
+                           tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
+                           start_step=start_step)
+    n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    logger.print(f"sft: {len(train_examples)} train / {len(eval_examples)} eval examples, "
+                 f"{total_steps} steps of {tc.batch_size}, {n_params / 1e6:.1f}M trainable "
+                 f"parameters, {tc.precision} on {device}, world size {dist.world_size()}")
+    eval_before = evaluate(policy, eval_batches, device, tc.precision)
+    logger.log(start_step, {"eval/loss": eval_before})
+
+    # --- train --------------------------------------------------------------------------------
+    history = []
+    for step in range(start_step, total_steps):
+        items = step_items(train_items, step, tc.batch_size, tc.seed)[
+            dist.shard_indices(tc.batch_size)]
+        micro_batches = [collate(items[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size])
+                         .to(device) for i in range(micro_steps)]
+        try:
+            m = train_step(policy, micro_batches, loss_fn=sft_loss,
+                           count_units=lambda b: b.num_loss_tokens, optimizer=optimizer,
+                           scheduler=scheduler, device=device, precision=tc.precision,
+                           max_grad_norm=tc.max_grad_norm)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"step {step + 1}: {err}") from None
+        metrics = {"loss/sft": m["loss"], "optim/lr": m["lr"], "optim/grad_norm": m["grad_norm"],
+                   "tokens/loss": m["units"], "tokens/per_second": m["units"] / m["time/step"],
+                   "time/step": m["time/step"], "memory/peak_mb": peak_memory_mb(),
+                   "epoch": (step + 1) / steps_per_epoch}
+        if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
+            metrics["eval/loss"] = evaluate(policy, eval_batches, device, tc.precision)
+        if (step + 1) % cfg.run.log_every == 0 or step + 1 == total_steps:
+            logger.log(step + 1, metrics)
+        history.append(m["loss"])
+        logger.advance(step + 1, f"loss {m['loss']:.4f}")
+        if step + 1 == total_steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+            checkpoint.save(ckpt_root, step + 1, model=policy, optimizer=optimizer,
+                            scheduler=scheduler, trainer_state={"total_steps": total_steps},
+                            keep_last=cfg.run.keep_last)
+    logger.close()
+
+    eval_after = evaluate(policy, eval_batches, device, tc.precision)
+    logger.log(total_steps, {"eval/loss": eval_after})
+    logger.print(f"held-out loss per completion token: {eval_before:.4f} -> {eval_after:.4f}")
+    logger.print(f"run directory: {run_dir} (export with `tether export {run_dir} OUT_DIR`)")
+    return {"losses": history, "eval_before": eval_before, "eval_after": eval_after,
+            "policy": policy, "tokenizer": tokenizer, "run_dir": run_dir}
