@@ -35,6 +35,6 @@ def tiny_sft_overrides(model_dir, out_dir, *extra):
     """Overrides for a seconds-long SFT run on the built-in set with a tiny model."""
     return [f"--model.name_or_path={model_dir}", f"--run.output_dir={out_dir}",
             "--train.max_steps=6", "--train.batch_size=4", "--train.micro_batch_size=2",
-            "--train.lr=3e-3", "--train.warmup_ratio=0.0", "--train.precision=fp32",
+            "--train.lr=2e-2", "--train.warmup_ratio=0.0", "--train.schedule=constant", "--train.precision=fp32",
             "--data.max_length=64", "--data.eval_fraction=0.05", "--run.progress=false",
             "--run.tensorboard=false", *extra]

@@ -92,6 +92,7 @@ def shard(module: nn.Module) -> nn.Module:
     for m in module.modules():
         if hasattr(m, "set_gradient_divide_factor") and hasattr(m, "unshard"):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
     return module
 
 
