@@ -1,0 +1,159 @@
+"""Advantage estimators: GAE, whitening, group-relative (GRPO / Dr. GRPO), RLOO, REINFORCE++.
+
+Pure tensor maths: imports torch only, no gradients (inputs are detached). Token tensors are
+(B, T) and right-padded; `mask` (B, T) bool is True on valid (completion) tokens.
+"""
+
+import torch
+
+from .losses.reduce import masked_mean
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), per token:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t        (V after the last valid token is 0)
+        A_t     = delta_t + gamma * lam * A_{t+1}   (A after the last valid token is 0)
+        R_t     = A_t + V_t                          (value-function targets)
+
+    Worked example (one sequence, T = 3, gamma = 0.9, lam = 0.8, gamma * lam = 0.72):
+        r = [0, 0, 1], V = [0.5, 0.6, 0.7]
+        delta_2 = 1 + 0.9 * 0   - 0.7 = 0.3
+        delta_1 = 0 + 0.9 * 0.7 - 0.6 = 0.03
+        delta_0 = 0 + 0.9 * 0.6 - 0.5 = 0.04
+        A_2 = 0.3
+        A_1 = 0.03 + 0.72 * 0.3   = 0.246
+        A_0 = 0.04 + 0.72 * 0.246 = 0.21712
+        R   = [0.71712, 0.846, 1.0]
+
+    rewards, values: (B, T); mask: (B, T) bool. Returns (advantages, returns), both (B, T) and 0
+    outside the mask.
+    """
+    zeros = torch.zeros_like(values)
+    rewards = torch.where(mask, rewards.detach(), zeros)
+    values = torch.where(mask, values.detach(), zeros)
+    advantages = torch.zeros_like(values)
+    next_value = zeros[:, 0]  # (B,)
+    next_adv = zeros[:, 0]  # (B,)
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = torch.where(mask[:, t], delta + gamma * lam * next_adv, zeros[:, t])
+        advantages[:, t] = adv_t
+        next_value, next_adv = values[:, t], adv_t
+    returns = torch.where(mask, advantages + values, zeros)
+    return advantages, returns
+
+
+def whiten(
+    values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Masked whitening: (x - mean) / sqrt(var + eps) over the True entries of `mask`, with the
+    unbiased variance (Bessel's n - 1, as TRL's `masked_whiten`). shift_mean=False adds the
+    mean back (rescale only). values, mask: (B, T). Returns (B, T), 0 outside the mask.
+    """
+    values = values.detach()
+    mean = masked_mean(values, mask)
+    n = mask.sum()
+    var = masked_mean((values - mean).square(), mask) * n / (n - 1).clamp(min=1)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros_like(whitened))
+
+
+def _group_divisor(grouped: torch.Tensor, eps: float) -> torch.Tensor:
+    """Unbiased std within each group (torch.std default, as TRL's GRPO) + eps. (n_groups, 1)"""
+    if grouped.shape[1] < 2:
+        raise ValueError("scale='group' needs group_size >= 2 (the std of one sample is undefined)")
+    return grouped.std(dim=1, keepdim=True) + eps
+
+
+def _batch_divisor(grouped: torch.Tensor, eps: float) -> torch.Tensor:
+    """Unbiased std over the whole batch (TRL's scale_rewards="batch") + eps. 0-dim"""
+    return grouped.std() + eps
+
+
+def _unit_divisor(grouped: torch.Tensor, eps: float) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025): no std division (and no eps). 0-dim"""
+    return grouped.new_ones(())
+
+
+GROUP_SCALES = {"group": _group_divisor, "batch": _batch_divisor, "none": _unit_divisor}
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) -> (n_groups, group_size); groups are contiguous runs of group_size samples."""
+    if rewards.dim() != 1 or rewards.shape[0] % group_size != 0:
+        raise ValueError(f"rewards must be (B,) with B a multiple of group_size={group_size}, got {tuple(rewards.shape)}")
+    return rewards.detach().view(-1, group_size)
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """Group-relative advantages of GRPO (Shao et al. 2024), one per sample:
+
+        group: A_i = (r_i - mean_g) / (std_g + eps)     std_g unbiased (n - 1), like torch.std / TRL
+        batch: A_i = (r_i - mean_g) / (std_batch + eps)  std over all B rewards, unbiased
+        none:  A_i =  r_i - mean_g                        Dr. GRPO (Liu et al. 2025)
+
+    rewards: (B,) with B = n_groups * group_size, groups contiguous. Returns (B,).
+    """
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {sorted(GROUP_SCALES)}")
+    grouped = _grouped(rewards, group_size)  # (n_groups, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    return (centred / GROUP_SCALES[scale](grouped, eps)).reshape(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024):
+
+        A_i = r_i - (sum_g - r_i) / (G - 1)     (mean of the other G - 1 samples of its group)
+
+    rewards: (B,) with B = n_groups * group_size, groups contiguous, group_size >= 2. Returns (B,).
+    """
+    if group_size < 2:
+        raise ValueError(f"RLOO needs group_size >= 2, got {group_size}")
+    grouped = _grouped(rewards, group_size)  # (n_groups, G)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others).reshape(-1)
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    gamma: float = 1.0,
+) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025), token-level:
+
+        r_t = -kl_coef * kl_t + [t is the last valid token] * reward      (per-token reward)
+        G_t = r_t + gamma * G_{t+1}                                        (return-to-go)
+        A   = whiten(G, mask)                    (mean and unbiased std over the whole batch)
+
+    rewards: (B,) sequence rewards; mask: (B, T) bool, right-padded; kl: (B, T) per-token KL
+    estimate (e.g. `kl_penalty(..., kind="k1")`) or None. Returns advantages (B, T), 0 outside
+    the mask.
+    """
+    mask_next = torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)
+    is_last = mask & ~mask_next  # (B, T)
+    token_rewards = torch.where(is_last, rewards.detach()[:, None], torch.zeros_like(mask, dtype=rewards.dtype))
+    if kl is not None:
+        token_rewards = token_rewards - kl_coef * kl.detach()
+    token_rewards = torch.where(mask, token_rewards, torch.zeros_like(token_rewards))
+    returns = torch.zeros_like(token_rewards)
+    running = torch.zeros_like(token_rewards[:, 0])  # (B,)
+    for t in reversed(range(token_rewards.shape[1])):
+        running = token_rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return whiten(returns, mask)
