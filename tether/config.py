@@ -70,7 +70,9 @@ class TrainConfig:
     batch_size: int = 8  # examples per optimizer step, across all ranks
     micro_batch_size: int = 4  # examples per forward/backward on one rank
     max_grad_norm: float = 1.0  # 0 disables clipping
-    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    # auto | bf16 (autocast, fp32 master weights) | fp32. auto = bf16 on GPUs and on CPUs with
+    # native bf16 matmul (AVX512-BF16 / AMX); fp32 on other CPUs, where bf16 is emulated and slower.
+    precision: str = "auto"
     logprob_chunk_size: int = 1024  # tokens per lm_head chunk when computing log-probs
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -84,6 +86,7 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept on disk
     log_every: int = 1
     eval_every: int = 0  # 0 = evaluate only before and after training
+    eval_generations: int = 32  # built-in task: held-out problems answered greedily (0 = skip)
     tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
     progress: bool = True  # rich progress bar
 

@@ -16,12 +16,14 @@ import torch
 from tether.config import SFTConfig, save_config
 from tether.data.collate import Batch, block_causal_mask, pack_examples, packed_collate, pad_collate
 from tether.data.formats import load_sft_examples
-from tether.data.tasks import builtin_sft_rows
+from tether.data.tasks import builtin_sft_rows, heldout_problems, task_accuracy
 from tether.engine import checkpoint, dist
+from tether.engine.generate import greedy_complete
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer
-from tether.engine.optimize import autocast, build_optimizer, build_scheduler, train_step
+from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
+                                   train_step)
 from tether.errors import ConfigError
 from tether.losses import nll_loss
 
@@ -68,20 +70,33 @@ def evaluate(policy: CausalLMLogps, batches: list[Batch], device, precision: str
     return total / tokens if tokens else float("nan")
 
 
+def task_eval(policy: CausalLMLogps, tokenizer, problems: list[dict]) -> dict[str, float]:
+    """Greedy answers to held-out built-in problems -> {"eval/accuracy": fraction correct}."""
+    if not problems:
+        return {}
+    problems = problems[:len(problems) - len(problems) % dist.world_size()]  # equal shares
+    share = problems[dist.rank()::dist.world_size()]
+    texts = greedy_complete(policy, tokenizer, [p["prompt"] for p in share], max_new_tokens=24)
+    correct = dist.all_reduce_sum(task_accuracy(texts, share) * len(share)).item()
+    return {"eval/accuracy": correct / len(problems)}
+
+
 def run(cfg: SFTConfig) -> dict:
     dist.init()
     device = dist.device()
     tc, run_dir = cfg.train, Path(cfg.run.output_dir)
+    tc.precision = resolve_precision(tc.precision, device)
     micro_steps = check_batch_sizes(cfg)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
 
     # --- data: rows -> validated, tokenised examples (or packed rows) --------------------------
     tokenizer = load_tokenizer(cfg.model)
-    builtin = cfg.data.path is None
+    builtin_rows = builtin_sft_rows() if cfg.data.path is None else None
     train_examples, eval_examples = load_sft_examples(
-        cfg.data, tokenizer, rows=builtin_sft_rows() if builtin else None,
-        source="built-in arithmetic SFT set" if builtin else None)
+        cfg.data, tokenizer, rows=builtin_rows,
+        source="built-in arithmetic SFT set" if builtin_rows else None)
+    problems = heldout_problems(cfg.run.eval_generations, builtin_rows) if builtin_rows else []
     pad_id = tokenizer.pad_token_id
     if cfg.data.packing:
         train_items = pack_examples(train_examples, cfg.data.max_length)
@@ -129,7 +144,8 @@ def run(cfg: SFTConfig) -> dict:
                  f"{total_steps} steps of {tc.batch_size}, {n_params / 1e6:.1f}M trainable "
                  f"parameters, {tc.precision} on {device}, world size {dist.world_size()}")
     eval_before = evaluate(policy, eval_batches, device, tc.precision)
-    logger.log(start_step, {"eval/loss": eval_before})
+    acc_before = task_eval(policy, tokenizer, problems)
+    logger.log(start_step, {"eval/loss": eval_before, **acc_before})
 
     # --- train --------------------------------------------------------------------------------
     history = []
@@ -145,8 +161,9 @@ def run(cfg: SFTConfig) -> dict:
                            max_grad_norm=tc.max_grad_norm)
         except FloatingPointError as err:
             raise FloatingPointError(f"step {step + 1}: {err}") from None
+        tokens = dist.all_reduce_sum(sum(int(b.attention_mask.sum()) for b in micro_batches))
         metrics = {"loss/sft": m["loss"], "optim/lr": m["lr"], "optim/grad_norm": m["grad_norm"],
-                   "tokens/loss": m["units"], "tokens/per_second": m["units"] / m["time/step"],
+                   "tokens/loss": m["units"], "tokens/per_second": tokens.item() / m["time/step"],
                    "time/step": m["time/step"], "memory/peak_mb": peak_memory_mb(),
                    "epoch": (step + 1) / steps_per_epoch}
         if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
@@ -162,8 +179,14 @@ def run(cfg: SFTConfig) -> dict:
     logger.close()
 
     eval_after = evaluate(policy, eval_batches, device, tc.precision)
-    logger.log(total_steps, {"eval/loss": eval_after})
+    acc_after = task_eval(policy, tokenizer, problems)
+    logger.log(total_steps, {"eval/loss": eval_after, **acc_after})
     logger.print(f"held-out loss per completion token: {eval_before:.4f} -> {eval_after:.4f}")
+    if problems:
+        logger.print(f"held-out arithmetic accuracy ({len(problems)} problems, greedy): "
+                     f"{acc_before['eval/accuracy']:.1%} -> {acc_after['eval/accuracy']:.1%}")
     logger.print(f"run directory: {run_dir} (export with `tether export {run_dir} OUT_DIR`)")
     return {"losses": history, "eval_before": eval_before, "eval_after": eval_after,
+            "accuracy_before": acc_before.get("eval/accuracy"),
+            "accuracy_after": acc_after.get("eval/accuracy"),
             "policy": policy, "tokenizer": tokenizer, "run_dir": run_dir}
