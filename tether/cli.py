@@ -34,9 +34,23 @@ def _sft_run():
     return run
 
 
+def _dpo_config():
+    from tether.config import DPOConfig
+
+    return DPOConfig
+
+
+def _dpo_run():
+    from tether.recipes.dpo import run
+
+    return run
+
+
 RECIPES: dict[str, Recipe] = {
     "sft": Recipe("supervised fine-tuning on demonstrations (prompt-completion, messages, text)",
                   _sft_config, _sft_run),
+    "dpo": Recipe("direct preference optimisation: dpo, cdpo, robust, ipo, hinge, simpo, orpo, kto",
+                  _dpo_config, _dpo_run),
 }
 
 USAGE = """usage: tether <command> [CONFIG.yaml] [--section.key=value ...]

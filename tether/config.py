@@ -99,6 +99,31 @@ class SFTConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/sft"))
 
 
+@dataclass
+class PreferenceConfig:
+    """The `dpo` section: which preference loss and its coefficients (docs/dpo.md)."""
+    loss: str = "dpo"  # dpo | cdpo | robust | ipo | hinge | simpo | orpo | kto
+    beta: float = 0.1  # DPO/cDPO/robust/hinge/KTO beta; IPO tau; SimPO beta (paper: 2.0-2.5)
+    label_smoothing: float = 0.0  # cdpo / robust: assumed label-flip probability (cdpo needs > 0)
+    simpo_gamma: float = 0.5  # SimPO target margin gamma (the paper's gamma, not gamma / beta)
+    orpo_lambda: float = 0.1  # ORPO weight of the odds-ratio term added to the chosen NLL
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    group_robust: bool = False  # weight each pair's loss by its group's weight (GRPO of Ramesh 2024)
+    group_step_size: float = 0.01  # exponentiated-gradient step of the group weights
+    ref_model: str | None = None  # reference model directory; None = the policy's initial weights
+    cache_reference: bool = True  # reuse reference log-probs from $TETHER_CACHE/ref_logps
+
+
+@dataclass
+class DPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/dpo"))
+    dpo: PreferenceConfig = field(default_factory=PreferenceConfig)
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading, merging, validating
 

@@ -237,8 +237,8 @@ def tokenize_sft(row: dict, tokenizer, *, max_length: int, truncation: bool,
         piece = _ids(tokenizer, text)
         ids += piece
         mask += [is_completion or not completion_only_loss] * len(piece)
-    if "messages" not in row and tokenizer.eos_token_id is not None \
-            and not (isinstance(row.get("prompt"), list)):
+    chat = "messages" in row or isinstance(row.get("prompt"), list)
+    if not chat and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)  # plain-text rows end with EOS; chat templates have one
         mask.append(True)
     mask[0] = False  # nothing predicts the first token

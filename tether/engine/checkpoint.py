@@ -95,7 +95,8 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
+    """fsync a file's data, or a directory's entries (so a rename into it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -129,7 +130,7 @@ def save(ckpt_root: str | Path, step: int, *, model: nn.Module,
         rng["torch_cuda"] = torch.cuda.get_rng_state()
     save_file(rng, tmp / "rng.safetensors")
     for f in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
-        _fsync_file(tmp / f)
+        _fsync_path(tmp / f)
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     state = {"step": step, "trainer": trainer_state, "optimizer_groups": groups,
              "scheduler": sched, "python_random": _py_random_state()}
@@ -137,7 +138,7 @@ def save(ckpt_root: str | Path, step: int, *, model: nn.Module,
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    _fsync_path(root)
     _write_pointer(root, final.name)
     _prune(root, keep_last)
     dist.barrier()
@@ -149,19 +150,11 @@ def _py_random_state() -> list:
     return [version, list(internal), gauss]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_pointer(root: Path, name: str) -> None:
     tmp = root / f".{LATEST}.tmp"
     _fsync_write(tmp, name.encode())
     os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
+    _fsync_path(root)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -193,7 +186,7 @@ def load(ckpt_dir: str | Path, *, model: nn.Module, optimizer: torch.optim.Optim
                              state["optimizer_groups"])
     if scheduler is not None:
         sched = dict(state["scheduler"])
-        sched["lr_lambdas"] = [None] * len(optimizer.param_groups if optimizer else [0])
+        sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)  # the lambdas are code, not state
         scheduler.load_state_dict(sched)
     if restore_rng:
         rng = load_file(ckpt / "rng.safetensors")

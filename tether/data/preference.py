@@ -1,0 +1,235 @@
+"""Preference rows -> tokenised chosen/rejected pairs (DPO family) or unpaired examples (KTO).
+
+Row formats (TRL's; validated by `tether.data.formats.validate_row`):
+    preference            {"prompt"?, "chosen", "rejected", "group"?}
+    unpaired_preference   {"prompt", "completion", "label": bool, "group"?}
+Standard rows hold strings, conversational rows lists of {"role", "content"} messages. A
+conversational preference row without "prompt" uses the messages that chosen and rejected share
+at the start as the prompt; a standard one without "prompt" has an empty prompt.
+
+As in SFT, the prompt and each completion are tokenised separately and joined, so the prompt's
+tokens are identical in the chosen and the rejected sequence, no token spans the boundary, and
+the loss mask is True exactly on the completion's tokens. Standard rows end with EOS.
+
+For KTO a paired row becomes two unpaired examples (chosen desirable, rejected undesirable).
+Each unpaired example also carries a mismatched sequence (its prompt with another example's
+completion) from which KTO estimates its reference point KL(policy || reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass
+
+from tether.config import DataConfig
+from tether.data.collate import Example
+from tether.data.formats import Rows, _ids, _render, _suffix, read_rows, validate_row
+from tether.data.tasks import arithmetic
+from tether.errors import DataError
+
+PREFERENCE_FORMATS = ("preference", "unpaired_preference")
+
+
+@dataclass
+class PreferencePair:
+    chosen: Example
+    rejected: Example
+    group: str = ""
+    ref: tuple[float, float] | None = None  # reference log-probs of (chosen, rejected), summed
+
+    @property
+    def sequences(self) -> tuple[Example, Example]:
+        return self.chosen, self.rejected
+
+
+@dataclass
+class UnpairedExample:
+    example: Example  # prompt + completion
+    kl_example: Example  # the same prompt + another example's completion (KTO's KL estimate)
+    desirable: bool
+    group: str = ""
+    ref: tuple[float, float] | None = None  # reference log-probs of (example, kl_example)
+
+    @property
+    def sequences(self) -> tuple[Example, Example]:
+        return self.example, self.kl_example
+
+
+# ------------------------------------------------------------------------------ tokenisation
+
+
+def preference_texts(row: dict, tokenizer, where: dict) -> tuple[str, dict[str, str]]:
+    """(prompt text, {completion field: completion text}) of a preference or unpaired row."""
+    fields = [f for f in ("chosen", "rejected", "completion") if f in row]
+    first = row.get("prompt", row[fields[0]])
+    if not isinstance(first, list):  # standard: plain strings, EOS after each completion
+        eos = tokenizer.eos_token or ""
+        return row.get("prompt", ""), {f: row[f] + eos for f in fields}
+    if "prompt" in row:
+        prompt_msgs = row["prompt"]
+        completions = {f: row[f] for f in fields}
+    else:  # implicit prompt: the messages chosen and rejected share at the start
+        n = 0
+        while (n < min(len(row["chosen"]), len(row["rejected"])) - 1
+               and row["chosen"][n] == row["rejected"][n]):
+            n += 1
+        prompt_msgs = row["chosen"][:n]
+        completions = {f: row[f][n:] for f in fields}
+    prompt = _render(tokenizer, prompt_msgs, generation_prompt=True) if prompt_msgs else ""
+    texts = {}
+    for f, msgs in completions.items():
+        full = _render(tokenizer, prompt_msgs + msgs)
+        texts[f] = _suffix(full, prompt, where, f)
+    return prompt, texts
+
+
+def join(prompt_ids: list[int], completion_ids: list[int], *, max_length: int, truncation: bool,
+         where: dict, field: str) -> Example:
+    """prompt + completion ids; loss mask True exactly on the (possibly truncated) completion."""
+    ids = prompt_ids + completion_ids
+    mask = [False] * len(prompt_ids) + [True] * len(completion_ids)
+    mask[0] = False  # nothing predicts the first token
+    if len(ids) > max_length:
+        if not truncation:
+            raise DataError(f"is too long: {len(ids)} tokens with the prompt but data.max_length "
+                            f"is {max_length} (raise it, or set data.truncation=true)",
+                            field=field, **where)
+        if len(prompt_ids) >= max_length:
+            raise DataError(f"prompt is {len(prompt_ids)} tokens but data.max_length is "
+                            f"{max_length}: no room for the completion", field="prompt", **where)
+        ids, mask = ids[:max_length], mask[:max_length]
+    if not any(mask):
+        raise DataError("has no completion tokens to learn from", field=field, **where)
+    return Example(ids, mask)
+
+
+def _group(row: dict, where: dict) -> str:
+    group = row.get("group", "")
+    if not isinstance(group, str):
+        raise DataError(f"must be a string, got {type(group).__name__}", field="group", **where)
+    return group
+
+
+def tokenize_pair(row: dict, tokenizer, *, max_length: int, truncation: bool, source: str,
+                  row_index: int) -> PreferencePair:
+    where = {"source": source, "row": row_index}
+    prompt, texts = preference_texts(row, tokenizer, where)
+    prompt_ids = _ids(tokenizer, prompt) if prompt else []
+    chosen, rejected = (join(prompt_ids, _ids(tokenizer, texts[f]), max_length=max_length,
+                             truncation=truncation, where=where, field=f)
+                        for f in ("chosen", "rejected"))
+    return PreferencePair(chosen, rejected, _group(row, where))
+
+
+def tokenize_unpaired(row: dict, fmt: str, tokenizer, *, source: str,
+                      row_index: int) -> list[tuple[list[int], list[int], bool, str, dict]]:
+    """(prompt ids, completion ids, desirable, group, where) per example of the row."""
+    where = {"source": source, "row": row_index}
+    prompt, texts = preference_texts(row, tokenizer, where)
+    prompt_ids = _ids(tokenizer, prompt) if prompt else []
+    group = _group(row, where)
+    if fmt == "unpaired_preference":
+        return [(prompt_ids, _ids(tokenizer, texts["completion"]), row["label"], group, where)]
+    return [(prompt_ids, _ids(tokenizer, texts["chosen"]), True, group, where),
+            (prompt_ids, _ids(tokenizer, texts["rejected"]), False, group, where)]
+
+
+# ------------------------------------------------------------------------------ data sets
+
+
+def rows_hash(rows: Rows) -> str:
+    """sha256 of the rows' content (order included): part of the reference cache key."""
+    h = hashlib.sha256()
+    for number, row in rows:
+        h.update(json.dumps([number, row], sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def tokenize_preference_rows(rows: Rows, tokenizer, cfg: DataConfig, source: str, *,
+                             unpaired: bool) -> list:
+    """Validate and tokenise: PreferencePairs, or (unpaired=True, for KTO) UnpairedExamples."""
+    pairs, singles = [], []
+    for number, row in rows:
+        fmt = validate_row(row, source, number)
+        if fmt not in PREFERENCE_FORMATS:
+            raise DataError(f"is a {fmt.replace('_', ' ')} row; `tether dpo` takes preference "
+                            "rows ('chosen' + 'rejected', optional 'prompt') or, for "
+                            "dpo.loss=kto, unpaired rows ('prompt' + 'completion' + 'label')",
+                            source=source, row=number)
+        if unpaired:
+            singles += tokenize_unpaired(row, fmt, tokenizer, source=source, row_index=number)
+        elif fmt == "unpaired_preference":
+            raise DataError("is an unpaired row ('label'); only dpo.loss=kto takes unpaired rows",
+                            source=source, row=number, field="label")
+        else:
+            pairs.append(tokenize_pair(row, tokenizer, max_length=cfg.max_length,
+                                       truncation=cfg.truncation, source=source,
+                                       row_index=number))
+    if not unpaired:
+        return pairs
+    n, out = len(singles), []
+    for i, (prompt_ids, completion_ids, desirable, group, where) in enumerate(singles):
+        other = singles[(i + max(1, n // 2)) % n][1]  # another example's completion
+        kw = {"max_length": cfg.max_length, "truncation": cfg.truncation, "where": where}
+        out.append(UnpairedExample(join(prompt_ids, completion_ids, field="completion", **kw),
+                                   join(prompt_ids, other, field="completion", **kw),
+                                   desirable, group))
+    return out
+
+
+def load_preference_data(cfg: DataConfig, tokenizer, *, unpaired: bool = False,
+                         rows: list[dict] | None = None, source: str | None = None
+                         ) -> tuple[list, list, str]:
+    """(train items, eval items, content hash of all rows read) from cfg.path (or `rows`); eval
+    from cfg.eval_path or a seeded `eval_fraction` hold-out of whole rows."""
+    if rows is None:
+        if cfg.path is None:
+            raise DataError("no data: set data.path")
+        numbered = read_rows(cfg.path, split=cfg.split)
+        source = source or str(cfg.path)
+    else:
+        numbered = list(enumerate(rows, start=1))
+        source = source or "rows"
+    if not numbered:
+        raise DataError("holds no rows", source=source)
+    tok = lambda rs, src: tokenize_preference_rows(rs, tokenizer, cfg, src,  # noqa: E731
+                                                  unpaired=unpaired)
+    if cfg.eval_path is not None:
+        held_rows = read_rows(cfg.eval_path, split=cfg.split)
+        digest = rows_hash(numbered) + rows_hash(held_rows)
+        return tok(numbered, source), tok(held_rows, str(cfg.eval_path)), \
+            hashlib.sha256(digest.encode()).hexdigest()
+    order = list(range(len(numbered)))
+    random.Random(0).shuffle(order)
+    n_eval = math.ceil(cfg.eval_fraction * len(numbered)) if cfg.eval_fraction > 0 else 0
+    n_eval = min(n_eval, len(numbered) - 1)
+    eval_idx = set(order[len(order) - n_eval:])
+    train_rows = [r for i, r in enumerate(numbered) if i not in eval_idx]
+    held_rows = [r for i, r in enumerate(numbered) if i in eval_idx]
+    return tok(train_rows, source), tok(held_rows, source) if held_rows else [], \
+        rows_hash(numbered)
+
+
+# ------------------------------------------------------------------------------ built-in set
+
+
+def builtin_preference_rows(n: int = 200, seed: int = 0) -> list[dict]:
+    """A stand-in preference set from easy arithmetic: chosen = the correct demonstration,
+    rejected = the same format with a wrong answer (off by 1-10). Group = the operation
+    ("addition" / "subtraction"), so per-group metrics and group-robust weighting have groups."""
+    rng = random.Random(f"arithmetic-preference-{seed}")
+    rows = []
+    for p in arithmetic.arithmetic_problems(n, seed=seed, difficulty="easy"):
+        text = p["completion"][0]["content"]
+        expr = text.split(" = ")[0]
+        wrong = p["answer"] + rng.choice([d for d in range(-10, 11) if d])
+        rows.append({
+            "prompt": p["prompt"],
+            "chosen": p["completion"],
+            "rejected": [{"role": "assistant", "content": f"{expr} = {wrong}\nAnswer: {wrong}"}],
+            "group": "addition" if "+" in expr else "subtraction",
+        })
+    return rows
