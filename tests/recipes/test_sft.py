@@ -49,10 +49,14 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "save", save_then_die)
     with pytest.raises(Killed):
         _run(tiny_model_dir, tmp_path / "cut", "--run.save_every=3")
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # a step logged after the checkpoint
+        f.write(json.dumps({"step": 4, "loss/sft": -1.0}) + "\n")
     monkeypatch.setattr(checkpoint, "save", real_save)
     torch.manual_seed(999)  # the resumed run must not depend on the caller's RNG
     _run(tiny_model_dir, tmp_path / "cut", "--run.save_every=3", "--run.resume=true")
     cut = _metrics(tmp_path / "cut")
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"loss/sft"' in line for line in lines) == 6  # the stale step-4 line was dropped
     assert sorted(cut) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
         assert cut[step] == full[step], (step, cut[step], full[step])

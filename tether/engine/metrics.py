@@ -38,6 +38,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # a resumed run: drop lines logged after its checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if json.loads(line).get("step", 0) <= start_step] if start_step else []
+            self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
