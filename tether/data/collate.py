@@ -33,6 +33,8 @@ class Batch:
 
 def pad_collate(examples: list[Example], pad_id: int) -> Batch:
     """Right-pad to the longest example."""
+    if not examples:
+        raise ValueError("pad_collate needs at least one example")
     T = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     attn = torch.zeros(len(examples), T, dtype=torch.bool)
@@ -46,11 +48,16 @@ def pad_collate(examples: list[Example], pad_id: int) -> Batch:
 
 
 def pack_examples(examples: list[Example], max_length: int) -> list[list[Example]]:
-    """Greedy first-fit in the given order: each row holds whole examples, <= max_length tokens."""
+    """Greedy first-fit in the given order: each example goes into the first row with room for
+    it, else a new row. Deterministic; an example is never split, and a row holds at most
+    max_length tokens. O(examples x rows), fine for the data sets tether packs up front."""
     rows: list[list[Example]] = []
     room: list[int] = []
     for e in examples:
         n = len(e.input_ids)
+        if n > max_length:
+            raise ValueError(f"an example of {n} tokens does not fit in a packed row of "
+                             f"{max_length}; truncate examples to max_length before packing")
         for i, free in enumerate(room):
             if n <= free:
                 rows[i].append(e)
@@ -83,11 +90,25 @@ def packed_collate(rows: list[list[Example]], pad_id: int) -> Batch:
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) segment ids -> (B, 1, T, T) bool: query i sees key j iff same segment > 0 and j <= i.
 
-    The diagonal is always True so that padding queries attend to themselves: a fully masked row
-    would make scaled-dot-product attention return NaN, which then leaks into gradients.
+    The diagonal is always True so that no query row is ever fully masked (padding queries
+    attend to themselves): depending on the kernel, a fully masked row gives NaN (softmax over
+    all -inf; older SDPA kernels), which then leaks into gradients. torch 2.13's CPU SDPA and
+    transformers 5's eager path happen to return finite values; this mask does not rely on it.
     """
     T = segment_ids.shape[1]
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=segment_ids.device))
     same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
     eye = torch.eye(T, dtype=torch.bool, device=segment_ids.device)
     return ((same & causal) | eye)[:, None]
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 1, T, T) bool mask -> the same mask as an additive bias of `dtype`: 0 where attention
+    is allowed, the dtype's most negative finite value where it is not.
+
+    transformers passes a 4-D mask to the attention function as given. SDPA reads a bool mask
+    correctly, but the eager implementation *adds* the mask to the scores, so a bool mask there
+    silently attends everywhere (measured: hidden states off by ~1.0). Use this form with
+    attn_implementation="eager"; either form works with "sdpa"."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill(~mask, torch.finfo(dtype).min)

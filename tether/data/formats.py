@@ -24,16 +24,26 @@ from tether.data.collate import Example
 from tether.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
+FORMATS = ("language_modeling", "prompt_completion", "prompt_only", "preference",
+           "unpaired_preference")
 SFT_FORMATS = ("language_modeling", "prompt_completion")
+# Which recipe takes a row of each format that `tether sft` does not.
+TAKEN_BY = {
+    "prompt_only": "the RL recipes (`tether grpo`, `tether ppo`)",
+    "preference": "`tether dpo` and `tether rm`",
+    "unpaired_preference": "`tether dpo` with dpo.loss=kto",
+}
 
-Rows = list[tuple[int, dict]]  # (row number, row)
+Rows = list[tuple[int, dict]]  # (row number, row): the number is 1-based, a JSONL line number
 
 
 # ------------------------------------------------------------------------------ reading files
 
 
 def read_rows(path: str | Path, *, split: str = "train") -> Rows:
-    """Rows of a .jsonl, .json or .parquet file or a `datasets.save_to_disk` directory."""
+    """(row number, row) pairs of a .jsonl, .json or .parquet file or a `datasets.save_to_disk`
+    directory. Row numbers are 1-based; in a JSONL file they are line numbers (blank lines are
+    skipped but still counted), so an error points at the line to fix."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -42,31 +52,42 @@ def read_rows(path: str | Path, *, split: str = "train") -> Rows:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(f"not valid JSON ({err.msg} at column {err.colno})",
-                                source=str(path), row=number) from None
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"not valid JSON ({err.msg} at column {err.colno})",
+                                    source=str(path), row=number) from None
         return _objects(rows, path)
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise DataError(f"not valid JSON ({err.msg} at line {err.lineno})",
-                            source=str(path)) from None
-        if isinstance(data, dict) and isinstance(data.get(split, data.get("data")), list):
-            data = data.get(split, data.get("data"))
+            raise DataError(f"not valid JSON ({err.msg} at line {err.lineno}, column "
+                            f"{err.colno})", source=str(path)) from None
+        if isinstance(data, dict):
+            for key in (split, "data"):
+                if isinstance(data.get(key), list):
+                    data = data[key]
+                    break
         if not isinstance(data, list):
-            raise DataError(f"a .json data file must hold a list of rows (or {{'{split}': [...]}})",
-                            source=str(path))
+            found = f"an object with keys {sorted(data)}" if isinstance(data, dict) \
+                else _type_name(data)
+            raise DataError(f"a .json data file must hold a list of rows, or {{\"{split}\": "
+                            f"[...]}} or {{\"data\": [...]}}; found {found}", source=str(path))
         return _objects(list(enumerate(data, start=1)), path)
     if suffix == ".parquet":
         from datasets import Dataset
 
-        return _objects(list(enumerate(Dataset.from_parquet(str(path)).to_list(), start=1)), path)
+        try:
+            ds = Dataset.from_parquet(str(path))
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise DataError(f"cannot read parquet file ({type(err).__name__}: {err})",
+                            source=str(path)) from None
+        return _objects(_columnar(ds.to_list()), path)
     raise DataError(f"unsupported data file type '{suffix}': use .jsonl, .json, .parquet or a "
                     "directory saved with datasets' save_to_disk", source=str(path))
 
@@ -77,32 +98,58 @@ def _read_saved_dataset(path: Path, split: str) -> Rows:
     try:
         ds = load_from_disk(str(path))
     except FileNotFoundError:
-        raise DataError("not a data file or a directory saved with datasets' save_to_disk",
+        raise DataError("is a directory but not one saved with datasets' save_to_disk",
                         source=str(path)) from None
     if isinstance(ds, DatasetDict):
         if split not in ds:
             raise DataError(f"no split '{split}' (splits: {', '.join(ds)}); set data.split",
                             source=str(path))
         ds = ds[split]
-    return _objects(list(enumerate(ds.to_list(), start=1)), path)
+    return _objects(_columnar(ds.to_list()), path)
+
+
+def _columnar(rows: list[dict]) -> Rows:
+    """Rows of a columnar source (parquet, Arrow). A column a row does not use reads back as
+    None (rows of several formats, or messages with and without an optional key, share one
+    schema), so None there means "absent" and is dropped."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return [(number, clean(row)) for number, row in enumerate(rows, start=1)]
 
 
 def _objects(rows: Rows, path: Path) -> Rows:
     for number, row in rows:
         if not isinstance(row, dict):
-            raise DataError(f"a row must be a JSON object, got {type(row).__name__}",
+            raise DataError(f"a row must be a JSON object, got {_type_name(row)}",
                             source=str(path), row=number)
     return rows
+
+
+def _a(fmt: str) -> str:
+    """"a preference", "an unpaired preference": a format name for messages."""
+    name = fmt.replace("_", " ")
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
+
+
+def _type_name(value: Any) -> str:
+    """The JSON-ish name of a value's type, for messages ("got null", "got list")."""
+    if value is None:
+        return "null"
+    return {dict: "object", str: "string"}.get(type(value), type(value).__name__)
 
 
 # ------------------------------------------------------------------------------ validation
 
 
 def detect_format(row: dict, source: str, row_number: int) -> str:
+    """The row's TRL format, read from which fields it has (not their types)."""
     keys = set(row)
-    if "messages" in keys:
-        return "language_modeling"
-    if "text" in keys:
+    if "messages" in keys or "text" in keys:
         return "language_modeling"
     if "chosen" in keys or "rejected" in keys:
         return "preference"
@@ -113,7 +160,7 @@ def detect_format(row: dict, source: str, row_number: int) -> str:
     if "prompt" in keys:
         return "prompt_only"
     raise DataError("no recognised fields: expected 'text', 'messages', 'prompt' + 'completion', "
-                    f"'prompt' + 'chosen' + 'rejected' or 'prompt' + 'completion' + 'label'; "
+                    "'prompt' + 'chosen' + 'rejected' or 'prompt' + 'completion' + 'label'; "
                     f"found {sorted(keys)}", source=source, row=row_number)
 
 
@@ -126,13 +173,27 @@ REQUIRED = {
 }
 
 
+def is_conversational(row: dict) -> bool:
+    """Conversational rows hold lists of messages; standard rows hold strings."""
+    if "messages" in row:
+        return True
+    return any(isinstance(row.get(f), list) for f in ("prompt", "completion", "chosen",
+                                                       "rejected"))
+
+
 def validate_row(row: dict, source: str, row_number: int) -> str:
-    """Check the row's fields and types; return its format name."""
+    """Check the row's fields and types; return its format name (one of FORMATS).
+
+    Shared by every recipe: SFT takes language_modeling and prompt_completion rows, the DPO family
+    preference and unpaired_preference rows, the RL recipes prompt_only rows."""
+    if not isinstance(row, dict):
+        raise DataError(f"a row must be a JSON object, got {_type_name(row)}", source=source,
+                        row=row_number)
     fmt = detect_format(row, source, row_number)
     where = {"source": source, "row": row_number}
     for name in REQUIRED[fmt]:
         if name not in row:
-            raise DataError(f"missing (a {fmt.replace('_', ' ')} row needs "
+            raise DataError(f"missing ({_a(fmt)} row needs "
                             f"{', '.join(REQUIRED[fmt])})", field=name, **where)
     if fmt == "language_modeling":
         if "messages" in row:
@@ -142,42 +203,48 @@ def validate_row(row: dict, source: str, row_number: int) -> str:
         return fmt
     if fmt == "unpaired_preference" and not isinstance(row["label"], bool):
         raise DataError(f"must be true or false, got {row['label']!r}", field="label", **where)
-    conversational = isinstance(row.get("prompt", row.get("chosen")), list)
+    first = next(f for f in ("prompt", "chosen", "completion") if f in row)
+    conversational = isinstance(row[first], list)
     for name in ("prompt", "completion", "chosen", "rejected"):
         if name not in row:
             continue
         if conversational:
-            _check_messages(row[name], name, where, need_assistant=False)
+            _check_messages(row[name], name, where, need_assistant=False, style_of=first)
         else:
-            _check_text(row[name], name, where)
+            _check_text(row[name], name, where, style_of=first)
     return fmt
 
 
-def _check_text(value: Any, name: str, where: dict) -> None:
-    if isinstance(value, list):
-        raise DataError("is a list of messages but the other fields are plain strings; "
-                        "use one style per row", field=name, **where)
+def _check_text(value: Any, name: str, where: dict, style_of: str | None = None) -> None:
+    if isinstance(value, list) and style_of not in (None, name):
+        raise DataError(f"is a list of messages but '{style_of}' is a plain string; use one "
+                        "style per row", field=name, **where)
     if not isinstance(value, str):
-        raise DataError(f"must be a string, got {type(value).__name__}", field=name, **where)
+        raise DataError(f"must be a string, got {_type_name(value)}", field=name, **where)
     if name != "prompt" and not value.strip():
         raise DataError("is empty", field=name, **where)
 
 
-def _check_messages(value: Any, name: str, where: dict, *, need_assistant: bool) -> None:
+def _check_messages(value: Any, name: str, where: dict, *, need_assistant: bool,
+                    style_of: str | None = None) -> None:
+    if isinstance(value, str) and style_of not in (None, name):
+        raise DataError(f"is a plain string but '{style_of}' is a list of messages; use one "
+                        "style per row", field=name, **where)
     if not isinstance(value, list):
-        raise DataError(f"must be a list of messages, got {type(value).__name__}",
+        raise DataError(f"must be a list of messages, got {_type_name(value)}",
                         field=name, **where)
     if not value and name != "prompt":
         raise DataError("is empty", field=name, **where)
     for i, msg in enumerate(value):
         field = f"{name}[{i}]"
         if not isinstance(msg, dict):
-            raise DataError("must be an object with 'role' and 'content'", field=field, **where)
+            raise DataError(f"must be an object with 'role' and 'content', got {_type_name(msg)}",
+                            field=field, **where)
         if msg.get("role") not in ROLES:
-            raise DataError(f"role must be one of {', '.join(ROLES)}, got {msg.get('role')!r}",
+            raise DataError(f"must be one of {', '.join(ROLES)}, got {msg.get('role')!r}",
                             field=f"{field}.role", **where)
         if not isinstance(msg.get("content"), str):
-            raise DataError(f"content must be a string, got {type(msg.get('content')).__name__}",
+            raise DataError(f"must be a string, got {_type_name(msg.get('content'))}",
                             field=f"{field}.content", **where)
         if name != "prompt" and msg["role"] == "assistant" and not msg["content"].strip():
             raise DataError("is empty", field=f"{field}.content", **where)
@@ -192,9 +259,20 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _render(tokenizer, messages: list, *, generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages: list, *, generation_prompt: bool = False,
+            where: dict | None = None, field: str | None = None) -> str:
+    """The chat template applied to `messages` as text; a template that rejects the
+    conversation (roles must alternate, no system role, ...) is a DataError naming the row."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as err:  # noqa: BLE001 - jinja's TemplateError, ValueError, ...
+        if getattr(tokenizer, "chat_template", None) is None:
+            message = ("is conversational but the tokenizer has no chat template; use a chat "
+                       "model or plain-string rows")
+        else:
+            message = f"the chat template rejects these messages: {err}"
+        raise DataError(message, field=field, **(where or {})) from None
 
 
 def _suffix(full: str, prefix: str, where: dict, field: str) -> str:
@@ -206,79 +284,120 @@ def _suffix(full: str, prefix: str, where: dict, field: str) -> str:
 
 
 def sft_pieces(row: dict, tokenizer, where: dict) -> list[tuple[str, bool]]:
-    """The row's text as consecutive (piece, is_completion) strings, each tokenised alone."""
+    """The row's text as consecutive (piece, is_completion) strings, each tokenised alone.
+
+    `messages` rows are rendered incrementally: before each assistant message its header (the
+    generation prompt) is a non-completion piece, the message itself (through its end-of-turn
+    token) a completion piece, so every assistant reply is tokenised on its own."""
     if "messages" in row:
         msgs, pieces, done = row["messages"], [], ""
         for i, msg in enumerate(msgs):
-            if msg["role"] == "assistant":
-                header = _render(tokenizer, msgs[:i], generation_prompt=True) if i else ""
-                pieces.append((_suffix(header, done, where, f"messages[{i}]"), False))
-                done = header or done
-            full = _render(tokenizer, msgs[:i + 1])
-            pieces.append((_suffix(full, done, where, f"messages[{i}]"), msg["role"] == "assistant"))
+            field = f"messages[{i}]"
+            if msg["role"] == "assistant" and i:
+                header = _render(tokenizer, msgs[:i], generation_prompt=True, where=where,
+                                 field=field)
+                pieces.append((_suffix(header, done, where, field), False))
+                done = header
+            full = _render(tokenizer, msgs[:i + 1], where=where, field=field)
+            pieces.append((_suffix(full, done, where, field), msg["role"] == "assistant"))
             done = full
         return [(p, c) for p, c in pieces if p]
     if "text" in row:
         return [(row["text"], True)]
     if isinstance(row["prompt"], list):
-        prompt = _render(tokenizer, row["prompt"], generation_prompt=True)
-        full = _render(tokenizer, row["prompt"] + row["completion"])
+        prompt = _render(tokenizer, row["prompt"], generation_prompt=True, where=where,
+                         field="prompt") if row["prompt"] else ""
+        full = _render(tokenizer, row["prompt"] + row["completion"], where=where,
+                       field="completion")
         return [(prompt, False), (_suffix(full, prompt, where, "completion"), True)]
     return [(row["prompt"], False), (row["completion"], True)]
 
 
 def tokenize_sft(row: dict, tokenizer, *, max_length: int, truncation: bool,
                  completion_only_loss: bool, source: str, row_index: int) -> Example:
-    """Tokenise each piece separately and join; loss on completion tokens (or all but the first)."""
+    """Validate an SFT row and tokenise it: each piece (prompt, completion, chat turn) separately
+    with add_special_tokens=False, then joined. Standard rows end with EOS (chat templates end
+    each turn themselves). The loss mask is True on completion tokens (every assistant reply of a
+    `messages` row; all of a `text` row); with completion_only_loss=False on every token. The first
+    token is never a target. Over max_length: truncation keeps the prompt and cuts the
+    completion from the right; without it, a DataError."""
     where = {"source": source, "row": row_index}
+    fmt = validate_row(row, source, row_index)
+    if fmt not in SFT_FORMATS:
+        raise DataError(f"is {_a(fmt)} row, which {TAKEN_BY[fmt]} take; "
+                        "`tether sft` takes 'text', 'messages' or 'prompt' + 'completion' rows",
+                        **where)
     ids: list[int] = []
     mask: list[bool] = []
+    n_prompt = None  # tokens before the first completion piece: truncation never cuts them
     for text, is_completion in sft_pieces(row, tokenizer, where):
         piece = _ids(tokenizer, text)
+        if is_completion and n_prompt is None:
+            n_prompt = len(ids)
         ids += piece
         mask += [is_completion or not completion_only_loss] * len(piece)
-    chat = "messages" in row or isinstance(row.get("prompt"), list)
-    if not chat and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)  # plain-text rows end with EOS; chat templates have one
+    if not is_conversational(row) and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
         mask.append(True)
     mask[0] = False  # nothing predicts the first token
-    n_prompt = mask.index(True) if True in mask else len(mask)
     if len(ids) > max_length:
-        field = "messages" if "messages" in row else "text" if "text" in row else "completion"
-        if not truncation:
-            raise DataError(f"is too long: {len(ids)} tokens but data.max_length is {max_length} "
-                            "(raise it, or set data.truncation=true)", field=field, **where)
-        if n_prompt >= max_length:
-            raise DataError(f"prompt is {n_prompt} tokens but data.max_length is {max_length}: no "
-                            "room for the completion", field="prompt", **where)
+        _check_fit(row, len(ids), n_prompt or 0, max_length, truncation, where)
         ids, mask = ids[:max_length], mask[:max_length]
     if not any(mask):
         raise DataError("has no completion tokens to learn from", field="completion", **where)
     return Example(ids, mask)
 
 
+def _check_fit(row: dict, n: int, n_prompt: int, max_length: int, truncation: bool,
+               where: dict) -> None:
+    """Raise the DataError for an example of n > max_length tokens, unless truncation can cut
+    its completion (from the right) and keep the n_prompt tokens before it whole."""
+    if "prompt" in row:
+        if n_prompt >= max_length:
+            raise DataError(f"prompt is {n_prompt} tokens but data.max_length is {max_length}: "
+                            "no room for the completion (raise data.max_length or shorten the "
+                            "prompt)", field="prompt", **where)
+        if not truncation:
+            raise DataError(f"is too long: prompt + completion is {n} tokens (prompt {n_prompt}) "
+                            f"but data.max_length is {max_length} (raise it, or set "
+                            "data.truncation=true to cut the completion)", field="completion",
+                            **where)
+        return
+    field = "messages" if "messages" in row else "text"
+    if n_prompt >= max_length:
+        raise DataError(f"the first assistant reply starts after {n_prompt} tokens but "
+                        f"data.max_length is {max_length}: nothing would be left to learn from",
+                        field=field, **where)
+    if not truncation:
+        raise DataError(f"is too long: {n} tokens but data.max_length is {max_length} (raise it, "
+                        "or set data.truncation=true)", field=field, **where)
+
+
 # ------------------------------------------------------------------------------ data sets
 
 
 def tokenize_rows(rows: Rows, tokenizer, cfg: DataConfig, source: str) -> list[Example]:
-    examples = []
-    for number, row in rows:
-        fmt = validate_row(row, source, number)
-        if fmt not in SFT_FORMATS:
-            raise DataError(f"is a {fmt.replace('_', ' ')} row; `tether sft` takes 'text', "
-                            "'messages' or 'prompt' + 'completion' rows", source=source,
-                            row=number)
-        examples.append(tokenize_sft(row, tokenizer, max_length=cfg.max_length,
-                                     truncation=cfg.truncation,
-                                     completion_only_loss=cfg.completion_only_loss,
-                                     source=source, row_index=number))
-    return examples
+    return [tokenize_sft(row, tokenizer, max_length=cfg.max_length, truncation=cfg.truncation,
+                         completion_only_loss=cfg.completion_only_loss, source=source,
+                         row_index=number)
+            for number, row in rows]
+
+
+def split_indices(n: int, eval_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train, eval) row indices: eval = the last ceil(eval_fraction * n) of a seeded shuffle
+    (at most n - 1, so training keeps a row); both lists in the original row order."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = min(math.ceil(eval_fraction * n), n - 1) if eval_fraction > 0 else 0
+    held = set(order[n - n_eval:]) if n_eval else set()
+    return [i for i in range(n) if i not in held], sorted(held)
 
 
 def load_sft_examples(cfg: DataConfig, tokenizer, *, rows: list[dict] | None = None,
                       source: str | None = None) -> tuple[list[Example], list[Example]]:
     """(train, eval) examples from cfg.path (or the given rows); eval from cfg.eval_path or a
-    seeded `eval_fraction` hold-out."""
+    seeded `eval_fraction` hold-out. Every row is validated and tokenised before training starts,
+    so a bad row stops the run at once with an error naming it."""
     if rows is None:
         if cfg.path is None:
             raise DataError("no data: set data.path")
@@ -289,17 +408,9 @@ def load_sft_examples(cfg: DataConfig, tokenizer, *, rows: list[dict] | None = N
         source = source or "rows"
     if not numbered:
         raise DataError("holds no rows", source=source)
-    if cfg.eval_path is not None:
-        train = tokenize_rows(numbered, tokenizer, cfg, source)
-        held = tokenize_rows(read_rows(cfg.eval_path, split=cfg.split), tokenizer, cfg,
-                             str(cfg.eval_path))
-        return train, held
-    order = list(range(len(numbered)))
-    random.Random(0).shuffle(order)
-    n_eval = math.ceil(cfg.eval_fraction * len(numbered)) if cfg.eval_fraction > 0 else 0
-    n_eval = min(n_eval, len(numbered) - 1)
     examples = tokenize_rows(numbered, tokenizer, cfg, source)
-    eval_idx = set(order[len(order) - n_eval:])
-    train = [e for i, e in enumerate(examples) if i not in eval_idx]
-    held = [e for i, e in enumerate(examples) if i in eval_idx]
-    return train, held
+    if cfg.eval_path is not None:
+        held_rows = read_rows(cfg.eval_path, split=cfg.split)
+        return examples, tokenize_rows(held_rows, tokenizer, cfg, str(cfg.eval_path))
+    train_idx, eval_idx = split_indices(len(examples), cfg.eval_fraction)
+    return [examples[i] for i in train_idx], [examples[i] for i in eval_idx]

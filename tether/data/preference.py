@@ -183,8 +183,9 @@ def tokenize_preference_rows(rows: Rows, tokenizer, cfg: DataConfig, source: str
 def load_preference_data(cfg: DataConfig, tokenizer, *, unpaired: bool = False,
                          rows: list[dict] | None = None, source: str | None = None
                          ) -> tuple[list, list, str]:
-    """(train items, eval items, content hash of all rows read) from cfg.path (or `rows`); eval
-    from cfg.eval_path or a seeded `eval_fraction` hold-out of whole rows."""
+    """(train items, eval items, content hash) from cfg.path (or `rows`); eval from cfg.eval_path
+    or a seeded `eval_fraction` hold-out of whole rows. The hash covers the train rows then the
+    eval rows in order, so it identifies the items' order too (the reference cache relies on it)."""
     if rows is None:
         if cfg.path is None:
             raise DataError("no data: set data.path")
@@ -199,9 +200,8 @@ def load_preference_data(cfg: DataConfig, tokenizer, *, unpaired: bool = False,
                                                   unpaired=unpaired)
     if cfg.eval_path is not None:
         held_rows = read_rows(cfg.eval_path, split=cfg.split)
-        digest = rows_hash(numbered) + rows_hash(held_rows)
-        return tok(numbered, source), tok(held_rows, str(cfg.eval_path)), \
-            hashlib.sha256(digest.encode()).hexdigest()
+        digest = hashlib.sha256(f"{rows_hash(numbered)} {rows_hash(held_rows)}".encode())
+        return tok(numbered, source), tok(held_rows, str(cfg.eval_path)), digest.hexdigest()
     order = list(range(len(numbered)))
     random.Random(0).shuffle(order)
     n_eval = math.ceil(cfg.eval_fraction * len(numbered)) if cfg.eval_fraction > 0 else 0
@@ -209,8 +209,8 @@ def load_preference_data(cfg: DataConfig, tokenizer, *, unpaired: bool = False,
     eval_idx = set(order[len(order) - n_eval:])
     train_rows = [r for i, r in enumerate(numbered) if i not in eval_idx]
     held_rows = [r for i, r in enumerate(numbered) if i in eval_idx]
-    return tok(train_rows, source), tok(held_rows, source) if held_rows else [], \
-        rows_hash(numbered)
+    digest = hashlib.sha256(f"{rows_hash(train_rows)} {rows_hash(held_rows)}".encode())
+    return tok(train_rows, source), tok(held_rows, source) if held_rows else [], digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------ built-in set

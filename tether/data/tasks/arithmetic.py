@@ -19,10 +19,8 @@ def _expression(rng: random.Random, difficulty: str) -> str:
     if difficulty == "easy":  # 1-2 digit sums and differences
         a, b = rng.randint(1, 99), rng.randint(1, 99)
         return f"{a} {rng.choice('+-')} {b}"
-    if difficulty == "medium":  # 2-digit by 1-digit products, or 2-digit sums
-        if rng.random() < 0.5:
-            return f"{rng.randint(10, 99)} * {rng.randint(2, 9)}"
-        return f"{rng.randint(10, 99)} + {rng.randint(10, 99)}"
+    if difficulty == "medium":  # 2-digit by 1-digit products
+        return f"{rng.randint(10, 99)} * {rng.randint(2, 9)}"
     if difficulty == "hard":  # three terms
         a, b, c = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 30)
         return f"{a} {rng.choice('+-*')} {b} {rng.choice('+-')} {c}"
@@ -37,7 +35,11 @@ def _evaluate(expr: str) -> int:
 
 
 def arithmetic_problems(n: int, *, seed: int, difficulty: str = "easy") -> list[dict]:
-    """n problems as rows: prompt (messages), completion (messages), answer (int)."""
+    """n problems as rows: prompt (messages), completion (messages), answer (int).
+
+    Deterministic in (n, seed, difficulty); the first k of n problems are the k problems."""
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
     rng = random.Random(f"arithmetic-{difficulty}-{seed}")
     rows = []
     for _ in range(n):
@@ -58,6 +60,7 @@ def extract_answer(text: str) -> int | None:
 
 
 def verify(text: str, answer: int) -> bool:
+    """The last 'Answer: N' in `text` is exactly `answer`."""
     return extract_answer(text) == answer
 
 
