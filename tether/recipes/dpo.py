@@ -151,7 +151,7 @@ def preference_loss(policy: CausalLMLogps, batch: PreferenceBatch, *, objective:
         seq.update(rc=ref[:B], rr=ref[B:], rac=ref[:B] / counts[:B], rar=ref[B:] / counts[B:])
     loss, metrics, margin = objective(seq, batch)  # (B,), dict of means, (B,)
     weights = torch.ones_like(loss) if group_weights is None \
-        else group_weights[batch.group_ids] * n_groups  # uniform weights -> 1 per pair
+        else group_weights.to(loss.device)[batch.group_ids] * n_groups  # uniform -> 1 per pair
     correct = (margin.detach() > 0).float()
     means = {"logps/chosen": sums[:B].detach().mean().item(),
              "logps/rejected": sums[B:].detach().mean().item(), **metrics,
@@ -199,14 +199,13 @@ def reference_cache_path(cfg: DPOConfig, data_hash: str, tokenizer, unpaired: bo
 
 
 def score_reference(cfg: DPOConfig, policy: CausalLMLogps, items: list, path: Path, *, pad_id,
-                    device, precision: str, logger: MetricsLogger) -> torch.Tensor:
+                    device, precision: str) -> tuple[torch.Tensor, str]:
     """Cached reference log-probs, or a no-grad pass: a separate `dpo.ref_model` (deleted after),
     the LoRA policy with its adapter disabled, or the policy itself before any update."""
     if cfg.dpo.cache_reference and path.is_file():
         logps = load_file(path)["logps"]
         if logps.shape[0] == len(items):
-            logger.print(f"reference log-probs: cached {path}")
-            return logps
+            return logps, f"reference log-probs: read from the cache {path}"
     score = partial(reference_logps, items=items, pad_id=pad_id,
                     micro_batch_size=cfg.train.micro_batch_size, device=device, precision=precision)
     if cfg.dpo.ref_model:
@@ -226,8 +225,7 @@ def score_reference(cfg: DPOConfig, policy: CausalLMLogps, items: list, path: Pa
         save_file({"logps": logps.contiguous()}, tmp)
         tmp.replace(path)
     dist.barrier()
-    logger.print(f"reference log-probs: computed for {len(items)} items -> {path}")
-    return logps
+    return logps, f"reference log-probs: scored {len(items)} items (cache: {path})"
 
 
 @torch.no_grad()
@@ -279,14 +277,13 @@ def run(cfg: DPOConfig) -> dict:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     policy = CausalLMLogps(model, chunk_size=tc.logprob_chunk_size).to(device)
-    logger = MetricsLogger(run_dir, total_steps=total_steps, description=f"dpo ({dc.loss})",
-                           tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
 
     # --- score: reference log-probs once, before any update (and before resume) ----------------
+    ref_note = "reference-free loss: no reference model"
     if dc.loss not in REFERENCE_FREE:
         path = reference_cache_path(cfg, data_hash, tokenizer, unpaired)
-        logps = score_reference(cfg, policy, train_items + eval_items, path, pad_id=pad_id,
-                                device=device, precision=tc.precision, logger=logger)
+        logps, ref_note = score_reference(cfg, policy, train_items + eval_items, path,
+                                          pad_id=pad_id, device=device, precision=tc.precision)
         for item, row in zip(train_items + eval_items, logps.tolist()):
             item.ref = (row[0], row[1])
 
@@ -309,8 +306,12 @@ def run(cfg: DPOConfig) -> dict:
         if group_weights is not None:
             group_weights = torch.tensor(state["group_weights"], dtype=torch.float32)
     if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    logger.advance(start_step)
+    logger = MetricsLogger(run_dir, total_steps=total_steps, description=f"dpo ({dc.loss})",
+                           tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
+                           start_step=start_step)
+    logger.print(ref_note)
 
     collate = lambda items: collate_preference(items, pad_id, groups)  # noqa: E731
     eval_share = eval_items[dist.rank()::dist.world_size()]
@@ -348,6 +349,7 @@ def run(cfg: DPOConfig) -> dict:
         if named_groups:
             for g, name in enumerate(groups):
                 if group_pairs[g] > 0:
+                    name = name or "none"
                     metrics[f"rewards/accuracy/{name}"] = m[f"_correct/{g}"] / group_pairs[g].item()
                     metrics[f"loss/group/{name}"] = (group_loss[g] / group_pairs[g]).item()
         if group_weights is not None:  # mean loss of each group seen this step (0 if absent)
@@ -366,7 +368,7 @@ def run(cfg: DPOConfig) -> dict:
             logger.log(step + 1, metrics)
         history.append(m["loss"])
         margins.append(metrics["rewards/margin"])
-        logger.advance(step + 1, f"loss {m['loss']:.4f} acc {metrics.get('rewards/accuracy', 0):.2f}")
+        logger.advance(step + 1, f"loss {m['loss']:.4f} acc {metrics['rewards/accuracy']:.2f}")
         if step + 1 == total_steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
             state = {"total_steps": total_steps}
             if group_weights is not None:
