@@ -46,11 +46,25 @@ def _dpo_run():
     return run
 
 
+def _rm_config():
+    from tether.config import RMConfig
+
+    return RMConfig
+
+
+def _rm_run():
+    from tether.recipes.rm import run
+
+    return run
+
+
 RECIPES: dict[str, Recipe] = {
     "sft": Recipe("supervised fine-tuning on demonstrations (prompt-completion, messages, text)",
                   _sft_config, _sft_run),
     "dpo": Recipe("direct preference optimisation: dpo, cdpo, robust, ipo, hinge, simpo, orpo, kto",
                   _dpo_config, _dpo_run),
+    "rm": Recipe("reward model: Bradley-Terry on preference pairs (one score per sequence)",
+                 _rm_config, _rm_run),
 }
 
 USAGE = """usage: tether <command> [CONFIG.yaml] [--section.key=value ...]

@@ -124,6 +124,22 @@ class DPOConfig:
     dpo: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
+@dataclass
+class RewardModelConfig:
+    """The `rm` section: Bradley-Terry options (docs/rm.md)."""
+    margin_key: str | None = None  # row field with a per-pair margin m (Llama 2); None = no margin
+    center_coef: float = 0.0  # weight of (r_chosen + r_rejected)^2 (TRL center_rewards_coefficient)
+
+
+@dataclass
+class RMConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5, epochs=2.0))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rm"))
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading, merging, validating
 

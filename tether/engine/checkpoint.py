@@ -228,8 +228,15 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     ckpt = latest(run_dir / "checkpoints")
     if ckpt is None:
         raise TetherError(f"{run_dir / 'checkpoints'} holds no complete checkpoint to export")
-    model_section = (yaml.safe_load(config_path.read_text()) or {}).get("model", {})
-    model_cfg = from_dict(ModelConfig, model_section, prefix="model.")
+    sections = yaml.safe_load(config_path.read_text()) or {}
+    model_cfg = from_dict(ModelConfig, sections.get("model", {}), prefix="model.")
+    if "rm" in sections:  # a `tether rm` run: a sequence classifier with a score head
+        from tether.engine.models import load_reward_model
+
+        tokenizer = load_tokenizer(model_cfg)
+        reward_model = load_reward_model(model_cfg, tokenizer.pad_token_id)
+        load(ckpt, model=reward_model, restore_rng=False)
+        return export(reward_model, tokenizer, out_dir)
     wrapped = CausalLMLogps(load_causal_lm(model_cfg))
     load(ckpt, model=wrapped, restore_rng=False)
     return export(wrapped.model, load_tokenizer(model_cfg), out_dir)

@@ -112,7 +112,27 @@ def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
     return model
 
 
-def apply_lora(model: PreTrainedModel, cfg: LoraConfig):
+def load_reward_model(cfg: ModelConfig, pad_token_id: int | None) -> PreTrainedModel:
+    """A sequence classifier with one output (the reward) on any causal LM: the backbone's
+    weights load from the causal LM directory, the `score` head (hidden -> 1) is new. transformers
+    reads the score at the rightmost token that is not `pad_token_id`. With LoRA the head stays
+    fully trainable (peft modules_to_save)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_dir(cfg)
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"{path} has no *.safetensors weights; tether loads safetensors only")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.float32, use_safetensors=True,
+        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    model.config.pad_token_id = pad_token_id
+    if cfg.lora.r > 0:
+        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS", modules_to_save=["score"])
+    return model
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, *, task_type: str = "CAUSAL_LM",
+               modules_to_save: list[str] | None = None):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -121,7 +141,8 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig):
     if missing:
         raise ConfigError(f"model.lora.target_modules: no module named {missing} in this model")
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+                              target_modules=list(cfg.target_modules), task_type=task_type,
+                              modules_to_save=modules_to_save)
     return get_peft_model(model, peft_cfg)
 
 

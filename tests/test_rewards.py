@@ -1,0 +1,98 @@
+"""Reward functions: verifiers and weighted sums by hand, bad functions named, load by name."""
+
+import math
+import sys
+
+import pytest
+
+from tether.errors import TetherError
+from tether.rewards import (ArithmeticVerifier, FormatReward, RewardError, RewardFn, WeightedSum,
+                            call_reward, check_scores, load_python_reward)
+
+PROMPTS = ["What is 2 + 3?", "What is 7 * 6?", "What is 10 - 4?", "What is 1 + 1?"]
+COMPLETIONS = [
+    "2 + 3 = 5\nAnswer: 5",          # right, well formatted
+    "Answer: 41",                    # wrong, well formatted
+    "Answer: 6 because 10 - 4 = 6",  # right (last 'Answer:' is 6), but does not end with it
+    "it is two",                     # no answer at all
+]
+ANSWERS = [5, 42, 6, 2]
+
+
+def test_arithmetic_verifier_by_hand():
+    assert ArithmeticVerifier()(PROMPTS, COMPLETIONS, answer=ANSWERS) == [1.0, 0.0, 1.0, 0.0]
+    assert ArithmeticVerifier()(["q"], ["Answer: 3\nAnswer: -7  "], answer=[-7]) == [1.0]
+    with pytest.raises(RewardError, match="'answer' column"):
+        ArithmeticVerifier()(PROMPTS, COMPLETIONS)
+
+
+def test_format_reward_by_hand():
+    assert FormatReward()(PROMPTS, COMPLETIONS) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_weighted_sum_by_hand():
+    """total = 1.0 * correct + 0.5 * format - 0.1 * length/10:
+    row 0: 1 + 0.5 - 0.1 * 1.9 = 1.31; row 1: 0 + 0.5 - 0.1 * 1.0 = 0.4;
+    row 2: 1 + 0 - 0.1 * 2.8 = 0.72;   row 3: 0 + 0 - 0.1 * 0.9 = -0.09."""
+    length = lambda prompts, completions, **_: [len(c) / 10 for c in completions]  # noqa: E731
+    combo = WeightedSum([("correct", ArithmeticVerifier(), 1.0), ("format", FormatReward(), 0.5),
+                         ("length", length, -0.1)])
+    assert isinstance(combo, RewardFn)
+    out = combo.score(PROMPTS, COMPLETIONS, answer=ANSWERS)
+    assert [len(c) for c in COMPLETIONS] == [19, 10, 28, 9]
+    assert out.total == pytest.approx([1.31, 0.4, 0.72, -0.09])
+    assert out.components == {"correct": [1.0, 0.0, 1.0, 0.0], "format": [1.0, 1.0, 0.0, 0.0],
+                              "length": pytest.approx([1.9, 1.0, 2.8, 0.9])}
+    assert combo(PROMPTS, COMPLETIONS, answer=ANSWERS) == pytest.approx(out.total)
+    with pytest.raises(RewardError, match="unique"):
+        WeightedSum([("a", length, 1.0), ("a", length, 2.0)])
+
+
+def _raises(prompts, completions, **_):
+    raise KeyError("score")
+
+
+@pytest.mark.parametrize("fn, message", [
+    (_raises, r"reward function 'judge' raised KeyError: 'score'"),
+    (lambda p, c, **_: [1.0] * (len(c) - 1), r"reward function 'judge' returned 3 scores for 4"),
+    (lambda p, c, **_: [1.0, float("nan"), 0.0, 1.0], r"'judge' returned nan at index 1"),
+    (lambda p, c, **_: [1.0, 2.0, "3", 1.0], r"'judge' returned a non-number at index 2: '3'"),
+    (lambda p, c, **_: [1.0, 2.0, None, 1.0], r"'judge' returned a non-number at index 2: None"),
+    (lambda p, c, **_: 1.0, r"'judge' must return a list of 4 numbers, got float"),
+])
+def test_bad_reward_function_is_named(fn, message):
+    with pytest.raises(RewardError, match=message) as err:
+        call_reward("judge", fn, PROMPTS, COMPLETIONS)
+    assert isinstance(err.value, TetherError)
+    combo = WeightedSum([("ok", FormatReward(), 1.0), ("judge", fn, 1.0)])
+    with pytest.raises(RewardError, match="'judge'"):
+        combo(PROMPTS, COMPLETIONS)
+
+
+def test_check_scores_accepts_numbers_and_tensors():
+    import torch
+
+    assert check_scores("f", [1, True, 0.5], 3) == [1.0, 1.0, 0.5]
+    assert check_scores("f", torch.tensor([1.0, -2.0]), 2) == [1.0, -2.0]
+    with pytest.raises(RewardError, match="inf"):
+        check_scores("f", [math.inf], 1)
+
+
+def test_load_python_reward_from_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards_mod.py").write_text(
+        "def shout(prompts, completions, **columns):\n"
+        "    return [float(c.isupper()) for c in completions]\n"
+        "NOT_CALLABLE = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "my_rewards_mod" not in sys.modules  # nothing imported until named
+    fn = load_python_reward("my_rewards_mod:shout")
+    assert call_reward("shout", fn, ["p", "p"], ["HEY", "hey"]) == [1.0, 0.0]
+    with pytest.raises(RewardError, match="has no attribute 'nope'"):
+        load_python_reward("my_rewards_mod:nope")
+    with pytest.raises(RewardError, match="not callable"):
+        load_python_reward("my_rewards_mod:NOT_CALLABLE")
+    with pytest.raises(RewardError, match="cannot import module 'no_such_mod_xyz'"):
+        load_python_reward("no_such_mod_xyz:f")
+    with pytest.raises(RewardError, match="module:function"):
+        load_python_reward("my_rewards_mod.shout")
+    monkeypatch.delitem(sys.modules, "my_rewards_mod")

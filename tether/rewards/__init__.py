@@ -1,0 +1,26 @@
+"""Reward functions: anything that scores completions, behind one interface (`RewardFn`).
+
+    fn(prompts: list, completions: list[str], **columns) -> list[float]   # one score per completion
+
+`prompts` are strings or lists of chat messages; `columns` are the data set's other fields, one
+value per completion (e.g. `answer=[...]` for the arithmetic verifier). RL recipes call reward
+functions through `call_reward`, which checks what comes back (`check_scores`).
+"""
+
+from tether.rewards.base import (RewardError, RewardFn, RewardScores, WeightedSum, call_reward,
+                                 check_scores, load_python_reward)
+from tether.rewards.model import RewardModelScorer
+from tether.rewards.verifiers import ArithmeticVerifier, FormatReward
+
+__all__ = [
+    "ArithmeticVerifier",
+    "FormatReward",
+    "RewardError",
+    "RewardFn",
+    "RewardModelScorer",
+    "RewardScores",
+    "WeightedSum",
+    "call_reward",
+    "check_scores",
+    "load_python_reward",
+]

@@ -1,0 +1,130 @@
+"""The reward-function interface, its checks, user functions by name, and weighted sums."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from tether.errors import TetherError
+
+
+class RewardError(TetherError):
+    """A reward function failed, or returned something other than one finite number per
+    completion; the message names the function."""
+
+
+@runtime_checkable
+class RewardFn(Protocol):
+    def __call__(self, prompts: list, completions: list[str], **columns: Any) -> list[float]:
+        """One finite score per completion, in order."""
+        ...
+
+
+def _as_float(value: Any) -> float | None:
+    """A plain float from a Python / numpy number or a one-element tensor; None otherwise."""
+    if isinstance(value, numbers.Real):  # bool, int, float, numpy scalars
+        return float(value)
+    if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:
+        item = value.item()
+        return float(item) if isinstance(item, numbers.Real) else None
+    return None
+
+
+def check_scores(name: str, scores: Any, n: int) -> list[float]:
+    """`scores` as n finite floats, or a RewardError naming reward function `name` and what is
+    wrong (not a list, wrong count, a non-number, NaN/inf) with the first offending index."""
+    if hasattr(scores, "tolist") and not isinstance(scores, (list, tuple)):  # tensor / ndarray
+        scores = scores.tolist()
+    if not isinstance(scores, (list, tuple)):
+        raise RewardError(f"reward function '{name}' must return a list of {n} numbers, got "
+                          f"{type(scores).__name__}")
+    if len(scores) != n:
+        raise RewardError(f"reward function '{name}' returned {len(scores)} scores for {n} "
+                          "completions (it must return one per completion)")
+    out = []
+    for i, value in enumerate(scores):
+        x = _as_float(value)
+        if x is None:
+            raise RewardError(f"reward function '{name}' returned a non-number at index {i}: "
+                              f"{value!r} ({type(value).__name__})")
+        if not math.isfinite(x):
+            raise RewardError(f"reward function '{name}' returned {x} at index {i} (scores must "
+                              "be finite)")
+        out.append(x)
+    return out
+
+
+def call_reward(name: str, fn: RewardFn, prompts: list, completions: list[str],
+                **columns: Any) -> list[float]:
+    """fn(prompts, completions, **columns), checked; an exception inside fn becomes a
+    RewardError naming it (the original stays chained as __cause__)."""
+    try:
+        scores = fn(prompts, completions, **columns)
+    except TetherError:
+        raise
+    except Exception as err:  # noqa: BLE001 - user code may raise anything
+        raise RewardError(f"reward function '{name}' raised {type(err).__name__}: {err}") \
+            from err
+    return check_scores(name, scores, len(completions))
+
+
+def load_python_reward(spec: str) -> RewardFn:
+    """The function named by "package.module:function" (imported now, only when named)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise RewardError(f"reward function '{spec}': expected 'module:function', e.g. "
+                          "'my_rewards:length_penalty'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RewardError(f"reward function '{spec}': cannot import module '{module_name}' "
+                          f"({err})") from err
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise RewardError(f"reward function '{spec}': module '{module_name}' has no "
+                              f"attribute '{attr}'")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise RewardError(f"reward function '{spec}': '{attr}' is not callable")
+    return fn
+
+
+@dataclass
+class RewardScores:
+    total: list[float]  # sum of weight * component score, per completion
+    components: dict[str, list[float]]  # unweighted scores of each component, by name
+
+
+class WeightedSum:
+    """total_i = sum_k w_k * f_k(prompts, completions, **columns)_i over named components.
+
+    Calling it returns the totals (so it is a RewardFn itself); `score` also returns every
+    component's unweighted scores so that each can be logged on its own (`reward/<name>`)."""
+
+    def __init__(self, components: list[tuple[str, RewardFn, float]]):
+        if not components:
+            raise RewardError("WeightedSum needs at least one (name, function, weight)")
+        names = [name for name, _, _ in components]
+        if len(set(names)) != len(names):
+            raise RewardError(f"WeightedSum: component names must be unique, got {names}")
+        for name, fn, weight in components:
+            if not callable(fn):
+                raise RewardError(f"reward function '{name}' is not callable")
+            if _as_float(weight) is None or not math.isfinite(float(weight)):
+                raise RewardError(f"reward function '{name}': weight must be a finite number, "
+                                  f"got {weight!r}")
+        self.components = [(name, fn, float(weight)) for name, fn, weight in components]
+
+    def score(self, prompts: list, completions: list[str], **columns: Any) -> RewardScores:
+        parts = {name: call_reward(name, fn, prompts, completions, **columns)
+                 for name, fn, _ in self.components}
+        total = [sum(w * parts[name][i] for name, _, w in self.components)
+                 for i in range(len(completions))]
+        return RewardScores(total, parts)
+
+    def __call__(self, prompts: list, completions: list[str], **columns: Any) -> list[float]:
+        return self.score(prompts, completions, **columns).total

@@ -1,0 +1,29 @@
+"""Rule-based rewards for the built-in arithmetic task (exact, no model)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tether.data.tasks import arithmetic
+from tether.rewards.base import RewardError
+
+
+class ArithmeticVerifier:
+    """1.0 when the completion's last 'Answer: N' equals the row's `answer` column, else 0.0."""
+
+    def __call__(self, prompts: list, completions: list[str], *, answer: list | None = None,
+                 **columns: Any) -> list[float]:
+        if answer is None:
+            raise RewardError("reward function 'arithmetic' needs an 'answer' column (the exact "
+                              "integer answer of each prompt)")
+        if len(answer) != len(completions):
+            raise RewardError(f"reward function 'arithmetic': {len(answer)} answers for "
+                              f"{len(completions)} completions")
+        return [1.0 if arithmetic.verify(c, int(a)) else 0.0 for c, a in zip(completions, answer)]
+
+
+class FormatReward:
+    """1.0 when the completion ends with 'Answer: <integer>' (the format the task asks for)."""
+
+    def __call__(self, prompts: list, completions: list[str], **columns: Any) -> list[float]:
+        return [1.0 if arithmetic.format_ok(c) else 0.0 for c in completions]
