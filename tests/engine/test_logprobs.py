@@ -68,3 +68,24 @@ def test_model_wrapper_matches_hf_logits():
     want = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     assert torch.all(got[:, 0] == 0)
     torch.testing.assert_close(got[:, 1:][mask[:, 1:]], want[mask[:, 1:]], atol=1e-5, rtol=0)
+
+
+def test_packed_bool_mask_is_honoured_by_eager_attention():
+    """Two sequences packed in one row with a block-causal bool mask: the second one's log-probs
+    must equal those it gets alone. Eager attention *adds* a 4-D mask to the scores, so a bool mask
+    passed as is would let the second sequence attend to the first (different log-probs);
+    CausalLMLogps converts it to the additive form for eager models."""
+    from tether.data.collate import block_causal_mask
+
+    torch.manual_seed(0)
+    model = tiny_llama(vocab_size=64).eval()
+    model.config._attn_implementation = "eager"
+    a, b = torch.randint(0, 64, (1, 5)), torch.randint(0, 64, (1, 4))
+    packed = torch.cat([a, b], dim=1)  # (1, 9)
+    segments = torch.tensor([[1] * 5 + [2] * 4])
+    positions = torch.tensor([list(range(5)) + list(range(4))])
+    wrapper = CausalLMLogps(model)
+    with torch.no_grad():
+        got = wrapper(packed, block_causal_mask(segments), positions)[0, 6:]  # b's targets
+        alone = wrapper(b, torch.ones_like(b, dtype=torch.bool))[0, 1:]
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)

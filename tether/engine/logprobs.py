@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tether.data.collate import additive_mask
+
 
 def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     """The matmul dtype: the autocast dtype when autocast is on for this device, else `dtype`."""
@@ -116,6 +118,9 @@ class CausalLMLogps(nn.Module):
         # input_ids: (B, T) long; attention_mask: (B, T) bool, or (B, 1, T, T) bool for packed rows
         lm = self.causal_lm()
         mask = attention_mask if attention_mask.dim() == 4 else attention_mask.long()
+        if mask.dim() == 4 and mask.dtype == torch.bool \
+                and getattr(lm.config, "_attn_implementation", "sdpa") == "eager":
+            mask = additive_mask(mask)  # eager attention adds a 4-D mask to the scores
         hidden = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state  # (B, T, H)
         weight = lm.get_output_embeddings().weight  # (V, H)
