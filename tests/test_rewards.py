@@ -96,3 +96,37 @@ def test_load_python_reward_from_module(tmp_path, monkeypatch):
     with pytest.raises(RewardError, match="module:function"):
         load_python_reward("my_rewards_mod.shout")
     monkeypatch.delitem(sys.modules, "my_rewards_mod")
+
+
+def test_load_reward_by_name(tmp_path, monkeypatch):
+    from tether.rewards import load_reward
+
+    assert isinstance(load_reward("arithmetic"), ArithmeticVerifier)
+    assert isinstance(load_reward("format"), FormatReward)
+    tone = load_reward("sentiment")
+    scores = call_reward("sentiment", tone, ["p"] * 3, ["I love it, wonderful!", "It is a chair.",
+                                                       "Awful. I hate it."])
+    assert scores[0] > 0.5 and scores[1] == 0.0 and scores[2] < -0.5  # VADER compound
+    with pytest.raises(RewardError, match=r"unknown reward function 'arithmetik'; did you mean "
+                                          r"'arithmetic'\?"):
+        load_reward("arithmetik")
+    (tmp_path / "my_rewards_mod2.py").write_text(
+        "def one(prompts, completions, **columns):\n    return [1.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert call_reward("one", load_reward("my_rewards_mod2:one"), ["p"], ["c"]) == [1.0]
+    monkeypatch.delitem(sys.modules, "my_rewards_mod2")
+
+
+def test_process_reward_aggregates_by_hand():
+    """Step probabilities .9 .5 .8 (a 4th step is padding): min = .5, prod = .9 * .5 * .8 = .36;
+    one step .7: min = prod = .7; no step: 0 (nothing to reward)."""
+    import torch
+
+    from tether.rewards import aggregate_steps
+
+    probs = torch.tensor([[0.9, 0.5, 0.8, 0.01], [0.7, 0.01, 0.01, 0.01], [0.3, 0.3, 0.3, 0.3]])
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False], [False] * 4])
+    assert aggregate_steps(probs, mask, "min").tolist() == pytest.approx([0.5, 0.7, 0.0])
+    assert aggregate_steps(probs, mask, "prod").tolist() == pytest.approx([0.36, 0.7, 0.0])
+    with pytest.raises(TetherError, match="min, prod"):
+        aggregate_steps(probs, mask, "mean")

@@ -157,3 +157,52 @@ def reinforce_pp_advantages(
         running = token_rewards[:, t] + gamma * running
         returns[:, t] = running
     return whiten(returns, mask)
+
+
+def kl_shaped_rewards(
+    rewards: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, *, kl_coef: float
+) -> torch.Tensor:
+    """Per-token rewards of RLHF-PPO (Ziegler et al. 2019; Stiennon et al. 2020), the KL penalty
+    folded into the reward:
+
+        r_t = -kl_coef * kl_t + [t is the last valid token] * reward
+
+    Worked example (kl_coef = 0.1): mask = [T, T, T, F], kl = [0.5, -0.2, 1.0, 7.0], reward = 2
+        r = [-0.05, 0.02, -0.1 + 2, 0] = [-0.05, 0.02, 1.9, 0]     (padding ignored)
+
+    rewards: (B,) sequence scores (reward model / reward functions); kl: (B, T) per-token KL
+    estimate (k1 = logps - ref_logps); mask: (B, T) bool, right-padded. Returns (B, T), 0
+    outside the mask.
+    """
+    mask_next = torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False)
+    is_last = mask & ~mask_next  # (B, T)
+    kl = kl.detach()
+    token_rewards = -kl_coef * kl + torch.where(is_last, rewards.detach()[:, None].to(kl.dtype),
+                                                torch.zeros_like(kl))
+    return torch.where(mask, token_rewards, torch.zeros_like(token_rewards))
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How much of the variance of the returns the value function explains:
+
+        EV = 1 - Var[R - V] / Var[R]       (population variances over the True entries of mask)
+
+    1 = perfect prediction, 0 = no better than a constant, < 0 = worse. nan when Var[R] = 0.
+
+    Worked example: R = [1, 2, 3], V = [1, 2, 2] (a fourth, masked entry is ignored)
+        R - V = [0, 0, 1]: mean 1/3, Var = 1/3 - 1/9 = 2/9
+        Var[R] = (1 + 0 + 1) / 3 = 2/3
+        EV = 1 - (2/9) / (2/3) = 1 - 1/3 = 2/3
+
+    values, returns: (B, T); mask: (B, T) bool. Returns a 0-dim tensor.
+    """
+    values, returns = values.detach(), returns.detach()
+
+    def var(x: torch.Tensor) -> torch.Tensor:
+        mean = masked_mean(x, mask)
+        return masked_mean((x - mean).square(), mask)
+
+    var_returns = var(returns)
+    if var_returns == 0:
+        return torch.tensor(float("nan"), dtype=returns.dtype)
+    return 1 - var(returns - values) / var_returns

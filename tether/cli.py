@@ -58,6 +58,54 @@ def _rm_run():
     return run
 
 
+def _prm_config():
+    from tether.config import PRMConfig
+
+    return PRMConfig
+
+
+def _prm_run():
+    from tether.recipes.prm import run
+
+    return run
+
+
+def _ppo_config():
+    from tether.config import PPOConfig
+
+    return PPOConfig
+
+
+def _ppo_run():
+    from tether.recipes.ppo import run
+
+    return run
+
+
+def _rlhf_config():
+    from tether.config import RLHFConfig
+
+    return RLHFConfig
+
+
+def _rlhf_run():
+    from tether.recipes.rlhf import run
+
+    return run
+
+
+def _grpo_config():
+    from tether.config import GRPOConfig
+
+    return GRPOConfig
+
+
+def _grpo_run():
+    from tether.recipes.grpo import run
+
+    return run
+
+
 RECIPES: dict[str, Recipe] = {
     "sft": Recipe("supervised fine-tuning on demonstrations (prompt-completion, messages, text)",
                   _sft_config, _sft_run),
@@ -65,6 +113,14 @@ RECIPES: dict[str, Recipe] = {
                   _dpo_config, _dpo_run),
     "rm": Recipe("reward model: Bradley-Terry on preference pairs (one score per sequence)",
                  _rm_config, _rm_run),
+    "prm": Recipe("process reward model: a score for every step of a solution (stepwise rows)",
+                  _prm_config, _prm_run),
+    "ppo": Recipe("RLHF-PPO: policy, critic, frozen reference, reward model or functions",
+                  _ppo_config, _ppo_run),
+    "rlhf": Recipe("the three stages in one command: sft -> rm -> ppo, each resumable",
+                   _rlhf_config, _rlhf_run),
+    "grpo": Recipe("group-relative RL with reward functions: grpo, dr_grpo, dapo, gspo, rloo",
+                   _grpo_config, _grpo_run),
 }
 
 USAGE = """usage: tether <command> [CONFIG.yaml] [--section.key=value ...]

@@ -140,6 +140,139 @@ class RMConfig:
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
 
 
+@dataclass
+class ProcessRewardConfig:
+    """The `prm` section: process reward model options (docs/rm.md)."""
+    step_separator: str = "\n"  # inserted after every step; the step's score is read at its last token
+    aggregate: str = "min"  # min | prod: one solution score from its step scores (eval, scorer)
+
+
+@dataclass
+class PRMConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5, epochs=1.0))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/prm"))
+    prm: ProcessRewardConfig = field(default_factory=ProcessRewardConfig)
+
+
+@dataclass
+class PPOParams:
+    """The `ppo` section: rollouts, the four models and the PPO update (docs/ppo.md)."""
+    # reward: a trained reward-model directory (`tether rm` writes RUN_DIR/reward_model) and/or
+    # reward functions: arithmetic | format | module:function. rewards=null means ["arithmetic"]
+    # without a reward model and none besides it with one.
+    reward_model: str | None = None
+    rewards: list[str] | None = None
+    reward_weights: list[float] | None = None  # one per entry of `rewards`; null = all 1
+    reward_batch_size: int = 16  # sequences per reward-model forward
+    ref_model: str | None = None  # reference directory; null = the policy's initial weights
+    critic_init: str = "policy"  # policy | reward_model | a model directory
+    critic_lr: float | None = None  # null = train.lr
+    # rollouts (train.batch_size counts prompts; each gets samples_per_prompt completions)
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    # KL to the reference, folded into the per-token reward: r_t = -kl_coef * k1_t (+ score)
+    kl_coef: float = 0.05  # fixed, or the initial value of the adaptive controller
+    kl_target: float | None = None  # set = adaptive controller (Ziegler et al. 2019), e.g. 6.0
+    kl_horizon: float = 10000.0  # adaptive controller horizon, in samples
+    # advantages and the update
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    update_epochs: int = 4  # PPO epochs over each rollout batch
+    mini_batches: int = 1  # optimizer steps per PPO epoch (the rollout batch split evenly)
+    clip_eps: float = 0.2  # policy ratio clip
+    value_clip: float | None = 0.2  # value clip around the old values; null = unclipped
+    vf_coef: float = 0.1  # weight of the value loss in the joint loss
+
+
+@dataclass
+class PPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=1e-6, schedule="constant", warmup_ratio=0.0, max_steps=20, batch_size=8,
+        micro_batch_size=4))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/ppo"))
+    ppo: PPOParams = field(default_factory=PPOParams)
+
+
+@dataclass
+class PipelineConfig:
+    """The `pipeline` section of `tether rlhf` (docs/rlhf.md)."""
+    output_dir: str = "runs/rlhf"  # stages write <output_dir>/sft, /rm, /ppo
+
+
+def _rlhf_sft() -> SFTConfig:
+    return SFTConfig(run=RunConfig(output_dir=""))
+
+
+def _rlhf_rm() -> RMConfig:
+    return RMConfig(model=ModelConfig(name_or_path=""), run=RunConfig(output_dir=""),
+                    train=TrainConfig(lr=2e-5, epochs=1.0))
+
+
+def _rlhf_ppo() -> PPOConfig:
+    return PPOConfig(
+        model=ModelConfig(name_or_path=""), run=RunConfig(output_dir=""),
+        train=TrainConfig(lr=1e-5, schedule="constant", warmup_ratio=0.0, max_steps=8,
+                          batch_size=8, micro_batch_size=4),
+        ppo=PPOParams(update_epochs=2, max_new_tokens=32))
+
+
+@dataclass
+class RLHFConfig:
+    """`tether rlhf`: SFT -> reward model -> PPO. Each stage section is that recipe's whole
+    config; an empty `run.output_dir` means <pipeline.output_dir>/<stage>, an empty
+    `model.name_or_path` of rm / ppo means the SFT stage's exported model, a null
+    `ppo.ppo.reward_model` the RM stage's reward model, and with built-in RM and PPO data, PPO
+    runs on the prompts of the RM's built-in set (docs/rlhf.md)."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    sft: SFTConfig = field(default_factory=_rlhf_sft)
+    rm: RMConfig = field(default_factory=_rlhf_rm)
+    ppo: PPOConfig = field(default_factory=_rlhf_ppo)
+
+
+@dataclass
+class GRPOParams:
+    """The `grpo` section: group sampling, the loss variant and the rewards (docs/grpo.md)."""
+    loss_type: str = "grpo"  # grpo | dr_grpo | dapo | gspo | rloo
+    group_size: int = 8  # G completions sampled per prompt
+    prompts_per_step: int = 4  # prompts per step (all ranks); a step trains on prompts x G rows
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop: list[str] = field(default_factory=list)  # stop strings (the completion ends after one)
+    # reward functions: arithmetic | format | module:function (imported only when named)
+    rewards: list[str] = field(default_factory=lambda: ["arithmetic", "format"])
+    reward_weights: list[float] | None = None  # one per entry of `rewards`; null = all 1
+    beta: float = 0.0  # k3 KL-to-reference coefficient in the loss; 0 = no reference model at all
+    eps_low: float | None = None  # clip range 1 - eps_low; null = the loss type's default
+    eps_high: float | None = None  # clip range 1 + eps_high; null = the loss type's default
+    dynamic_sampling: bool | None = None  # drop groups whose rewards are all equal; null = loss type's
+    num_iterations: int = 1  # optimizer steps per rollout (> 1: importance ratios vs old log-probs)
+    task_difficulty: str = "easy"  # built-in arithmetic prompts (data.path unset): easy | medium | hard
+    task_size: int = 1000  # built-in training prompts
+    # built-in task: a system message showing the reply format (null = none; see docs/grpo.md)
+    task_system_prompt: str | None = "Reply in this form:\n2 + 3 = 5\nAnswer: 5"
+
+
+@dataclass
+class GRPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=1e-5, schedule="constant", warmup_ratio=0.0, max_steps=30, micro_batch_size=8))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/grpo"))
+    grpo: GRPOParams = field(default_factory=GRPOParams)
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading, merging, validating
 

@@ -8,7 +8,9 @@ import pytest
 from tether.config import DataConfig
 from tether.data.formats import _ids, _render
 from tether.data.preference import (PreferencePair, UnpairedExample, builtin_preference_rows,
-                                    load_preference_data, tokenize_pair)
+                                    builtin_sentiment_rows, load_preference_data, tokenize_pair)
+from tether.data.tasks import sentiment
+from tether.data.tasks.build_sentiment_prefs import MIN_GAP, cut_unfinished, pair
 from tether.data.tasks.arithmetic import extract_answer
 from tether.errors import DataError
 
@@ -127,3 +129,60 @@ def test_builtin_preference_rows():
         assert right != wrong and 1 <= abs(right - wrong) <= 10
         assert row["group"] in ("addition", "subtraction")
     assert {r["group"] for r in rows} == {"addition", "subtraction"}
+
+
+def test_sentiment_score_hand_values():
+    """VADER: compound = x / sqrt(x^2 + 15), x the sum of the words' lexicon valences.
+    'good' has valence 1.9: 1.9 / sqrt(3.61 + 15) = 0.4404; 'bad' -2.5: -2.5 / sqrt(21.25) =
+    -0.5423; no lexicon word: 0."""
+    assert sentiment.sentiment_score("good") == pytest.approx(0.4404, abs=1e-4)
+    assert sentiment.sentiment_score("bad") == pytest.approx(-0.5423, abs=1e-4)
+    assert sentiment.sentiment_score("the bus") == 0.0
+
+
+def test_sentiment_prompts_split_is_fixed_and_disjoint():
+    prompts = sentiment.sentiment_prompts()
+    texts = [p["prompt"][0]["content"] for p in prompts]
+    assert len(texts) == len(set(texts)) == len(sentiment.TEMPLATES) * len(sentiment.SUBJECTS)
+    train, held = sentiment.split_prompts()
+    assert (train, held) == sentiment.split_prompts()  # deterministic
+    assert len(held) == sentiment.N_HELDOUT and len(train) + len(held) == len(prompts)
+    held_texts = {p["prompt"][0]["content"] for p in held}
+    assert not held_texts & {p["prompt"][0]["content"] for p in train}
+    assert sentiment.heldout_prompts(5) == held[:5]
+    assert {p["group"] for p in held} == {"review", "note", "message"}
+
+
+def test_builtin_sentiment_rows_are_scored_pairs_of_training_prompts(default_tokenizer):
+    """The shipped set: one pair per training prompt (none from a held-out prompt), chosen more
+    positive than rejected by the stored VADER scores, which the lexicon reproduces; every row
+    tokenises whole (no truncation at the default max_length)."""
+    rows = builtin_sentiment_rows()
+    train_prompts = {p["prompt"][0]["content"] for p in sentiment.split_prompts()[0]}
+    assert len(rows) >= 200
+    seen = set()
+    for row in rows:
+        prompt = row["prompt"][0]["content"]
+        assert prompt in train_prompts and prompt not in seen
+        seen.add(prompt)
+        assert row["score_chosen"] - row["score_rejected"] >= MIN_GAP - 1e-4
+        assert row["group"] in ("review", "note", "message")
+    for row in rows[::25]:  # the stored scores are the lexicon's
+        for side in ("chosen", "rejected"):
+            assert sentiment.sentiment_score(row[side][0]["content"]) == pytest.approx(
+                row[f"score_{side}"], abs=1e-4)
+    train, held, _ = load_preference_data(DataConfig(eval_fraction=0.1, truncation=False),
+                                          default_tokenizer, rows=rows, source="built-in")
+    assert len(train) + len(held) == len(rows)
+
+
+def test_build_script_pairs_most_and_least_positive():
+    assert cut_unfinished("A fine day. And then the") == "A fine day."
+    assert cut_unfinished("Wow! Great") == "Wow!"
+    assert cut_unfinished("It cost 3.5 euros and") == "It cost 3.5 euros and"  # no sentence end
+    prompt = {"prompt": [{"role": "user", "content": "Write a note."}], "group": "note"}
+    row = pair(prompt, ["It was bad.", "It was good.", "It was a bus."])
+    assert row["chosen"][0]["content"] == "It was good."
+    assert row["rejected"][0]["content"] == "It was bad."
+    assert row["score_chosen"] > 0 > row["score_rejected"] and row["group"] == "note"
+    assert pair(prompt, ["The bus.", "A bus."]) is None  # both 0: no preference

@@ -3,17 +3,22 @@ are cached (and equal the base model's under LoRA), group-robust weights move to
 group, one stacked forward equals two, and resume equals uninterrupted."""
 
 import json
+import os
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from tether.config import DPOConfig, ModelConfig, load_config
+from tether.config import DataConfig, DPOConfig, ModelConfig, PreferenceConfig, load_config
 from tether.data.collate import pad_collate
+from tether.data.preference import tokenize_preference_rows
 from tether.engine import checkpoint
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.models import load_causal_lm
 from tether.recipes import dpo
 
+GOLDEN = Path(__file__).parent / "golden"
 ROWS = [
     {"prompt": "Sky colour?", "chosen": " blue", "rejected": " green", "group": "easy"},
     {"prompt": "Grass colour?", "chosen": " green", "rejected": " purple", "group": "easy"},
@@ -21,6 +26,8 @@ ROWS = [
     {"prompt": "Capital of France?", "chosen": " Paris", "rejected": " Rome", "group": "easy"},
     {"prompt": "Opposite of hot?", "chosen": " cold", "rejected": " warm", "group": "easy"},
 ]
+UNPAIRED = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in ROWS] + [
+    {"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in ROWS[:2]]
 # Chosen == rejected: the policy cannot separate them, so this group's loss stays at log 2.
 TIES = [{"prompt": f"Tie {i}?", "chosen": f" same {i}", "rejected": f" same {i}", "group": "tie"}
         for i in range(4)]
@@ -175,14 +182,22 @@ def test_single_forward_equals_two_forwards(tiny_model_dir, default_tokenizer):
     assert batch.input_ids.shape[1] > min(len(p.rejected.input_ids) for p in pairs)  # padded
 
 
-def test_micro_batching_does_not_change_the_step(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_micro_batching_does_not_change_the_step(loss, tiny_model_dir, tmp_path):
     """The loss is a sum over pairs divided by the step's pair count: 2 micro-batches of 2
-    pairs give the same losses (and so the same update) as 1 micro-batch of 4."""
-    data = _write(tmp_path / "pref.jsonl", ROWS)
+    pairs give the same losses (and so the same update) as 1 micro-batch of 4. For KTO this also
+    needs the reference point z estimated once over the whole step, not per micro-batch."""
+    rows = ROWS if loss == "dpo" else UNPAIRED  # mostly desirable: the policy's z rises above 0
+    data = _write(tmp_path / "pref.jsonl", rows)
     _run(tiny_model_dir, tmp_path / "one", data, "--train.micro_batch_size=4",
-         "--train.max_steps=3", "--dpo.group_robust=true", "--dpo.group_step_size=1.0")
+         "--train.max_steps=3", "--dpo.group_robust=true", "--dpo.group_step_size=1.0",
+         f"--dpo.loss={loss}")
     _run(tiny_model_dir, tmp_path / "two", data, "--train.micro_batch_size=2",
-         "--train.max_steps=3", "--dpo.group_robust=true", "--dpo.group_step_size=1.0")
+         "--train.max_steps=3", "--dpo.group_robust=true", "--dpo.group_step_size=1.0",
+         f"--dpo.loss={loss}")
+    if loss == "kto":
+        z_one, z_two = _metrics(tmp_path / "one", "kto/kl"), _metrics(tmp_path / "two", "kto/kl")
+        assert z_one[3] > 0 and z_two == pytest.approx(z_one, rel=1e-5, abs=1e-7)
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert one[3] != one[1]  # the model moved
     for step in (1, 2, 3):
@@ -230,3 +245,106 @@ def test_bad_loss_name_is_config_error(tiny_model_dir, tmp_path):
         _run(tiny_model_dir, tmp_path / "run", data, "--dpo.loss=dpoo")
     with pytest.raises(ConfigError, match="label_smoothing"):
         _run(tiny_model_dir, tmp_path / "run", data, "--dpo.loss=cdpo")
+
+
+def _unpaired_items(tok, n_rows=4):
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"], "label": i % 2 == 0}
+            for i, r in enumerate(ROWS[:n_rows])]
+    return tokenize_preference_rows(list(enumerate(rows, 1)), tok, DataConfig(max_length=32),
+                                    "t", unpaired=True)
+
+
+def test_kto_reference_point_is_the_global_mean_over_mismatched_sequences(tiny_model_dir,
+                                                                          default_tokenizer):
+    """z before clamping = mean over *all* mismatched sequences of the step of (policy - ref)
+    summed log-probs. With micro-batches of 3 and 1 examples the mean of per-micro-batch means
+    differs from it; kto_kl must give the global one, without gradients."""
+    tok = default_tokenizer
+    policy = CausalLMLogps(load_causal_lm(ModelConfig(name_or_path=str(tiny_model_dir))))
+    items = _unpaired_items(tok)
+    for i, it in enumerate(items):
+        it.ref = (0.0, -30.0 - 10.0 * i)  # made-up reference log-probs of (example, KL sequence)
+    kl_logps = dpo.completion_logps(policy, [it.kl_example for it in items], pad_id=2,
+                                    micro_batch_size=4, device=torch.device("cpu"),
+                                    precision="fp32")  # (4,) policy log-probs, one forward each
+    diffs = kl_logps - torch.tensor([it.ref[1] for it in items])
+    batches = [dpo.collate_preference(items[:3], 2, [""]), dpo.collate_preference(items[3:], 2, [""])]
+    z = dpo.kto_kl(policy, batches, torch.device("cpu"), "fp32")
+    assert not z.requires_grad
+    torch.testing.assert_close(z, diffs.mean(), atol=1e-4, rtol=1e-5)
+    per_micro_batch = (diffs[:3].mean() + diffs[3:].mean()) / 2
+    assert abs(per_micro_batch - diffs.mean()) > 1.0  # the test can tell them apart
+    # and the loss of a batch uses that z (clamped at 0 inside kto_loss), not its own rows
+    batch = replace(batches[0], kl=z)
+    objective = dpo.build_objective(PreferenceConfig(loss="kto", beta=0.5))
+    _, m = dpo.preference_loss(policy, batch, objective=objective, group_weights=None, n_groups=1)
+    assert m["kl"] / 3 == pytest.approx(max(z.item(), 0.0), rel=1e-5)
+
+
+def test_kto_mismatched_sequences_pair_each_prompt_with_another_completion(default_tokenizer):
+    items = _unpaired_items(default_tokenizer)
+    completions = [it.example.input_ids[it.example.loss_mask.index(True):] for it in items]
+    for it in items:
+        start = it.kl_example.loss_mask.index(True)
+        assert it.kl_example.input_ids[:start] == it.example.input_ids[:it.example.loss_mask.index(True)]
+        kl_completion = it.kl_example.input_ids[start:]
+        assert kl_completion in completions and kl_completion != completions[items.index(it)]
+
+
+@pytest.mark.parametrize("name, loss", [("dpo_tiny", "dpo"), ("dpo_tiny_kto", "kto")])
+def test_golden_loss_curve(name, loss, tiny_model_dir, tmp_path):
+    """A tiny deterministic DPO (and KTO) run reproduces its committed loss curve. Regenerate
+    after a change that is meant to change the maths:
+    `TETHER_REGEN_GOLDEN=1 pytest tests/recipes/test_dpo.py -k golden`."""
+    data = _write(tmp_path / "pref.jsonl", (ROWS if loss == "dpo" else UNPAIRED) * 2)
+    extra = [f"--dpo.loss={loss}", "--dpo.beta=0.5", "--train.max_steps=6"]
+    losses = _run(tiny_model_dir, tmp_path / "run", data, *extra)["losses"]
+    path = GOLDEN / f"{name}.json"
+    if os.environ.get("TETHER_REGEN_GOLDEN"):
+        path.write_text(json.dumps({"overrides": extra, "losses": losses}, indent=1) + "\n")
+    golden = json.loads(path.read_text())["losses"]
+    assert losses == pytest.approx(golden, rel=1e-4, abs=1e-6)
+    assert losses[-1] < losses[0]
+
+
+def test_heldout_generations_score_and_kl(tiny_model_dir, default_tokenizer, monkeypatch):
+    """eval/sentiment is the mean VADER score of completions sampled from the policy, and eval/kl
+    the mean of log pi(y|x) - log ref(y|x) over them, checked against full-logit log-probs of an
+    independently loaded reference; sampling leaves the training RNG untouched."""
+    from tether.data.tasks import sentiment
+
+    monkeypatch.setattr(sentiment, "MAX_NEW_TOKENS", 12)  # short: seconds, not minutes
+    tok = default_tokenizer
+    cfg = load_config(DPOConfig, None, [f"--model.name_or_path={tiny_model_dir}",
+                                        "--train.precision=fp32", "--train.micro_batch_size=2"])
+    policy = CausalLMLogps(load_causal_lm(cfg.model))
+    prompts = [p["prompt"] for p in sentiment.heldout_prompts(3)]
+    rng = torch.get_rng_state()
+    assert dpo.heldout_generations(cfg, policy, tok, prompts, initial=True)["eval/kl"] == 0.0
+    assert torch.equal(torch.get_rng_state(), rng)  # sampling forked the RNG: resume stays exact
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # "train" the policy: it drifts away from the reference
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    got = dpo.heldout_generations(cfg, policy, tok, prompts, initial=False)
+    rollout = dpo.sample_heldout(policy, tok, prompts, seed=cfg.train.seed + 7919,
+                                 precision="fp32")
+    ref = load_causal_lm(cfg.model).eval()
+
+    def full_logits_logp(lm, prompt_ids, completion_ids):
+        ids = torch.tensor([prompt_ids + completion_ids])
+        with torch.no_grad():
+            logps = torch.log_softmax(lm(ids).logits[0, :-1].float(), -1)
+        per_token = logps.gather(-1, ids[0, 1:, None]).squeeze(-1)
+        return per_token[len(prompt_ids) - 1:].sum().item()
+
+    kl = []
+    for row in range(3):
+        p = rollout.prompt_ids[row][rollout.prompt_mask[row]].tolist()
+        c = rollout.completion_ids[row][rollout.completion_mask[row]].tolist()
+        assert 1 <= len(c) <= sentiment.MAX_NEW_TOKENS
+        kl.append(full_logits_logp(policy.causal_lm().eval(), p, c) - full_logits_logp(ref, p, c))
+    assert max(abs(k) for k in kl) > 0.1  # the drift is visible
+    assert got["eval/kl"] == pytest.approx(sum(kl) / 3, abs=1e-3, rel=1e-4)
+    assert got["eval/sentiment"] == pytest.approx(
+        sum(sentiment.sentiment_score(t) for t in rollout.texts) / 3, abs=1e-9)

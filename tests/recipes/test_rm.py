@@ -187,7 +187,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, monkeypatch):
         torch.testing.assert_close(p, q, atol=0, rtol=0, msg=name)
 
 
-def test_builtin_arithmetic_set_and_lora_keeps_score_head_trainable(tiny_model_dir, tmp_path):
+def test_builtin_set_and_lora_keeps_score_head_trainable(tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     cfg = load_config(RMConfig, None, [
@@ -196,7 +196,11 @@ def test_builtin_arithmetic_set_and_lora_keeps_score_head_trainable(tiny_model_d
         "--train.lr=1e-2", "--train.precision=fp32", "--model.lora.r=4",
         "--run.progress=false", "--run.tensorboard=false"])
     out = rm.run(cfg)
-    assert len(out["eval_pairs"]) == 20  # 10% of the 200 built-in arithmetic pairs
+    from tether.data.preference import builtin_sentiment_rows
+
+    n_builtin = len(builtin_sentiment_rows())  # the set `tether dpo` trains on
+    assert len(out["eval_pairs"]) == math.ceil(0.1 * n_builtin)  # 10% of the built-in pairs
+    assert len(out["eval_pairs"]) + out["train_pairs"] == n_builtin
     trainable = out["trainable"]
     assert any("lora_" in n for n in trainable)
     assert any("score" in n for n in trainable)

@@ -24,10 +24,12 @@ import math
 import random
 from dataclasses import dataclass
 
+import torch
+
 from tether.config import DataConfig
-from tether.data.collate import Example
+from tether.data.collate import Example, pad_collate
 from tether.data.formats import Rows, _ids, _render, _suffix, read_rows, validate_row
-from tether.data.tasks import arithmetic
+from tether.data.tasks import arithmetic, sentiment
 from tether.errors import DataError
 
 PREFERENCE_FORMATS = ("preference", "unpaired_preference")
@@ -56,6 +58,44 @@ class UnpairedExample:
     @property
     def sequences(self) -> tuple[Example, Example]:
         return self.example, self.kl_example
+
+
+@dataclass
+class PreferenceBatch:
+    """B pairs as 2B rows: rows [:B] are the chosen (KTO: the examples), rows [B:] the rejected
+    (KTO: the mismatched KL sequences), right-padded to one length."""
+    input_ids: torch.Tensor  # (2B, T) long
+    attention_mask: torch.Tensor  # (2B, T) bool, True on real tokens
+    loss_mask: torch.Tensor  # (2B, T) bool, True on completion tokens
+    ref_logps: torch.Tensor | None  # (2B,) fp32 summed reference log-probs; None if ref-free
+    group_ids: torch.Tensor  # (B,) long, index into the run's sorted group names
+    desirable: torch.Tensor  # (B,) bool; KTO labels (all True for pairs)
+    kl: torch.Tensor | None = None  # () KTO: the step's detached KL estimate (set by the loop)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.group_ids.shape[0]
+
+    def to(self, device) -> "PreferenceBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PreferenceBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+def collate_preference(items: list, pad_id: int, groups: list[str]) -> PreferenceBatch:
+    firsts, seconds = zip(*(item.sequences for item in items))
+    padded = pad_collate(list(firsts) + list(seconds), pad_id)
+    ref = None if items[0].ref is None else torch.tensor(
+        [it.ref[0] for it in items] + [it.ref[1] for it in items], dtype=torch.float32)
+    return PreferenceBatch(
+        padded.input_ids, padded.attention_mask, padded.loss_mask, ref,
+        torch.tensor([groups.index(it.group) for it in items], dtype=torch.long),
+        torch.tensor([getattr(it, "desirable", True) for it in items], dtype=torch.bool))
+
+
+def trim(input_ids, attention_mask, loss_mask):
+    """Drop the padding columns that no row of these (right-padded) rows uses."""
+    T = int(attention_mask.sum(-1).max())
+    return input_ids[:, :T], attention_mask[:, :T], loss_mask[:, :T]
 
 
 # ------------------------------------------------------------------------------ tokenisation
@@ -214,6 +254,14 @@ def load_preference_data(cfg: DataConfig, tokenizer, *, unpaired: bool = False,
 
 
 # ------------------------------------------------------------------------------ built-in set
+
+
+def builtin_sentiment_rows() -> list[dict]:
+    """The built-in preference set of `tether dpo` (tether/data/tasks/sentiment.py): one pair per
+    training prompt, completions sampled from the default model, chosen = the more positive one by
+    VADER's compound sentiment. Rows: {"prompt", "chosen", "rejected" (chat messages), "group"
+    (review / note / message), "score_chosen", "score_rejected" (the VADER scores)}."""
+    return sentiment.preference_rows()
 
 
 def builtin_preference_rows(n: int = 200, seed: int = 0) -> list[dict]:

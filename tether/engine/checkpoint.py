@@ -237,6 +237,23 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
         reward_model = load_reward_model(model_cfg, tokenizer.pad_token_id)
         load(ckpt, model=reward_model, restore_rng=False)
         return export(reward_model, tokenizer, out_dir)
+    if "prm" in sections:  # a `tether prm` run: a token classifier scoring each step separator
+        from tether.engine.models import load_value_model
+
+        tokenizer = load_tokenizer(model_cfg)
+        process_model = load_value_model(model_cfg, tokenizer.pad_token_id)
+        load(ckpt, model=process_model, restore_rng=False)
+        if hasattr(process_model, "merge_and_unload"):
+            process_model = process_model.merge_and_unload()
+        prm = sections["prm"] or {}
+        process_model.config.tether_prm = {"step_separator": prm.get("step_separator", "\n"),
+                                           "aggregate": prm.get("aggregate", "min")}
+        return export(process_model, tokenizer, out_dir)
     wrapped = CausalLMLogps(load_causal_lm(model_cfg))
+    if "ppo" in sections:  # a `tether ppo` run: policy and critic share one checkpoint
+        state = load_file(ckpt / "model.safetensors")
+        load_trainable_state(wrapped, {k[len("policy."):]: v for k, v in state.items()
+                                       if k.startswith("policy.")})
+        return export(wrapped.model, load_tokenizer(model_cfg), out_dir)
     load(ckpt, model=wrapped, restore_rng=False)
     return export(wrapped.model, load_tokenizer(model_cfg), out_dir)

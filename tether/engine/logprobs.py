@@ -13,6 +13,8 @@ so  dL/dh_t = g_t (onehot - softmax) W  and  dL/dW = sum_t g_t (onehot - softmax
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -114,8 +116,22 @@ class CausalLMLogps(nn.Module):
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, *, start: int = 0,
+                shared_prefix: torch.Tensor | None = None,
+                temperature: float = 1.0) -> torch.Tensor:
         # input_ids: (B, T) long; attention_mask: (B, T) bool, or (B, 1, T, T) bool for packed rows
+        # start >= 1: score only positions >= start (e.g. an RL completion after a P-token
+        # prompt); the lm_head then runs on those alone and the result is (B, T - start),
+        # out[:, j] = log p(x_{start+j} | x_<start+j), forward(...)[:, start:] up to rounding.
+        # shared_prefix: (B,) long, with start >= 1 and a (B, T) mask: rows with equal values have
+        # identical first `start` columns (ids, mask, positions: one prompt sampled G times).
+        # Each distinct prefix then runs once and its KV cache is gathered for its rows (with
+        # gradients), instead of recomputing the prompt for every sample.
+        # temperature: log-probs of softmax(logits / temperature) (the distribution a sampler at
+        # that temperature drew from); the hidden states are divided, the same thing.
+        if shared_prefix is not None:
+            return self._forward_shared_prefix(input_ids, attention_mask, position_ids, start,
+                                               shared_prefix, temperature)
         lm = self.causal_lm()
         mask = attention_mask if attention_mask.dim() == 4 else attention_mask.long()
         if mask.dim() == 4 and mask.dtype == torch.bool \
@@ -123,7 +139,41 @@ class CausalLMLogps(nn.Module):
             mask = additive_mask(mask)  # eager attention adds a 4-D mask to the scores
         hidden = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state  # (B, T, H)
+        if temperature != 1.0:
+            hidden = hidden / temperature
         weight = lm.get_output_embeddings().weight  # (V, H)
+        if start >= 1:
+            return chunked_token_logps(hidden[:, start - 1:-1], weight, input_ids[:, start:],
+                                       chunk_size=self.chunk_size)  # (B, T - start)
         logps = chunked_token_logps(hidden[:, :-1], weight, input_ids[:, 1:],
                                     chunk_size=self.chunk_size)  # (B, T-1)
         return torch.nn.functional.pad(logps, (1, 0))  # (B, T)
+
+    def _forward_shared_prefix(self, input_ids, attention_mask, position_ids, start: int,
+                               shared_prefix: torch.Tensor, temperature: float) -> torch.Tensor:
+        """forward(..., start=start) with each distinct prefix computed once. (B, T - start)"""
+        if start < 1 or attention_mask.dim() != 2:
+            raise ValueError("shared_prefix needs start >= 1 and a (B, T) attention mask")
+        lm = self.causal_lm()
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        _, rows_of = torch.unique(shared_prefix, return_inverse=True)  # (B,) prefix of each row
+        first = torch.zeros(int(rows_of.max()) + 1, dtype=torch.long, device=input_ids.device)
+        first.scatter_(0, rows_of.flip(0), torch.arange(len(rows_of) - 1, -1, -1,
+                                                         device=input_ids.device))  # (N,)
+        cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters \
+            else "past_key_values"
+        prefix = lm.model(input_ids=input_ids[first, :start],
+                          attention_mask=attention_mask[first, :start].long(),
+                          position_ids=position_ids[first, :start], use_cache=True)  # N rows
+        cache = getattr(prefix, cache_arg)
+        cache.batch_select_indices(rows_of)  # each row gets its prefix's keys and values
+        rest = lm.model(input_ids=input_ids[:, start:], attention_mask=attention_mask.long(),
+                        position_ids=position_ids[:, start:], use_cache=True,
+                        **{cache_arg: cache}).last_hidden_state  # (B, T - start, H)
+        hidden = torch.cat([prefix.last_hidden_state[rows_of, -1:], rest[:, :-1]], dim=1)
+        if temperature != 1.0:
+            hidden = hidden / temperature
+        weight = lm.get_output_embeddings().weight  # (V, H)
+        return chunked_token_logps(hidden, weight, input_ids[:, start:],
+                                   chunk_size=self.chunk_size)  # (B, T - start)

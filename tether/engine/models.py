@@ -131,6 +131,32 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None) -> PreTrainedM
     return model
 
 
+def load_value_model(cfg: ModelConfig, pad_token_id: int | None) -> PreTrainedModel:
+    """The PPO critic: a causal-LM backbone with a scalar head on every token
+    (`AutoModelForTokenClassification`, num_labels=1, no bias, no dropout).
+
+    From a causal LM directory the backbone loads and the `score` head (hidden -> 1) is new
+    (seeded by the caller's torch seed); from a `tether rm` reward-model directory the trained
+    `score` head loads too, so the critic starts from the reward model's per-token scores. With
+    LoRA the head stays fully trainable (peft modules_to_save)."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    path = resolve_model_dir(cfg)
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"{path} has no *.safetensors weights; tether loads safetensors only")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    config.num_labels = 1
+    config.classifier_dropout = 0.0  # values must be deterministic functions of the weights
+    config.token_classification_bias = False  # the same head shape as a reward model's score
+    config.pad_token_id = pad_token_id
+    model = AutoModelForTokenClassification.from_pretrained(
+        path, config=config, dtype=torch.float32, use_safetensors=True,
+        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    if cfg.lora.r > 0:
+        model = apply_lora(model, cfg.lora, task_type="TOKEN_CLS", modules_to_save=["score"])
+    return model
+
+
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig, *, task_type: str = "CAUSAL_LM",
                modules_to_save: list[str] | None = None):
     from peft import LoraConfig as PeftLoraConfig

@@ -1,6 +1,6 @@
 """Pure loss functions: tensors and keyword floats in, (loss, metrics) out. Imports torch only."""
 
-from .kl import KL_ESTIMATORS, kl_penalty
+from .kl import KL_ESTIMATORS, adaptive_kl_coef, kl_penalty
 from .policy import RATIO_LEVELS, clipped_surrogate, value_loss
 from .preference import (
     PAIRED_LOSSES,
@@ -23,6 +23,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "PAIRED_LOSSES",
     "RATIO_LEVELS",
+    "adaptive_kl_coef",
     "aggregate",
     "aggregate_sum",
     "bradley_terry_loss",

@@ -16,7 +16,8 @@ import hashlib
 import json
 import math
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -26,8 +27,12 @@ from safetensors.torch import load_file, save_file
 
 from tether.config import DPOConfig, ModelConfig, PreferenceConfig, save_config
 from tether.data.collate import pad_collate
-from tether.data.preference import builtin_preference_rows, load_preference_data
+from tether.data.preference import (PreferenceBatch, builtin_sentiment_rows, collate_preference,
+                                    load_preference_data, trim)
+from tether.data.tasks import sentiment
 from tether.engine import checkpoint, dist
+from tether.engine import score as completion_scores
+from tether.engine.generate import Rollout, SamplingParams, TorchBackend, encode_prompt
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import cache_dir, load_causal_lm, load_tokenizer, resolve_model_dir
@@ -37,37 +42,6 @@ from tether.errors import ConfigError
 from tether.losses import (PAIRED_LOSSES, group_robust_weights, kto_loss, masked_mean, orpo_loss,
                            simpo_loss)
 from tether.recipes.sft import check_batch_sizes, step_items
-
-
-@dataclass
-class PreferenceBatch:
-    """B pairs as 2B rows: rows [:B] are the chosen (KTO: the examples), rows [B:] the rejected
-    (KTO: the mismatched KL sequences), right-padded to one length."""
-    input_ids: torch.Tensor  # (2B, T) long
-    attention_mask: torch.Tensor  # (2B, T) bool, True on real tokens
-    loss_mask: torch.Tensor  # (2B, T) bool, True on completion tokens
-    ref_logps: torch.Tensor | None  # (2B,) fp32 summed reference log-probs; None if ref-free
-    group_ids: torch.Tensor  # (B,) long, index into the run's sorted group names
-    desirable: torch.Tensor  # (B,) bool; KTO labels (all True for pairs)
-
-    @property
-    def num_pairs(self) -> int:
-        return self.group_ids.shape[0]
-
-    def to(self, device) -> "PreferenceBatch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return PreferenceBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
-
-
-def collate_preference(items: list, pad_id: int, groups: list[str]) -> PreferenceBatch:
-    firsts, seconds = zip(*(item.sequences for item in items))
-    padded = pad_collate(list(firsts) + list(seconds), pad_id)
-    ref = None if items[0].ref is None else torch.tensor(
-        [it.ref[0] for it in items] + [it.ref[1] for it in items], dtype=torch.float32)
-    return PreferenceBatch(
-        padded.input_ids, padded.attention_mask, padded.loss_mask, ref,
-        torch.tensor([groups.index(it.group) for it in items], dtype=torch.long),
-        torch.tensor([getattr(it, "desirable", True) for it in items], dtype=torch.bool))
 
 
 def sequence_logps(policy: CausalLMLogps, input_ids, attention_mask, loss_mask):
@@ -100,8 +74,7 @@ def _orpo(dc: PreferenceConfig, seq, batch):
 
 
 def _kto(dc: PreferenceConfig, seq, batch):
-    kl = (seq["pr"] - seq["rr"]).detach().mean()  # mismatched pairs estimate KL(policy || ref)
-    loss, metrics = kto_loss(seq["pc"], seq["rc"], batch.desirable, kl, beta=dc.beta,
+    loss, metrics = kto_loss(seq["pc"], seq["rc"], batch.desirable, batch.kl, beta=dc.beta,
                              desirable_weight=dc.kto_desirable_weight,
                              undesirable_weight=dc.kto_undesirable_weight)
     ratio = seq["pc"] - seq["rc"]
@@ -139,23 +112,26 @@ def build_objective(dc: PreferenceConfig) -> Callable:
 
 def preference_loss(policy: CausalLMLogps, batch: PreferenceBatch, *, objective: Callable,
                     group_weights: torch.Tensor | None, n_groups: int) -> tuple[torch.Tensor, dict]:
-    """Summed (group-weighted) loss of the batch's pairs; metrics are sums over pairs."""
-    sums, counts = sequence_logps(policy, batch.input_ids, batch.attention_mask,
-                                  batch.loss_mask)  # (2B,), (2B,)
+    """Summed (group-weighted) loss of the batch's pairs; metrics are sums over pairs. KTO
+    (batch.kl set) forwards only the examples: the mismatched rows were scored by `kto_kl`."""
     B = batch.num_pairs
+    rows = slice(0, B) if batch.kl is not None else slice(None)
+    sums, counts = sequence_logps(policy, *trim(batch.input_ids[rows], batch.attention_mask[rows],
+                                                batch.loss_mask[rows]))  # (2B,) or (B,)
     counts = counts.clamp(min=1)
     seq = {"pc": sums[:B], "pr": sums[B:], "ac": sums[:B] / counts[:B], "ar": sums[B:] / counts[B:],
            "nll_c": -sums[:B] / counts[:B], "rc": None, "rr": None, "rac": None, "rar": None}
     if batch.ref_logps is not None:
         ref = batch.ref_logps
-        seq.update(rc=ref[:B], rr=ref[B:], rac=ref[:B] / counts[:B], rar=ref[B:] / counts[B:])
+        seq.update(rc=ref[:B], rr=ref[B:], rac=ref[:B] / counts[:B],
+                   rar=ref[B:] / counts[B:] if batch.kl is None else None)
     loss, metrics, margin = objective(seq, batch)  # (B,), dict of means, (B,)
     weights = torch.ones_like(loss) if group_weights is None \
         else group_weights.to(loss.device)[batch.group_ids] * n_groups  # uniform -> 1 per pair
     correct = (margin.detach() > 0).float()
     means = {"logps/chosen": sums[:B].detach().mean().item(),
-             "logps/rejected": sums[B:].detach().mean().item(), **metrics,
-             "rewards/accuracy": correct.mean().item()}
+             "logps/rejected": sums[B:].detach().mean().item() if batch.kl is None else 0.0,
+             **metrics, "rewards/accuracy": correct.mean().item()}
     out = {k: v * B for k, v in means.items()}  # sums over pairs; the recipe divides by the total
     for g in range(n_groups):
         sel = batch.group_ids == g
@@ -169,21 +145,61 @@ def preference_loss(policy: CausalLMLogps, batch: PreferenceBatch, *, objective:
 
 
 @torch.no_grad()
+def completion_logps(model: CausalLMLogps, examples: list, *, pad_id: int, micro_batch_size: int,
+                     device, precision: str) -> torch.Tensor:
+    """(N,) summed completion log-probs of each example under `model` (no grad, eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(examples), micro_batch_size):
+        b = pad_collate(examples[i:i + micro_batch_size], pad_id).to(device)
+        with autocast(device, precision):
+            out.append(sequence_logps(model, b.input_ids, b.attention_mask, b.loss_mask)[0]
+                       .float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def reference_logps(policy: CausalLMLogps, items: list, *, pad_id: int, micro_batch_size: int,
                     device, precision: str) -> torch.Tensor:
     """(N, 2) summed log-probs of each item's two sequences under `policy` (no grad, eval mode)."""
-    was_training = policy.training
-    policy.eval()
-    out = []
-    for i in range(0, len(items), micro_batch_size):
-        firsts, seconds = zip(*(it.sequences for it in items[i:i + micro_batch_size]))
-        b = pad_collate(list(firsts) + list(seconds), pad_id).to(device)
+    sequences = [seq for item in items for seq in item.sequences]
+    return completion_logps(policy, sequences, pad_id=pad_id, micro_batch_size=2 * micro_batch_size,
+                            device=device, precision=precision).view(-1, 2)
+
+
+def on_reference(cfg: DPOConfig, policy: CausalLMLogps, fn: Callable, *, initial: bool):
+    """fn(reference): `dpo.ref_model` (loaded, then freed); with LoRA the policy with its adapter
+    disabled (no copy); otherwise the policy itself while it is `initial` (not yet updated), or
+    its initial weights loaded again (then freed) once it has trained."""
+    if cfg.dpo.ref_model or (not initial and cfg.model.lora.r == 0):
+        source = ModelConfig(name_or_path=cfg.dpo.ref_model) if cfg.dpo.ref_model else cfg.model
+        ref = CausalLMLogps(load_causal_lm(source), chunk_size=cfg.train.logprob_chunk_size)
+        try:
+            return fn(ref.to(dist.device()))
+        finally:
+            del ref
+            gc.collect()
+    if cfg.model.lora.r > 0:
+        with policy.model.disable_adapter():
+            return fn(policy)
+    return fn(policy)
+
+
+@torch.no_grad()
+def kto_kl(policy: CausalLMLogps, batches: list[PreferenceBatch], device, precision) -> torch.Tensor:
+    """KTO's reference point before clamping (Ethayarajh et al. 2024; TRL): the mean over every
+    mismatched sequence of the step (all micro-batches, all ranks) of policy - reference summed
+    log-probs, without gradients. Rows [B:] of each batch hold the mismatched sequences."""
+    total, count = 0.0, 0
+    for b in batches:
+        B = b.num_pairs
         with autocast(device, precision):
-            sums, _ = sequence_logps(policy, b.input_ids, b.attention_mask, b.loss_mask)
-        n = len(firsts)
-        out.append(torch.stack([sums[:n], sums[n:]], dim=1).float().cpu())
-    policy.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, 2)
+            sums, _ = sequence_logps(policy, *trim(b.input_ids[B:], b.attention_mask[B:],
+                                                   b.loss_mask[B:]))  # (B,)
+        total += (sums.float() - b.ref_logps[B:].to(sums.device)).sum().item()
+        count += B
+    return (dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp(min=1)).float().cpu()
 
 
 def reference_cache_path(cfg: DPOConfig, data_hash: str, tokenizer, unpaired: bool) -> Path:
@@ -206,19 +222,9 @@ def score_reference(cfg: DPOConfig, policy: CausalLMLogps, items: list, path: Pa
         logps = load_file(path)["logps"]
         if logps.shape[0] == len(items):
             return logps, f"reference log-probs: read from the cache {path}"
-    score = partial(reference_logps, items=items, pad_id=pad_id,
-                    micro_batch_size=cfg.train.micro_batch_size, device=device, precision=precision)
-    if cfg.dpo.ref_model:
-        ref = CausalLMLogps(load_causal_lm(ModelConfig(name_or_path=cfg.dpo.ref_model)),
-                            chunk_size=cfg.train.logprob_chunk_size).to(device)
-        logps = score(ref)
-        del ref
-        gc.collect()
-    elif cfg.model.lora.r > 0:
-        with policy.model.disable_adapter():
-            logps = score(policy)
-    else:
-        logps = score(policy)
+    logps = on_reference(cfg, policy, partial(
+        reference_logps, items=items, pad_id=pad_id, micro_batch_size=cfg.train.micro_batch_size,
+        device=device, precision=precision), initial=True)
     if cfg.dpo.cache_reference and dist.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{random.getrandbits(32)}")
@@ -229,10 +235,13 @@ def score_reference(cfg: DPOConfig, policy: CausalLMLogps, items: list, path: Pa
 
 
 @torch.no_grad()
-def evaluate(policy, batches: list[PreferenceBatch], loss_fn, device, precision):
+def evaluate(policy, batches: list[PreferenceBatch], loss_fn, device, precision, *, kto: bool):
     """(mean loss per pair, reward accuracy) on the held-out pairs; nan when there are none."""
     was_training = policy.training
     policy.eval()
+    if kto:  # the reference point from all held-out mismatched sequences
+        kl = kto_kl(policy, batches, device, precision)
+        batches = [replace(b, kl=kl) for b in batches]
     total, correct, pairs = 0.0, 0.0, 0
     for batch in batches:
         with autocast(device, precision):
@@ -244,6 +253,45 @@ def evaluate(policy, batches: list[PreferenceBatch], loss_fn, device, precision)
     total, correct, pairs = (dist.all_reduce_sum(x).item() for x in (total, correct, pairs))
     return (total / pairs, correct / pairs) if pairs else (float("nan"), float("nan"))
 
+
+# --- held-out generations (built-in set): ground-truth score and KL to the reference ----------
+
+
+def sample_heldout(policy: CausalLMLogps, tokenizer, prompts: list[list[dict]], *, seed: int,
+                   precision: str) -> Rollout:
+    """One completion per chat prompt from the policy's own distribution (temperature 1, no
+    top-k / top-p), with the rollout engine and a seeded generator of its own (the training RNG
+    is untouched, so resume stays exact)."""
+    device = next(policy.parameters()).device
+    return TorchBackend(policy, tokenizer, precision=precision).generate(
+        [encode_prompt(tokenizer, p) for p in prompts],
+        SamplingParams(max_new_tokens=sentiment.MAX_NEW_TOKENS, temperature=1.0),
+        generator=torch.Generator(device).manual_seed(seed))
+
+
+def heldout_generations(cfg: DPOConfig, policy: CausalLMLogps, tokenizer, prompts: list, *,
+                        initial: bool) -> dict[str, float]:
+    """`eval/sentiment`: mean VADER compound of completions sampled from the policy on held-out
+    prompts; `eval/kl`: mean over them of log pi(y|x) - log ref(y|x), summed over the completion's
+    tokens (a sampled estimate of the sequence-level KL(policy || reference); 0 while the policy
+    is the reference)."""
+    prompts = prompts[:len(prompts) - len(prompts) % dist.world_size()]  # equal shares
+    if not prompts:
+        return {}
+    tc = cfg.train
+    rollout = sample_heldout(policy, tokenizer, prompts[dist.rank()::dist.world_size()],
+                             seed=tc.seed + 7919 * (dist.rank() + 1), precision=tc.precision)
+    def score(model):  # (n,) summed completion log-probs, teacher-forced
+        with autocast(dist.device(), tc.precision):
+            return completion_scores.completion_logps(
+                model, rollout, micro_batch_size=tc.micro_batch_size).sum(-1)
+
+    logps = score(policy)  # (n,)
+    ref = logps if initial and not cfg.dpo.ref_model else on_reference(cfg, policy, score,
+                                                                        initial=initial)
+    total = sum(sentiment.sentiment_score(text) for text in rollout.texts)
+    return {"eval/sentiment": dist.all_reduce_sum(total).item() / len(prompts),
+            "eval/kl": dist.all_reduce_sum((logps - ref).sum()).item() / len(prompts)}
 
 def run(cfg: DPOConfig) -> dict:
     dist.init()
@@ -258,10 +306,12 @@ def run(cfg: DPOConfig) -> dict:
 
     # --- data: preference rows -> chosen/rejected pairs (KTO: unpaired examples) --------------
     tokenizer = load_tokenizer(cfg.model)
-    builtin = builtin_preference_rows() if cfg.data.path is None else None
+    builtin = builtin_sentiment_rows() if cfg.data.path is None else None
     train_items, eval_items, data_hash = load_preference_data(
         cfg.data, tokenizer, unpaired=unpaired, rows=builtin,
-        source="built-in arithmetic preference set" if builtin else None)
+        source="built-in sentiment preference set" if builtin else None)
+    n_gen = cfg.run.eval_generations if builtin else 0  # held-out prompts, cycled if n_gen > 48
+    heldout = [sentiment.heldout_prompts()[i % sentiment.N_HELDOUT]["prompt"] for i in range(n_gen)]
     if len(train_items) < tc.batch_size:
         raise ConfigError(f"train.batch_size ({tc.batch_size}) exceeds the {len(train_items)} "
                           "training items; lower it or add data")
@@ -279,13 +329,14 @@ def run(cfg: DPOConfig) -> dict:
     policy = CausalLMLogps(model, chunk_size=tc.logprob_chunk_size).to(device)
 
     # --- score: reference log-probs once, before any update (and before resume) ----------------
-    ref_note = "reference-free loss: no reference model"
+    ref_note, t_ref = "reference-free loss: no reference model", time.perf_counter()
     if dc.loss not in REFERENCE_FREE:
         path = reference_cache_path(cfg, data_hash, tokenizer, unpaired)
         logps, ref_note = score_reference(cfg, policy, train_items + eval_items, path,
                                           pad_id=pad_id, device=device, precision=tc.precision)
         for item, row in zip(train_items + eval_items, logps.tolist()):
             item.ref = (row[0], row[1])
+    t_ref = time.perf_counter() - t_ref
 
     policy = dist.shard(policy)
     policy.train()
@@ -314,7 +365,8 @@ def run(cfg: DPOConfig) -> dict:
     logger.print(ref_note)
 
     collate = lambda items: collate_preference(items, pad_id, groups)  # noqa: E731
-    eval_share = eval_items[dist.rank()::dist.world_size()]
+    eval_share = eval_items[:len(eval_items) - len(eval_items) % dist.world_size()][
+        dist.rank()::dist.world_size()]  # equal shares: the same number of forwards per rank
     eval_batches = [collate(eval_share[i:i + tc.micro_batch_size])
                     for i in range(0, len(eval_share), tc.micro_batch_size)]
     n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -322,8 +374,10 @@ def run(cfg: DPOConfig) -> dict:
                  f"groups {groups if named_groups else 'none'}, {total_steps} steps of "
                  f"{tc.batch_size}, {n_params / 1e6:.1f}M trainable parameters, {tc.precision} "
                  f"on {device}")
-    eval_before = evaluate(policy, eval_batches, loss_fn, device, tc.precision)
-    logger.log(start_step, {"eval/loss": eval_before[0], "eval/rewards/accuracy": eval_before[1]})
+    eval_before = evaluate(policy, eval_batches, loss_fn, device, tc.precision, kto=unpaired)
+    gen_before = heldout_generations(cfg, policy, tokenizer, heldout, initial=start_step == 0)
+    logger.log(start_step, {"eval/loss": eval_before[0], "eval/rewards/accuracy": eval_before[1],
+                            **gen_before, "time/reference": t_ref})
 
     # --- train ----------------------------------------------------------------------------------
     history, margins = [], []
@@ -332,6 +386,10 @@ def run(cfg: DPOConfig) -> dict:
             dist.shard_indices(tc.batch_size)]
         micro_batches = [collate(items[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size])
                          .to(device) for i in range(micro_steps)]
+        t0 = time.perf_counter()
+        if unpaired:  # KTO: one detached reference point for the whole step (all ranks)
+            kl = kto_kl(policy, micro_batches, device, tc.precision)
+            micro_batches = [replace(b, kl=kl) for b in micro_batches]
         try:
             m = train_step(policy, micro_batches,
                            loss_fn=partial(loss_fn, group_weights=group_weights),
@@ -340,7 +398,8 @@ def run(cfg: DPOConfig) -> dict:
                            max_grad_norm=tc.max_grad_norm)
         except FloatingPointError as err:
             raise FloatingPointError(f"step {step + 1}: {err}") from None
-        pairs = m["units"]
+        pairs, step_time = m["units"], time.perf_counter() - t0
+        tokens = dist.all_reduce_sum(sum(int(b.attention_mask.sum()) for b in micro_batches))
         metrics = {"loss/dpo": m["loss"]}
         metrics.update({k if "/" in k else f"{dc.loss}/{k}": v / pairs for k, v in m.items()
                         if k not in TRAIN_STEP_KEYS and not k.startswith("_")})
@@ -358,12 +417,13 @@ def run(cfg: DPOConfig) -> dict:
             metrics.update({f"group_weights/{name or 'none'}": w
                             for name, w in zip(groups, group_weights.tolist())})
         metrics.update({"optim/lr": m["lr"], "optim/grad_norm": m["grad_norm"],
-                        "pairs/step": pairs, "time/step": m["time/step"],
+                        "pairs/step": pairs, "time/step": step_time,
+                        "tokens/per_second": tokens.item() / step_time,
                         "memory/peak_mb": peak_memory_mb(),
                         "epoch": (step + 1) / steps_per_epoch})
         if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
             metrics["eval/loss"], metrics["eval/rewards/accuracy"] = evaluate(
-                policy, eval_batches, loss_fn, device, tc.precision)
+                policy, eval_batches, loss_fn, device, tc.precision, kto=unpaired)
         if (step + 1) % cfg.run.log_every == 0 or step + 1 == total_steps:
             logger.log(step + 1, metrics)
         history.append(m["loss"])
@@ -377,13 +437,21 @@ def run(cfg: DPOConfig) -> dict:
                             scheduler=scheduler, trainer_state=state, keep_last=cfg.run.keep_last)
     logger.close()
 
-    eval_after = evaluate(policy, eval_batches, loss_fn, device, tc.precision)
-    logger.log(total_steps, {"eval/loss": eval_after[0], "eval/rewards/accuracy": eval_after[1]})
+    eval_after = evaluate(policy, eval_batches, loss_fn, device, tc.precision, kto=unpaired)
+    gen_after = heldout_generations(cfg, policy, tokenizer, heldout, initial=False)
+    logger.log(total_steps, {"eval/loss": eval_after[0], "eval/rewards/accuracy": eval_after[1],
+                             **gen_after})
     logger.print(f"held-out loss per pair: {eval_before[0]:.4f} -> {eval_after[0]:.4f}; reward "
                  f"accuracy {eval_before[1]:.1%} -> {eval_after[1]:.1%}")
+    if gen_after:
+        logger.print(f"held-out sentiment ({len(heldout)} sampled completions, VADER compound): "
+                     f"{gen_before['eval/sentiment']:+.3f} -> {gen_after['eval/sentiment']:+.3f}; "
+                     f"KL(policy || reference) {gen_before['eval/kl']:.2f} -> "
+                     f"{gen_after['eval/kl']:.2f} nats per completion")
     logger.print(f"run directory: {run_dir} (export with `tether export {run_dir} OUT_DIR`)")
     return {"losses": history, "margins": margins, "eval_before": eval_before,
-            "eval_after": eval_after, "group_weights": group_weights, "groups": groups,
+            "eval_after": eval_after, "generations_before": gen_before,
+            "generations_after": gen_after, "group_weights": group_weights, "groups": groups,
             "ref_logps": None if dc.loss in REFERENCE_FREE else
             torch.tensor([it.ref for it in train_items + eval_items]),
             "items": train_items + eval_items, "policy": policy, "tokenizer": tokenizer,

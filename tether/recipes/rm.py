@@ -26,7 +26,7 @@ import torch
 from tether.config import DataConfig, RMConfig, save_config
 from tether.data.collate import Example, pad_collate
 from tether.data.formats import Rows, read_rows, split_indices, validate_row
-from tether.data.preference import builtin_preference_rows, tokenize_pair
+from tether.data.preference import builtin_sentiment_rows, tokenize_pair
 from tether.engine import checkpoint, dist
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_reward_model, load_tokenizer, unwrap
@@ -198,10 +198,10 @@ def run(cfg: RMConfig) -> dict:
 
     # --- data: preference rows -> (chosen, rejected) token sequences ---------------------------
     tokenizer = load_tokenizer(cfg.model)
-    builtin = builtin_preference_rows() if cfg.data.path is None else None
+    builtin = builtin_sentiment_rows() if cfg.data.path is None else None  # as `tether dpo`
     train_pairs, eval_pairs = load_reward_pairs(
         cfg.data, tokenizer, margin_key=cfg.rm.margin_key, rows=builtin,
-        source="built-in arithmetic preference set" if builtin else None)
+        source="built-in sentiment preference set" if builtin else None)
     if len(train_pairs) < tc.batch_size:
         raise ConfigError(f"train.batch_size ({tc.batch_size}) exceeds the {len(train_pairs)} "
                           "training pairs; lower it or add data")
@@ -295,4 +295,4 @@ def run(cfg: RMConfig) -> dict:
     logger.print(f"reward model: {out_dir} (AutoModelForSequenceClassification.from_pretrained)")
     return {"losses": history, "eval_before": eval_before, "eval_after": eval_after,
             "model": model, "tokenizer": tokenizer, "run_dir": run_dir, "reward_model": out_dir,
-            "eval_pairs": eval_pairs, "trainable": trainable}
+            "eval_pairs": eval_pairs, "train_pairs": len(train_pairs), "trainable": trainable}

@@ -7,20 +7,27 @@ value per completion (e.g. `answer=[...]` for the arithmetic verifier). RL recip
 functions through `call_reward`, which checks what comes back (`check_scores`).
 """
 
-from tether.rewards.base import (RewardError, RewardFn, RewardScores, WeightedSum, call_reward,
-                                 check_scores, load_python_reward)
+from tether.rewards.base import (RewardError, RewardFn, RewardScores, WeightedSum, builtin_rewards,
+                                 call_reward, check_scores, load_python_reward, load_reward)
 from tether.rewards.model import RewardModelScorer
-from tether.rewards.verifiers import ArithmeticVerifier, FormatReward
+from tether.rewards.process import ProcessRewardScorer, ProcessScores, aggregate_steps
+from tether.rewards.verifiers import ArithmeticVerifier, FormatReward, SentimentReward
 
 __all__ = [
     "ArithmeticVerifier",
     "FormatReward",
+    "ProcessRewardScorer",
+    "ProcessScores",
     "RewardError",
     "RewardFn",
     "RewardModelScorer",
     "RewardScores",
+    "SentimentReward",
     "WeightedSum",
+    "aggregate_steps",
+    "builtin_rewards",
     "call_reward",
     "check_scores",
     "load_python_reward",
+    "load_reward",
 ]

@@ -93,6 +93,29 @@ def load_python_reward(spec: str) -> RewardFn:
     return fn
 
 
+def builtin_rewards() -> dict[str, type]:
+    """Reward functions known by a plain name in config (classes; call one to get the function)."""
+    from tether.rewards.verifiers import ArithmeticVerifier, FormatReward, SentimentReward
+
+    return {"arithmetic": ArithmeticVerifier, "format": FormatReward, "sentiment": SentimentReward}
+
+
+def load_reward(name: str) -> RewardFn:
+    """A reward function named in config: a built-in name (`builtin_rewards()`: "arithmetic",
+    "format", "sentiment") or "module:function" (imported now, only because it is named)."""
+    builtin = builtin_rewards()
+    if name in builtin:
+        return builtin[name]()
+    if ":" not in name:
+        import difflib
+
+        near = difflib.get_close_matches(name, list(builtin), n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise RewardError(f"unknown reward function '{name}'{hint} (built-in: "
+                          f"{', '.join(builtin)}; or your own as 'module:function')")
+    return load_python_reward(name)
+
+
 @dataclass
 class RewardScores:
     total: list[float]  # sum of weight * component score, per completion

@@ -1,4 +1,5 @@
-"""Rule-based rewards for the built-in arithmetic task (exact, no model)."""
+"""Rule-based rewards for the built-in tasks (exact, no model): arithmetic answers and format,
+and the positive-tone score of the sentiment task (VADER's lexicon, shipped with vaderSentiment)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,13 @@ class FormatReward:
 
     def __call__(self, prompts: list, completions: list[str], **columns: Any) -> list[float]:
         return [1.0 if arithmetic.format_ok(c) else 0.0 for c in completions]
+
+
+class SentimentReward:
+    """VADER compound sentiment of the completion in [-1, 1]: the ground truth of the built-in
+    sentiment preference set (tether/data/tasks/sentiment.py); positive tone scores high."""
+
+    def __call__(self, prompts: list, completions: list[str], **columns: Any) -> list[float]:
+        from tether.data.tasks.sentiment import sentiment_score
+
+        return [sentiment_score(c) for c in completions]

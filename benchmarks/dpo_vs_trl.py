@@ -1,0 +1,241 @@
+"""DPO training speed and memory: tether vs TRL's DPOTrainer on the same data (run by hand).
+
+Setup once (TRL is never a tether dependency; its venv is gitignored):
+
+    python3 -m venv benchmarks/.venv-trl
+    benchmarks/.venv-trl/bin/pip install torch==2.13.0 trl
+
+Run on an idle machine (results go in benchmarks/README.md):
+
+    .venv/bin/python benchmarks/dpo_vs_trl.py --trl-python benchmarks/.venv-trl/bin/python
+
+Check that both halves start (1 step each, a few minutes on 2 cores):
+
+    .venv/bin/python benchmarks/dpo_vs_trl.py --trl-python benchmarks/.venv-trl/bin/python --steps 1
+
+Setting (issue 3): the default model (SmolLM2-135M-Instruct, the fp32 safetensors directory tether
+converts once into its cache), full fine-tune, fp32, sigmoid DPO with beta 0.1, 4 pairs per
+optimizer step in one micro-batch, constant lr 1e-6, no evaluation, no checkpoints. The data are
+`steps x 4` conversational pairs built from tether's built-in sentiment set: each completion is
+lengthened with other completions of the set and cut so that prompt + completion is about
+`--tokens` (115) tokens, the pairs written once to a JSONL file that both trainers read.
+
+Each trainer runs in its own subprocess (tether with this interpreter, TRL with `--trl-python`),
+with the same number of torch threads (`--threads`, default all cores). Reported per trainer:
+- `tokens_per_s`: non-padding tokens of the chosen and rejected sequences (each trainer counts
+  its own batches) divided by the wall time of the optimizer steps, over the steps after the
+  first (warm-up). TRL's steps include its reference forward (the default
+  `precompute_ref_log_probs=False`); tether's reference log-probs are computed once before
+  training (and cached across runs; the cache is off here so that the pass is timed every run).
+- `tokens_per_s_incl_reference`: all steps' tokens divided by (all steps' time + tether's one
+  reference pass); for TRL the same as its all-steps rate.
+- `wall_s`: the child's whole run, model loading included.
+- `peak_rss_mb`: the child's peak resident memory (`ru_maxrss`).
+Targets of the issue: tether >= 2.5x TRL's tokens/s, <= 0.7x its peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PAIRS_PER_STEP = 4
+LR, BETA = 1e-6, 0.1
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def steady_rate(tokens: list[float], seconds: list[float]) -> float:
+    """tokens/s over the steps after the first (all steps when there is only one)."""
+    if len(tokens) > 1:
+        tokens, seconds = tokens[1:], seconds[1:]
+    return sum(tokens) / sum(seconds)
+
+
+# ------------------------------------------------------------------------------ data (parent)
+
+
+def build_data(path: Path, n_pairs: int, target_tokens: int) -> tuple[str, float]:
+    """Write n_pairs conversational pairs of about `target_tokens` tokens (prompt + completion)
+    each; return (the model directory, mean tokens per pair as tether tokenises them)."""
+    from tether.config import DataConfig, ModelConfig
+    from tether.data.preference import builtin_sentiment_rows, tokenize_preference_rows
+    from tether.engine.models import load_tokenizer, resolve_model_dir
+
+    tok = load_tokenizer(ModelConfig())
+    source = builtin_sentiment_rows()
+    pool = [r[k][0]["content"] for r in source for k in ("chosen", "rejected")]
+    rows = []
+    for i in range(n_pairs):
+        row = source[i % len(source)]
+        prompt_len = len(tok.apply_chat_template(row["prompt"], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False))
+        budget = target_tokens - prompt_len - 2  # <|im_end|> and the newline after it
+        out = {"prompt": row["prompt"]}
+        for j, side in enumerate(("chosen", "rejected")):
+            text, k = row[side][0]["content"], 7 * i + j
+            while len(tok(text, add_special_tokens=False)["input_ids"]) < budget:
+                text += " " + pool[k % len(pool)]
+                k += 13
+            ids = tok(text, add_special_tokens=False)["input_ids"][:budget]
+            out[side] = [{"role": "assistant", "content": tok.decode(ids).strip()}]
+        rows.append(out)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = tokenize_preference_rows(list(enumerate(rows, 1)), tok, DataConfig(max_length=4096),
+                                     str(path), unpaired=False)
+    mean = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs) / len(pairs)
+    return str(resolve_model_dir(ModelConfig())), mean
+
+
+# ------------------------------------------------------------------------------ children
+
+
+def child_tether(data: str, model_dir: str, steps: int) -> dict:
+    from tether.config import DPOConfig, load_config
+    from tether.recipes import dpo
+
+    out = tempfile.mkdtemp(prefix="dpo-bench-tether-")
+    cfg = load_config(DPOConfig, None, [
+        f"--model.name_or_path={model_dir}", f"--data.path={data}", "--data.eval_fraction=0",
+        "--data.max_length=1024", f"--train.max_steps={steps}",
+        f"--train.batch_size={PAIRS_PER_STEP}", f"--train.micro_batch_size={PAIRS_PER_STEP}",
+        f"--train.lr={LR}", "--train.schedule=constant", "--train.warmup_ratio=0",
+        "--train.precision=fp32", "--train.weight_decay=0", "--dpo.loss=dpo", f"--dpo.beta={BETA}",
+        "--dpo.cache_reference=false", f"--run.output_dir={out}", "--run.progress=false",
+        "--run.tensorboard=false", "--run.eval_generations=0"])
+    t0 = time.perf_counter()
+    dpo.run(cfg)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    steps_ = [r for r in rows if "loss/dpo" in r]
+    seconds = [r["time/step"] for r in steps_]
+    tokens = [r["tokens/per_second"] * r["time/step"] for r in steps_]
+    reference_s = next(r["time/reference"] for r in rows if "time/reference" in r)
+    return {"tokens_per_s": steady_rate(tokens, seconds), "steps": len(steps_),
+            "step_s": sum(seconds) / len(seconds), "tokens_per_step": sum(tokens) / len(tokens),
+            "reference_s": reference_s, "wall_s": wall,
+            "peak_rss_mb": peak_rss_mb(), "final_loss": steps_[-1]["loss/dpo"]}
+
+
+def child_trl(data: str, model_dir: str, steps: int) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class Timed(DPOTrainer):
+        """Counts the non-padding tokens of every batch the trainer computes a loss on."""
+        tokens = 0
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            Timed.tokens += int(inputs["attention_mask"].sum())
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.tokens, self.losses, self._t, self._n = [], [], [], 0.0, 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t, self._n = time.perf_counter(), Timed.tokens
+
+        def on_step_end(self, args, state, control, **kw):
+            self.seconds.append(time.perf_counter() - self._t)
+            self.tokens.append(Timed.tokens - self._n)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    train = datasets.load_dataset("json", data_files=data, split="train")
+    args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="dpo-bench-trl-"), max_steps=steps,
+                     per_device_train_batch_size=PAIRS_PER_STEP, gradient_accumulation_steps=1,
+                     learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+                     weight_decay=0.0, beta=BETA, loss_type=["sigmoid"], max_length=1024,
+                     use_cpu=True, bf16=False, fp16=False, logging_steps=1, save_strategy="no",
+                     report_to=[], dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    timer = StepTimer()
+    trainer = Timed(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                    callbacks=[timer])
+    trainer.train()
+    wall = time.perf_counter() - t0
+    rate = steady_rate(timer.tokens, timer.seconds)
+    return {"tokens_per_s": rate, "steps": len(timer.seconds),
+            "step_s": sum(timer.seconds) / len(timer.seconds),
+            "tokens_per_step": sum(timer.tokens) / len(timer.tokens), "reference_s": None,
+            "wall_s": wall, "peak_rss_mb": peak_rss_mb(),
+            "final_loss": timer.losses[-1] if timer.losses else None}
+
+
+# ------------------------------------------------------------------------------ parent
+
+
+def run_child(python: str, name: str, data: str, model_dir: str, steps: int, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "TETHER_CACHE": os.environ.get("TETHER_CACHE", str(Path.home() / ".cache/tether"))}
+    cmd = [python, __file__, "--child", name, "--data", data, "--model-dir", model_dir,
+           "--steps", str(steps), "--threads", str(threads)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trl-python", help="python of a venv with trl installed")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=115, help="tokens per sequence")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--only", choices=["tether", "trl"], help="run one side only")
+    parser.add_argument("--child", choices=["tether", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        result = (child_tether if args.child == "tether" else child_trl)(
+            args.data, args.model_dir, args.steps)
+        print(json.dumps(result))
+        return
+    if args.only != "tether" and not args.trl_python:
+        parser.error("--trl-python is required (or --only tether); see the docstring for setup")
+    work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
+    data = work / "pairs.jsonl"
+    model_dir, mean_tokens = build_data(data, args.steps * PAIRS_PER_STEP, args.tokens)
+    print(f"{args.steps * PAIRS_PER_STEP} pairs, {mean_tokens / 2:.1f} tokens per sequence "
+          f"(tether's tokenisation), {args.threads} threads, model {model_dir}", flush=True)
+    results = {}
+    for name, python in (("tether", sys.executable), ("trl", args.trl_python)):
+        if args.only in (None, name):
+            results[name] = run_child(python, name, str(data), model_dir, args.steps,
+                                      args.threads)
+            r = results[name]
+            incl = r["tokens_per_step"] * r["steps"] / (r["step_s"] * r["steps"] +
+                                                        (r["reference_s"] or 0.0))
+            r["tokens_per_s_incl_reference"] = incl
+            print(f"{name:>6}: {r['tokens_per_s']:8.1f} tokens/s (steady), {incl:8.1f} incl. "
+                  f"reference pass, {r['step_s']:.2f} s/step, wall {r['wall_s']:.0f} s, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MiB, final loss {r['final_loss']}", flush=True)
+    if len(results) == 2:
+        t, r = results["tether"], results["trl"]
+        print(f"tether / TRL: {t['tokens_per_s'] / r['tokens_per_s']:.2f}x tokens/s (target >= "
+              f"2.5x), {t['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS (target <= 0.7x)")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

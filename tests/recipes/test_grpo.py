@@ -1,0 +1,236 @@
+"""GRPO family end to end on a tiny model: reward rises on a toy task (grpo, dapo), resume equals
+uninterrupted, dynamic sampling drops equal-reward groups, the reference is loaded only when
+beta > 0, and leaving zero-advantage rows out of the forward changes no gradient."""
+
+import json
+
+import pytest
+import torch
+
+from tether.config import GRPOConfig, load_config
+from tether.data.prompts import builtin_prompt_rows
+from tether.engine import checkpoint
+from tether.errors import ConfigError, DataError
+from tether.recipes import grpo
+
+
+def space_fraction(prompts, completions, **columns):
+    """Toy reward: the fraction of a completion's characters that are spaces."""
+    return [sum(c == " " for c in t) / max(1, len(t)) for t in completions]
+
+
+def even_answers_constant(prompts, completions, answer, **columns):
+    """1.0 for every completion of a prompt with an even answer (a group of equal rewards),
+    the space fraction otherwise."""
+    spaces = space_fraction(prompts, completions)
+    return [1.0 if int(a) % 2 == 0 else s for a, s in zip(answer, spaces)]
+
+
+@pytest.fixture(scope="module")
+def peaked_model_dir(tmp_path_factory, default_tokenizer):
+    """A tiny random Llama whose (tied) embeddings are scaled up 30x, so its next-token
+    distribution is peaked (entropy ~1 nat instead of ~log V = 10.8) and sampling explores a few
+    tokens per context, as a real model does, instead of the whole 49k vocabulary."""
+    from tether.engine.models import tiny_llama
+
+    path = tmp_path_factory.mktemp("peaked-llama")
+    model = tiny_llama(vocab_size=len(default_tokenizer), tie=True,
+                       pad_token_id=default_tokenizer.pad_token_id)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(30.0)
+    model.save_pretrained(path, safe_serialization=True)
+    default_tokenizer.save_pretrained(path)
+    return path
+
+
+def overrides(model_dir, out_dir, *extra):
+    return [f"--model.name_or_path={model_dir}", f"--run.output_dir={out_dir}",
+            "--train.max_steps=6", "--train.lr=1e-2", "--train.precision=fp32",
+            "--train.micro_batch_size=8", "--grpo.group_size=8", "--grpo.prompts_per_step=2",
+            "--grpo.max_new_tokens=8", "--grpo.task_size=64", "--run.eval_generations=0",
+            f"--grpo.rewards={__name__}:space_fraction", "--run.progress=false",
+            "--run.tensorboard=false", *extra]
+
+
+def _run(model_dir, out_dir, *extra):
+    return grpo.run(load_config(GRPOConfig, None, overrides(model_dir, out_dir, *extra)))
+
+
+def _metrics(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "reward/mean" in r}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_reward_rises_on_toy_task(peaked_model_dir, tmp_path, loss_type):
+    out = _run(peaked_model_dir, tmp_path / "run", f"--grpo.loss_type={loss_type}")
+    rewards = [h["reward/mean"] for h in out["history"]]
+    assert len(rewards) == 6
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.05, rewards
+    last = out["history"][-1]
+    for key in ("reward/std", "reward/space_fraction/mean", "policy/entropy",
+                "policy/clipfrac_low", "policy/clipfrac_high", "policy/approx_kl",
+                "completions/mean_length", "completions/truncated_frac", "groups/zero_std_frac",
+                "timing/generate", "timing/score", "timing/update"):
+        assert key in last, key
+    assert out["reference"] is None
+
+
+def test_resume_equals_uninterrupted(peaked_model_dir, tmp_path, monkeypatch):
+    """Kill a dapo run (two iterations per rollout, KL to a reference) right after its step-2
+    checkpoint and resume: steps 3-4 and the final weights match the uninterrupted run exactly
+    (the data and the sampling generator are functions of the step)."""
+    extra = ("--train.max_steps=4", "--run.save_every=2", "--grpo.loss_type=dapo",
+             "--grpo.num_iterations=2", "--grpo.beta=0.05", "--grpo.dynamic_sampling=false")
+    full = _run(peaked_model_dir, tmp_path / "full", *extra)
+    real_save = checkpoint.save
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        if args[1] == 2:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        _run(peaked_model_dir, tmp_path / "cut", *extra)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    torch.manual_seed(999)  # the resumed run must not depend on the caller's RNG
+    cut = _run(peaked_model_dir, tmp_path / "cut", *extra, "--run.resume=true")
+    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("reward/mean", "loss/policy", "kl/k3", "policy/approx_kl"):
+            assert a[step][key] == b[step][key], (step, key)
+    assert a[3]["kl/k3"] > 0  # the policy has moved away from the reference
+    for (name, p), (_, q) in zip(full["policy"].named_parameters(),
+                                 cut["policy"].named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_dynamic_sampling_drops_equal_reward_groups(peaked_model_dir, tmp_path, monkeypatch):
+    """Prompts with an even answer get one reward for all their samples: with dynamic sampling
+    their groups leave the update; without it they stay in the normalisation."""
+    seen = []
+    real = grpo.micro_batches
+
+    def spy(rollout, advantages, *args):
+        seen.append((rollout.texts, advantages.clone()))
+        return real(rollout, advantages, *args)
+
+    monkeypatch.setattr(grpo, "micro_batches", spy)
+    reward = f"--grpo.rewards={__name__}:even_answers_constant"
+    out = _run(peaked_model_dir, tmp_path / "ds", reward, "--train.max_steps=3",
+               "--grpo.loss_type=dapo", "--grpo.prompts_per_step=4")
+    cfg = load_config(GRPOConfig, None, overrides(peaked_model_dir, tmp_path))
+    rows = builtin_prompt_rows(cfg.grpo.task_size, difficulty="easy",
+                               system_prompt=cfg.grpo.task_system_prompt)
+    for step, h in enumerate(out["history"]):
+        prompts = grpo.step_items(rows, step, 4, cfg.train.seed)
+        even = sum(int(p["answer"]) % 2 == 0 for p in prompts)
+        assert h["groups/zero_std_frac"] == even / 4
+        assert h["groups/kept"] == 4 - even
+        n_rows = len(seen[step][0])
+        assert n_rows == max(1, (4 - even) * 8) or (even == 4 and n_rows == 0)
+    assert any(h["groups/kept"] < 4 for h in out["history"])  # the test exercised a drop
+
+
+def test_zero_advantage_rows_leave_no_gradient(peaked_model_dir, default_tokenizer):
+    """Leaving rows with advantage 0 out of the forward (counting only their denominator share),
+    and running each group's prompt once for its rows, gives the gradient of the whole batch
+    forwarded row by row, for every aggregation."""
+    from functools import partial
+
+    from tether.config import ModelConfig
+    from tether.engine.generate import SamplingParams, TorchBackend, encode_prompt
+    from tether.engine.logprobs import CausalLMLogps
+    from tether.engine.models import load_causal_lm
+    from tether.engine.optimize import accumulate_gradients
+
+    policy = CausalLMLogps(load_causal_lm(ModelConfig(name_or_path=str(peaked_model_dir))))
+    prompts = [encode_prompt(default_tokenizer, p) for p in ("What is 2 + 3?", "Hi there")]
+    r = TorchBackend(policy, default_tokenizer).generate(
+        prompts, SamplingParams(max_new_tokens=6, group_size=4),
+        generator=torch.Generator().manual_seed(0))
+    adv = torch.tensor([0.0, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # group 2: all equal
+    for loss_type in ("grpo", "dr_grpo", "dapo"):
+        obj = grpo.build_objective(load_config(GRPOConfig, None, [
+            f"--grpo.loss_type={loss_type}", "--grpo.max_new_tokens=6"]).grpo)
+
+        def grads(batches):
+            policy.zero_grad()
+            accumulate_gradients(policy, batches, loss_fn=partial(grpo.grpo_loss, obj=obj),
+                                 count_units=partial(grpo.count_units, obj),
+                                 device=torch.device("cpu"), precision="fp32")
+            return [p.grad.clone() for p in policy.parameters()]
+
+        whole = grads(grpo.micro_batches(r, adv, 3))
+        rows = torch.tensor([1, 2])
+        part = grpo.micro_batches(r.select(rows), adv[rows], 3, rows // 4)
+        part[0].extra_units = grpo.units_of(obj, r.completion_mask[[0, 3, 4, 5, 6, 7]])
+        for g, h in zip(whole, grads(part)):
+            torch.testing.assert_close(g, h, atol=1e-7, rtol=1e-5)
+
+
+def test_reference_only_when_beta_positive(peaked_model_dir, tmp_path, monkeypatch):
+    """beta = 0 loads one model (the policy); beta > 0 loads a frozen reference too, except with
+    LoRA, where the reference is the policy with its adapter disabled."""
+    calls = []
+    real = grpo.load_causal_lm
+    monkeypatch.setattr(grpo, "load_causal_lm", lambda cfg: calls.append(cfg) or real(cfg))
+    out = _run(peaked_model_dir, tmp_path / "b0", "--train.max_steps=1")
+    assert len(calls) == 1 and out["reference"] is None
+    assert "kl/k3" not in out["history"][0]
+
+    calls.clear()
+    out = _run(peaked_model_dir, tmp_path / "b1", "--train.max_steps=2", "--grpo.beta=0.1")
+    assert len(calls) == 2 and out["reference"] is not None
+    assert not any(p.requires_grad for p in out["reference"].parameters())
+    assert out["history"][0]["kl/k3"] == 0.0  # before any update the policy is the reference
+    assert out["history"][1]["kl/k3"] > 0
+
+    calls.clear()
+    out = _run(peaked_model_dir, tmp_path / "lora", "--train.max_steps=2", "--grpo.beta=0.1",
+               "--model.lora.r=4")
+    assert len(calls) == 1 and out["reference"] is None
+    assert out["history"][0]["kl/k3"] == 0.0 and out["history"][1]["kl/k3"] > 0
+
+
+def test_loss_types_and_config_errors():
+    obj = lambda *o: grpo.build_objective(load_config(GRPOConfig, None, list(o)).grpo)  # noqa: E731
+    dapo = obj("--grpo.loss_type=dapo")
+    assert (dapo.eps_low, dapo.eps_high, dapo.dynamic_sampling) == (0.2, 0.28, True)
+    assert dapo.kind.aggregation == "token_mean"
+    assert obj("--grpo.loss_type=dr_grpo").kind.aggregation == "constant_normalizer"
+    assert obj("--grpo.loss_type=gspo").kind.ratio_level == "sequence"
+    assert obj("--grpo.loss_type=dapo", "--grpo.eps_high=0.3").eps_high == 0.3
+    assert not obj("--grpo.loss_type=dapo", "--grpo.dynamic_sampling=false").dynamic_sampling
+    with pytest.raises(ConfigError, match="grpo.loss_type must be one of grpo, dr_grpo"):
+        obj("--grpo.loss_type=ppo")
+    with pytest.raises(ConfigError, match="group_size"):
+        obj("--grpo.group_size=1")
+    with pytest.raises(ConfigError, match="reward_weights"):
+        grpo.build_rewards(load_config(GRPOConfig, None, ["--grpo.reward_weights=[1, 2, 3]"]).grpo)
+
+
+def test_prompt_rows_errors_name_the_row(default_tokenizer, tmp_path):
+    from tether.config import DataConfig
+    from tether.data.prompts import load_prompt_examples
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": "2 + 2 =", "answer": 4}) + "\n"
+                    + json.dumps({"prompt": "x", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"rows.jsonl.*row 2.*prompt rows"):
+        load_prompt_examples(DataConfig(path=str(path)), default_tokenizer)
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}], "k": 1}) + "\n"
+                    + json.dumps({"prompt": "two"}) + "\n")
+    train, held = load_prompt_examples(DataConfig(path=str(path), eval_fraction=0.5),
+                                       default_tokenizer)
+    assert len(train) == 1 and len(held) == 1
+    first = (train + held)[[e.prompt for e in train + held].index([{"role": "user",
+                                                                    "content": "hi"}])]
+    assert first.columns == {"k": 1} and first.ids[-3:] == default_tokenizer(
+        "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"][-3:]

@@ -1,0 +1,437 @@
+"""Group-relative policy optimisation and its family: grpo, dr_grpo, dapo, gspo, rloo.
+
+Stages per step: generate (G samples for each of the step's prompts, one prefill per prompt) ->
+score (reward functions; reference log-probs if beta > 0; old log-probs if num_iterations > 1) ->
+advantages (relative to the group, per the loss type) -> update (num_iterations optimizer steps
+over the rollout, micro-batched, normalised over the whole step) -> log -> checkpoint.
+Held-out accuracy (greedy) before and after training.
+
+The loss variants differ only in the row of `LOSS_TYPES` they pick: how advantages are computed,
+how per-token losses are reduced, whether the importance ratio is per token or per sequence, the
+clip range, and whether groups whose rewards are all equal are dropped (docs/grpo.md).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tether.advantages import group_advantages, rloo_advantages
+from tether.config import GRPOConfig, GRPOParams, ModelConfig, save_config
+from tether.data.prompts import PromptExample, load_rl_prompts
+from tether.data.tasks.arithmetic import DIFFICULTIES
+from tether.engine import checkpoint, dist
+from tether.engine.generate import Rollout, SamplingParams, TorchBackend
+from tether.engine.logprobs import CausalLMLogps
+from tether.engine.metrics import MetricsLogger, peak_memory_mb
+from tether.engine.models import load_causal_lm, load_tokenizer
+from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
+                                   train_step)
+from tether.errors import ConfigError
+from tether.losses import aggregate_sum, clipped_surrogate, kl_penalty, masked_sum
+from tether.recipes.sft import step_items
+from tether.rewards import WeightedSum, load_reward
+
+
+@dataclass(frozen=True)
+class LossType:
+    advantages: Callable[[torch.Tensor, int], torch.Tensor]  # rewards (B,), G -> (B,)
+    aggregation: str  # token_mean | sequence_mean | constant_normalizer (tether.losses.aggregate)
+    ratio_level: str  # token | sequence (GSPO)
+    eps_low: float
+    eps_high: float
+    dynamic_sampling: bool
+
+
+LOSS_TYPES = {
+    # Shao et al. 2024: (r - mean) / std per group, each sequence's token mean, then the mean
+    "grpo": LossType(partial(group_advantages, scale="group"), "sequence_mean", "token",
+                     0.2, 0.2, False),
+    # Liu et al. 2025: no std division, no per-sequence length division (constant max_new_tokens)
+    "dr_grpo": LossType(partial(group_advantages, scale="none"), "constant_normalizer", "token",
+                        0.2, 0.2, False),
+    # Yu et al. 2025: token-level mean, clip-higher, dynamic sampling
+    "dapo": LossType(partial(group_advantages, scale="group"), "token_mean", "token",
+                     0.2, 0.28, True),
+    # Zheng et al. 2025: one length-normalised importance ratio per sequence, tiny clip range
+    "gspo": LossType(partial(group_advantages, scale="group"), "sequence_mean", "sequence",
+                     3e-4, 4e-4, False),
+    # Ahmadian et al. 2024: leave-one-out baseline, no std division
+    "rloo": LossType(rloo_advantages, "sequence_mean", "token", 0.2, 0.2, False),
+}
+
+
+@dataclass
+class Objective:
+    """The loss type with this run's clip range and dynamic-sampling choice resolved."""
+    kind: LossType
+    eps_low: float
+    eps_high: float
+    dynamic_sampling: bool
+    beta: float
+    normalizer: float  # constant_normalizer: max_new_tokens
+    temperature: float  # log-probs of softmax(logits / T), the distribution samples come from
+
+
+def build_objective(gc_: GRPOParams) -> Objective:
+    if gc_.loss_type not in LOSS_TYPES:
+        raise ConfigError(f"grpo.loss_type must be one of {', '.join(LOSS_TYPES)}, "
+                          f"got '{gc_.loss_type}'")
+    if gc_.group_size < 2:
+        raise ConfigError(f"grpo.group_size must be >= 2 (advantages compare samples of a "
+                          f"group), got {gc_.group_size}")
+    if gc_.num_iterations < 1:
+        raise ConfigError(f"grpo.num_iterations must be >= 1, got {gc_.num_iterations}")
+    if gc_.temperature <= 0:
+        raise ConfigError(f"grpo.temperature must be > 0 (RL samples), got {gc_.temperature}")
+    if gc_.beta < 0:
+        raise ConfigError(f"grpo.beta must be >= 0, got {gc_.beta}")
+    kind = LOSS_TYPES[gc_.loss_type]
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return Objective(kind, pick(gc_.eps_low, kind.eps_low), pick(gc_.eps_high, kind.eps_high),
+                     pick(gc_.dynamic_sampling, kind.dynamic_sampling), gc_.beta,
+                     float(gc_.max_new_tokens), gc_.temperature)
+
+
+def build_rewards(gc_: GRPOParams) -> WeightedSum:
+    """A WeightedSum of the named reward functions, each logged as reward/<name>."""
+    weights = gc_.reward_weights if gc_.reward_weights is not None else [1.0] * len(gc_.rewards)
+    if not gc_.rewards:
+        raise ConfigError("grpo.rewards is empty: name at least one reward function")
+    if len(weights) != len(gc_.rewards):
+        raise ConfigError(f"grpo.reward_weights has {len(weights)} entries for "
+                          f"{len(gc_.rewards)} grpo.rewards")
+    return WeightedSum([(name.rsplit(":", 1)[-1], load_reward(name), w)
+                        for name, w in zip(gc_.rewards, weights)])
+
+
+# --- update: one micro-batch of rollout rows -> summed loss ------------------------------------
+
+
+@dataclass
+class GRPOBatch:
+    input_ids: torch.Tensor  # (b, T) long: prompt (left-padded) then completion (right-padded)
+    attention_mask: torch.Tensor  # (b, T) bool
+    position_ids: torch.Tensor  # (b, T) long
+    start: int  # the first completion column (prompt width)
+    completion_mask: torch.Tensor  # (b, C) bool, C = T - start: generated tokens
+    advantages: torch.Tensor  # (b,) fp32
+    old_logps: torch.Tensor | None  # (b, C) fp32; None = the policy itself (num_iterations 1)
+    ref_logps: torch.Tensor | None  # (b, C) fp32; None when beta = 0
+    prompt_index: torch.Tensor | None  # (b,) long: rows with one value share their prompt
+    extra_units: float = 0.0  # denominator share of rows left out because their loss is 0
+
+    def to(self, device) -> "GRPOBatch":
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return GRPOBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+def micro_batches(r: Rollout, advantages: torch.Tensor, size: int,
+                  prompt_index: torch.Tensor | None = None) -> list[GRPOBatch]:
+    """`size` rows per micro-batch in rollout order (a group's rows together, so that they share
+    one prompt forward when `prompt_index` is given), each trimmed to its own longest prompt and
+    completion. The global normalisation makes the split irrelevant to the result."""
+    ids, mask, pos = r.input_ids(), r.attention_mask(), r.position_ids()
+    P, lengths = r.prompt_ids.shape[1], r.completion_lengths()
+    out = []
+    for chunk in torch.arange(len(r.texts)).split(size) if r.texts else ():
+        left = P - int(r.prompt_mask[chunk].sum(1).max())
+        right = P + max(1, int(lengths[chunk].max()))
+        out.append(GRPOBatch(ids[chunk, left:right], mask[chunk, left:right],
+                             pos[chunk, left:right], P - left, r.completion_mask[chunk, :right - P],
+                             advantages[chunk], None, None,
+                             None if prompt_index is None else prompt_index[chunk]))
+    return out
+
+
+@torch.no_grad()
+def score_logps(model: CausalLMLogps, batches: list[GRPOBatch], field: str, temperature: float,
+                precision: str) -> None:
+    """Fill each batch's `field` (old_logps / ref_logps, (b, C)) with `model`'s log-probs of
+    the completion tokens at the sampling temperature, without gradients."""
+    was_training = model.training
+    model.eval()
+    for b in batches:
+        with autocast(b.input_ids.device, precision):
+            logps = model(b.input_ids, b.attention_mask, b.position_ids, start=b.start,
+                          shared_prefix=b.prompt_index, temperature=temperature)
+        setattr(b, field, logps.float())
+    model.train(was_training)
+
+
+def units_of(obj: Objective, completion_mask: torch.Tensor) -> float:
+    """The aggregation's denominator over these rows (tokens, sequences or rows x constant);
+    rows without a completion token (fillers) count nothing."""
+    mask = completion_mask[completion_mask.any(dim=1)]
+    return aggregate_sum(torch.zeros(mask.shape), mask, mode=obj.kind.aggregation,
+                         normalizer=obj.normalizer)[1].item()
+
+
+def same_count_on_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """`rows` padded (with row 0) to the largest count on any rank: under FSDP2 every rank must
+    run the same number of forwards. The caller masks the filler rows out. 1 process: `rows`."""
+    n = torch.tensor(len(rows), device=dist.device())
+    if dist.is_distributed():
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+    return torch.cat([rows, rows.new_zeros(int(n) - len(rows))])
+
+
+def count_units(obj: Objective, b: GRPOBatch) -> float:
+    """The micro-batch's share of the denominator (known before any forward)."""
+    return units_of(obj, b.completion_mask) + b.extra_units
+
+
+def grpo_loss(policy: CausalLMLogps, b: GRPOBatch, *, obj: Objective) -> tuple[torch.Tensor, dict]:
+    """Numerator of the aggregated clipped surrogate (+ beta * k3); metrics summed over tokens."""
+    logps = policy(b.input_ids, b.attention_mask, b.position_ids, start=b.start,
+                   shared_prefix=b.prompt_index, temperature=obj.temperature)  # (b, C)
+    mask = b.completion_mask
+    old = logps.detach() if b.old_logps is None else b.old_logps
+    per_token, m = clipped_surrogate(logps, old, b.advantages, mask, eps_low=obj.eps_low,
+                                     eps_high=obj.eps_high, level=obj.kind.ratio_level)
+    n = mask.sum().item()
+    out = {"_tokens": n, **{k: m[k] * n for k in ("clipfrac_low", "clipfrac_high", "approx_kl")}}
+    if b.ref_logps is not None:
+        kl = kl_penalty(logps, b.ref_logps, kind="k3")  # (b, C)
+        per_token = per_token + obj.beta * torch.where(mask, kl, torch.zeros_like(kl))
+        out["kl"] = masked_sum(kl.detach(), mask).item()
+    numerator, _ = aggregate_sum(per_token, mask, mode=obj.kind.aggregation,
+                                 normalizer=obj.normalizer)
+    return numerator, out
+
+
+# --- evaluation: greedy completions of held-out prompts ----------------------------------------
+
+
+def evaluate(backend: TorchBackend, rewards: WeightedSum, prompts: list[PromptExample],
+             max_new_tokens: int) -> dict[str, float]:
+    """Mean reward of greedy completions (eval/reward, eval/reward/<name>); eval/accuracy = the
+    fraction verified correct when the prompts carry an exact `answer`."""
+    prompts = prompts[:len(prompts) - len(prompts) % dist.world_size()]  # equal shares
+    if not prompts:
+        return {}
+    share = prompts[dist.rank()::dist.world_size()]
+    texts = backend.generate([p.ids for p in share], SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=0.0)).texts
+    columns = {k: [p.columns.get(k) for p in share] for k in share[0].columns}
+    scores = rewards.score([p.prompt for p in share], texts, **columns)
+    sums = {"eval/reward": sum(scores.total)}
+    sums.update({f"eval/reward/{k}": sum(v) for k, v in scores.components.items()})
+    if "answer" in columns:
+        from tether.data.tasks import arithmetic
+
+        sums["eval/accuracy"] = sum(arithmetic.verify(t, int(a))
+                                    for t, a in zip(texts, columns["answer"]))
+    return {k: dist.all_reduce_sum(v).item() / len(prompts) for k, v in sums.items()}
+
+
+def load_reference(cfg: GRPOConfig, device) -> CausalLMLogps:
+    """A frozen copy of the initial policy (no adapter), for the KL term."""
+    m = cfg.model
+    model = load_causal_lm(ModelConfig(name_or_path=m.name_or_path, gguf_file=m.gguf_file,
+                                       trust_remote_code=m.trust_remote_code,
+                                       attn_implementation=m.attn_implementation))
+    reference = CausalLMLogps(model, chunk_size=cfg.train.logprob_chunk_size).to(device)
+    return dist.shard(reference.requires_grad_(False)).eval()
+
+
+def seeded(seed: int, step: int) -> torch.Generator:
+    """The sampling generator of `step`: a function of (seed, step) alone, so a resumed run
+    draws exactly the samples the uninterrupted one drew."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7919 + dist.rank())
+
+
+def global_mean(total: float, count: float) -> float:
+    return dist.all_reduce_sum(total).item() / max(1.0, dist.all_reduce_sum(count).item())
+
+
+def run(cfg: GRPOConfig) -> dict:
+    dist.init()
+    device = dist.device()
+    tc, gc_, run_dir = cfg.train, cfg.grpo, Path(cfg.run.output_dir)
+    tc.precision = resolve_precision(tc.precision, device)
+    obj = build_objective(gc_)
+    rewards = build_rewards(gc_)
+    if gc_.prompts_per_step % dist.world_size():
+        raise ConfigError(f"grpo.prompts_per_step ({gc_.prompts_per_step}) must divide by the "
+                          f"world size ({dist.world_size()})")
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+
+    # --- data: prompt rows (TRL prompt-only format) or the built-in arithmetic task -----------
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.data.path is None and gc_.task_difficulty not in DIFFICULTIES:
+        raise ConfigError(f"grpo.task_difficulty must be one of {', '.join(DIFFICULTIES)}, "
+                          f"got '{gc_.task_difficulty}'")
+    train_prompts, eval_prompts = load_rl_prompts(
+        cfg.data, tokenizer, n_eval=cfg.run.eval_generations, task_size=gc_.task_size,
+        difficulty=gc_.task_difficulty, system_prompt=gc_.task_system_prompt)
+    if len(train_prompts) < gc_.prompts_per_step:
+        raise ConfigError(f"grpo.prompts_per_step ({gc_.prompts_per_step}) exceeds the "
+                          f"{len(train_prompts)} training prompts")
+    steps_per_epoch = len(train_prompts) // gc_.prompts_per_step
+    total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.epochs * steps_per_epoch)
+
+    # --- models: the policy; the reference only when beta > 0 (LoRA: the adapter disabled) ----
+    model = load_causal_lm(cfg.model)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    policy = dist.shard(CausalLMLogps(model, chunk_size=tc.logprob_chunk_size).to(device))
+    policy.train()
+    reference = load_reference(cfg, device) if obj.beta > 0 and cfg.model.lora.r == 0 else None
+    backend = TorchBackend(policy, tokenizer, precision=tc.precision)
+    optimizer = build_optimizer(policy, tc)
+    scheduler = build_scheduler(optimizer, tc, total_steps * gc_.num_iterations)
+
+    # --- resume: model, optimizer, scheduler, RNG; data and samples are functions of the step --
+    ckpt_root = run_dir / "checkpoints"
+    start_step = 0
+    if cfg.run.resume:
+        last = checkpoint.latest(ckpt_root)
+        if last is None:
+            raise ConfigError(f"run.resume is true but {ckpt_root} holds no checkpoint")
+        start_step = checkpoint.load(last, model=policy, optimizer=optimizer,
+                                     scheduler=scheduler)["step"]
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, total_steps=total_steps,
+                           description=f"grpo ({gc_.loss_type})", tensorboard=cfg.run.tensorboard,
+                           progress=cfg.run.progress, start_step=start_step)
+    n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    logger.print(f"grpo ({gc_.loss_type}): {len(train_prompts)} train prompts, {total_steps} "
+                 f"steps of {gc_.prompts_per_step} prompts x {gc_.group_size} samples, rewards "
+                 f"{', '.join(n for n, _, _ in rewards.components)}, "
+                 f"{'reference (k3, beta=%g)' % obj.beta if obj.beta > 0 else 'no reference'}, "
+                 f"{n_params / 1e6:.1f}M trainable parameters, {tc.precision} on {device}")
+    before = evaluate(backend, rewards, eval_prompts, gc_.max_new_tokens)
+    logger.log(start_step, before)
+
+    params = SamplingParams(max_new_tokens=gc_.max_new_tokens, temperature=gc_.temperature,
+                            top_p=gc_.top_p, top_k=gc_.top_k, stop=tuple(gc_.stop),
+                            group_size=gc_.group_size)
+    history = []
+    for step in range(start_step, total_steps):
+        # --- generate ---------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        prompts = step_items(train_prompts, step, gc_.prompts_per_step, tc.seed)[
+            dist.shard_indices(gc_.prompts_per_step)]
+        rollout = backend.generate([p.ids for p in prompts], params,
+                                   generator=seeded(tc.seed, step))
+        G, B = gc_.group_size, len(rollout.texts)
+        t1 = time.perf_counter()
+
+        # --- score: rewards; reference and old log-probs of the rows the update runs -------
+        columns = {k: [prompts[i // G].columns.get(k) for i in range(B)]
+                   for k in prompts[0].columns}
+        scores = rewards.score([prompts[i // G].prompt for i in range(B)], rollout.texts,
+                               **columns)
+        reward = torch.tensor(scores.total, dtype=torch.float32)  # (B,)
+        equal = reward.view(-1, G).std(dim=1) == 0  # (n_prompts,) groups with one reward value
+        keep = ~equal if obj.dynamic_sampling else torch.ones_like(equal)  # (n_prompts,)
+
+        # --- advantages (per group, before any group is dropped) ------------------------------
+        advantages = obj.kind.advantages(reward, G)  # (B,)
+        counted = keep.repeat_interleave(G)  # (B,) rows in the update's normalisation
+        # A row with advantage 0 and no KL term has loss 0 and gradient 0 whatever the policy:
+        # it needs no forward, only its share of the denominator. One row always runs, so that
+        # the optimizer step (and Adam's moments) happen exactly as without the shortcut.
+        forward = counted & ((advantages != 0) | (obj.beta > 0))  # (B,)
+        if counted.any() and not forward.any():
+            forward[counted.nonzero()[0]] = True
+        real = forward.nonzero().flatten()
+        skipped_units = units_of(obj, rollout.completion_mask[counted & ~forward])
+        rows = same_count_on_ranks(real)
+        chosen = rollout.select(rows)
+        chosen.completion_mask[len(real):] = False  # filler rows: no loss, no units
+        share = None if tc.gradient_checkpointing else rows // G  # one prompt forward per group
+        batches = [b.to(device) for b in micro_batches(
+            chosen, advantages[rows], tc.micro_batch_size, share)]
+        if batches:
+            batches[0].extra_units = skipped_units
+        if reference is not None:  # frozen reference: `ref_logps`, for k3 in the loss
+            score_logps(reference, batches, "ref_logps", gc_.temperature, tc.precision)
+        elif obj.beta > 0:  # LoRA: the reference is the policy with its adapter disabled
+            with policy.model.disable_adapter():
+                score_logps(policy, batches, "ref_logps", gc_.temperature, tc.precision)
+        if gc_.num_iterations > 1:  # the sampling policy, for the importance ratios
+            score_logps(policy, batches, "old_logps", gc_.temperature, tc.precision)
+        t2 = time.perf_counter()
+
+        # --- update: num_iterations optimizer steps over the rows ------------------------------
+        units = dist.all_reduce_sum(sum(count_units(obj, b) for b in batches)).item()
+        sums: dict[str, float] = {}
+        m = {"loss": float("nan"), "grad_norm": float("nan"), "lr": scheduler.get_last_lr()[0]}
+        for _ in range(gc_.num_iterations):
+            if units > 0:
+                try:
+                    m = train_step(policy, batches, loss_fn=partial(grpo_loss, obj=obj),
+                                   count_units=partial(count_units, obj), optimizer=optimizer,
+                                   scheduler=scheduler, device=device, precision=tc.precision,
+                                   max_grad_norm=tc.max_grad_norm)
+                except FloatingPointError as err:
+                    raise FloatingPointError(f"step {step + 1}: {err}") from None
+                for k in ("_tokens", "clipfrac_low", "clipfrac_high", "approx_kl", "kl"):
+                    sums[k] = sums.get(k, 0.0) + m.get(k, 0.0)
+            else:  # every group was dropped: no update, the schedule still advances
+                scheduler.step()
+        t3 = time.perf_counter()
+
+        # --- log ------------------------------------------------------------------------------
+        mask = rollout.completion_mask
+        tokens = max(1.0, sums.get("_tokens", 0.0))
+        metrics = {
+            "loss/policy": m["loss"],
+            "reward/mean": global_mean(reward.sum().item(), B),
+            "reward/std": math.sqrt(max(0.0, global_mean(reward.square().sum().item(), B)
+                                        - global_mean(reward.sum().item(), B) ** 2)),
+            **{f"reward/{k}/mean": global_mean(sum(v), B) for k, v in scores.components.items()},
+            "policy/entropy": global_mean(masked_sum(rollout.entropy, mask).item(),
+                                          mask.sum().item()) if rollout.entropy is not None
+            else float("nan"),
+            "policy/clipfrac_low": sums.get("clipfrac_low", 0.0) / tokens,
+            "policy/clipfrac_high": sums.get("clipfrac_high", 0.0) / tokens,
+            "policy/approx_kl": sums.get("approx_kl", 0.0) / tokens,
+            "completions/mean_length": global_mean(mask.sum().item(), B),
+            "completions/truncated_frac": global_mean(rollout.truncated.sum().item(), B),
+            "groups/zero_std_frac": global_mean(equal.sum().item(), len(equal)),
+            "groups/kept": dist.all_reduce_sum(keep.sum().item()).item(),
+            "optim/lr": m["lr"], "optim/grad_norm": m["grad_norm"],
+            "timing/generate": t1 - t0, "timing/score": t2 - t1, "timing/update": t3 - t2,
+            "memory/peak_mb": peak_memory_mb(),
+        }
+        if obj.beta > 0:
+            metrics["kl/k3"] = sums.get("kl", 0.0) / tokens
+        if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
+            metrics.update(evaluate(backend, rewards, eval_prompts, gc_.max_new_tokens))
+        if (step + 1) % cfg.run.log_every == 0 or step + 1 == total_steps:
+            logger.log(step + 1, metrics)
+        history.append(metrics)
+        logger.advance(step + 1, f"reward {metrics['reward/mean']:.3f} "
+                                 f"len {metrics['completions/mean_length']:.1f}")
+
+        # --- checkpoint -------------------------------------------------------------------------
+        if step + 1 == total_steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+            checkpoint.save(ckpt_root, step + 1, model=policy, optimizer=optimizer,
+                            scheduler=scheduler, trainer_state={"total_steps": total_steps},
+                            keep_last=cfg.run.keep_last)
+    logger.close()
+
+    after = evaluate(backend, rewards, eval_prompts, gc_.max_new_tokens)
+    logger.log(total_steps, after)
+    if "eval/accuracy" in before:
+        logger.print(f"held-out accuracy ({len(eval_prompts)} problems, greedy): "
+                     f"{before['eval/accuracy']:.1%} -> {after['eval/accuracy']:.1%}")
+    if "eval/reward" in before:
+        logger.print(f"held-out reward (greedy): {before['eval/reward']:.3f} -> "
+                     f"{after['eval/reward']:.3f}")
+    logger.print(f"run directory: {run_dir} (export with `tether export {run_dir} OUT_DIR`)")
+    return {"history": history, "eval_before": before, "eval_after": after, "policy": policy,
+            "reference": reference, "tokenizer": tokenizer, "run_dir": run_dir}

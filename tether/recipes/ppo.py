@@ -1,0 +1,406 @@
+"""RLHF-PPO with four models: policy, critic (value head), frozen reference, reward.
+
+Stages of every step (verl's order): generate -> score -> advantages -> update -> log/checkpoint.
+  generate    the policy samples completions for a batch of prompts (`engine.generate`)
+  score       no-grad: the policy's log-probs and entropy, the reference's log-probs, the
+              critic's values, the sequence reward (reward model or reward functions)
+  advantages  r_t = -kl_coef * k1_t, plus the reward at the last completion token (Ziegler et al.
+              2019); GAE over r_t and the values; advantages whitened over the batch
+  update      `ppo.update_epochs` passes over the rollout batch in `ppo.mini_batches` optimizer
+              steps each (micro-batched): clipped surrogate + vf_coef * clipped value loss, both
+              token means over the mini-batch; policy and critic share one AdamW and one clip
+  kl control  fixed kl_coef, or the adaptive controller updated from the batch's mean KL
+The reference is the initial policy: with LoRA the base model with the adapter switched off,
+otherwise a frozen copy (or `ppo.ref_model`). docs/ppo.md has the maths and every knob.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tether.advantages import explained_variance, gae, kl_shaped_rewards, whiten
+from tether.config import ModelConfig, PPOConfig, PPOParams, save_config
+from tether.data.prompts import (PromptExample, builtin_prompt_rows, heldout_prompt_rows,
+                                 load_prompt_examples, tokenize_prompt_rows)
+from tether.data.tasks import builtin_sft_rows
+from tether.engine import checkpoint, dist
+from tether.engine.generate import SamplingParams, TorchBackend
+from tether.engine.logprobs import CausalLMLogps
+from tether.engine.metrics import MetricsLogger, peak_memory_mb
+from tether.engine.models import load_causal_lm, load_tokenizer, load_value_model
+from tether.engine.optimize import build_scheduler, resolve_precision, train_step
+from tether.engine.score import TokenValues, evaluate_greedy, score_rollout
+from tether.errors import ConfigError
+from tether.losses import adaptive_kl_coef, aggregate_sum, clipped_surrogate, kl_penalty, value_loss
+from tether.recipes.sft import step_items
+from tether.rewards import RewardModelScorer, WeightedSum, load_reward
+
+# ------------------------------------------------------------------------------ data
+
+
+def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[PromptExample], list[PromptExample]]:
+    """(train, held-out) prompts: data.path rows (TRL prompt-only; other fields are reward
+    columns), or built-in arithmetic prompts (seed 1: not the problems of the built-in SFT and
+    preference sets) with held-out problems that appear in neither."""
+    n_eval = cfg.run.eval_generations
+    if cfg.data.path is not None:
+        train, held = load_prompt_examples(cfg.data, tokenizer)
+        return train, held[:n_eval]
+    rows = builtin_prompt_rows(200, seed=1)
+    held = heldout_prompt_rows(n_eval, rows + builtin_sft_rows())
+    return (tokenize_prompt_rows(list(enumerate(rows, 1)), tokenizer, cfg.data,
+                                 "built-in arithmetic prompts"),
+            tokenize_prompt_rows(list(enumerate(held, 1)), tokenizer, cfg.data,
+                                 "built-in held-out arithmetic prompts"))
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def build_reward(pc: PPOParams, device) -> WeightedSum:
+    """A WeightedSum of the reward model (component 'reward_model') and reward functions
+    (`tether.rewards.load_reward`: arithmetic, format or module:function), each logged alone."""
+    names = pc.rewards if pc.rewards is not None else ([] if pc.reward_model else ["arithmetic"])
+    weights = pc.reward_weights if pc.reward_weights is not None else [1.0] * len(names)
+    if len(weights) != len(names):
+        raise ConfigError(f"ppo.reward_weights has {len(weights)} entries for {len(names)} "
+                          "ppo.rewards")
+    components = []
+    if pc.reward_model:
+        components.append(("reward_model", RewardModelScorer(
+            pc.reward_model, batch_size=pc.reward_batch_size, device=device), 1.0))
+    components += [(name.rsplit(":", 1)[-1], load_reward(name), w)
+                   for name, w in zip(names, weights)]
+    if not components:
+        raise ConfigError("no reward: set ppo.reward_model and/or ppo.rewards")
+    return WeightedSum(components)
+
+
+def critic_source(cfg: PPOConfig) -> ModelConfig:
+    """The model directory the critic starts from, with the policy's LoRA settings."""
+    pc = cfg.ppo
+    if pc.critic_init == "policy":
+        path = cfg.model.name_or_path
+    elif pc.critic_init == "reward_model":
+        if not pc.reward_model:
+            raise ConfigError("ppo.critic_init=reward_model needs ppo.reward_model")
+        path = pc.reward_model
+    else:
+        path = pc.critic_init
+    same = path == cfg.model.name_or_path
+    return replace(cfg.model, name_or_path=path, gguf_file=cfg.model.gguf_file if same else None)
+
+
+def load_reference(cfg: PPOConfig, device) -> CausalLMLogps | None:
+    """A frozen copy of the initial policy (or ppo.ref_model); None = the policy with its LoRA
+    adapter disabled (no second copy of the weights)."""
+    if cfg.model.lora.r > 0 and cfg.ppo.ref_model is None:
+        return None
+    ref_cfg = replace(cfg.model, lora=replace(cfg.model.lora, r=0))
+    if cfg.ppo.ref_model is not None:
+        ref_cfg = replace(ref_cfg, name_or_path=cfg.ppo.ref_model, gguf_file=None)
+    ref = CausalLMLogps(load_causal_lm(ref_cfg), chunk_size=cfg.train.logprob_chunk_size)
+    ref.requires_grad_(False)
+    return dist.shard(ref.to(device)).eval()
+
+
+class ActorCritic(nn.Module):
+    """Policy and critic side by side, so that one optimizer, one gradient clip and one atomic
+    checkpoint cover both (TRL's PolicyAndValueWrapper). Each is sharded on its own."""
+
+    def __init__(self, policy: CausalLMLogps, critic: TokenValues):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+
+def build_optimizer(models: ActorCritic, cfg: PPOConfig) -> torch.optim.Optimizer:
+    """AdamW: the policy at train.lr, the critic at ppo.critic_lr; no decay on 1-D tensors."""
+    tc = cfg.train
+    groups = []
+    for module, lr in ((models.policy, tc.lr), (models.critic, cfg.ppo.critic_lr or tc.lr)):
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups += [{"params": [p for p in params if p.dim() >= 2], "lr": lr,
+                    "weight_decay": tc.weight_decay},
+                   {"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
+                             eps=tc.adam_eps, fused=True)
+
+
+# ------------------------------------------------------------------------------ the update
+
+
+@dataclass
+class PPOBatch:
+    """Rows of a scored rollout: sequences (b, P + C), completion tensors (b, C)."""
+    input_ids: torch.Tensor  # (b, P + C) long: left-padded prompt, right-padded completion
+    attention_mask: torch.Tensor  # (b, P + C) bool, True on real tokens
+    position_ids: torch.Tensor  # (b, P + C) long
+    completion_mask: torch.Tensor  # (b, C) bool, True on generated tokens
+    old_logps: torch.Tensor  # (b, C) fp32 policy log-probs before the update
+    old_values: torch.Tensor  # (b, C) fp32 critic values before the update
+    advantages: torch.Tensor  # (b, C) fp32 (whitened)
+    returns: torch.Tensor  # (b, C) fp32 value targets
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1] - self.completion_mask.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    def select(self, rows: torch.Tensor) -> "PPOBatch":
+        """These rows, without the columns that are padding in all of them."""
+        P = self.prompt_len
+        real = self.attention_mask[rows]
+        first = int(real[:, :P].any(dim=0).long().argmax())  # first column with a prompt token
+        width = int(self.completion_mask[rows].any(dim=0).nonzero().max()) + 1
+        seq, comp = slice(first, P + width), slice(0, width)
+        out = {}
+        for f in fields(self):
+            t = getattr(self, f.name)[rows]
+            out[f.name] = t[:, seq] if t.shape[1] == self.input_ids.shape[1] else t[:, comp]
+        return PPOBatch(**out)
+
+    def to(self, device) -> "PPOBatch":
+        return PPOBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def ppo_loss(models: ActorCritic, b: PPOBatch, *, pc: PPOParams) -> tuple[torch.Tensor, dict]:
+    """Summed clipped surrogate + vf_coef * clipped value loss over the completion tokens (the
+    optimizer divides by the mini-batch's token count: token means). Metrics are token sums."""
+    P, mask = b.prompt_len, b.completion_mask
+    logps = models.policy(b.input_ids, b.attention_mask, b.position_ids, start=P)  # (b, C)
+    values = models.critic(b.input_ids, b.attention_mask, b.position_ids)[:, P:]  # (b, C)
+    pg, pm = clipped_surrogate(logps, b.old_logps, b.advantages, mask,
+                               eps_low=pc.clip_eps, eps_high=pc.clip_eps)
+    vl, vm = value_loss(values, b.old_values, b.returns, mask, clip=pc.value_clip)
+    pg_sum, _ = aggregate_sum(pg, mask, mode="token_mean")
+    vl_sum, _ = aggregate_sum(vl, mask, mode="token_mean")
+    n = float(b.num_tokens)
+    return pg_sum + pc.vf_coef * vl_sum, {
+        "loss/policy": pg_sum.item(), "value/loss": vl_sum.item(),
+        "policy/clipfrac": (pm["clipfrac_low"] + pm["clipfrac_high"]) * n,
+        "policy/approx_kl": pm["approx_kl"] * n, "value/clipfrac": vm["vf_clipfrac"] * n}
+
+
+def check_batch_sizes(cfg: PPOConfig) -> tuple[int, int]:
+    """(rollout rows per rank, rows per mini-batch); every split must be even."""
+    tc, pc, world = cfg.train, cfg.ppo, dist.world_size()
+    if tc.batch_size % world:
+        raise ConfigError(f"train.batch_size ({tc.batch_size}) must divide by the world size "
+                          f"({world})")
+    rows = tc.batch_size // world * pc.samples_per_prompt
+    if pc.mini_batches < 1 or rows % pc.mini_batches:
+        raise ConfigError(f"the {rows} rollout rows per rank (train.batch_size x "
+                          f"ppo.samples_per_prompt / world size) must split into ppo.mini_batches "
+                          f"({pc.mini_batches}) equal mini-batches")
+    mini = rows // pc.mini_batches
+    if mini % tc.micro_batch_size:
+        raise ConfigError(f"a mini-batch of {mini} rows must split into micro-batches of "
+                          f"train.micro_batch_size ({tc.micro_batch_size})")
+    if pc.update_epochs < 1:
+        raise ConfigError(f"ppo.update_epochs must be >= 1, got {pc.update_epochs}")
+    return rows, mini
+
+
+def seeded(seed: int, *parts: int, device="cpu") -> torch.Generator:
+    """A generator that depends only on (seed, parts): resumed runs draw the same numbers."""
+    value = seed
+    for p in parts:
+        value = value * 1_000_003 + p
+    return torch.Generator(device=device).manual_seed(value % (2**63))
+
+
+def global_mean(total: float, count: float) -> float:
+    return dist.all_reduce_sum(total).item() / max(1.0, dist.all_reduce_sum(count).item())
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def run(cfg: PPOConfig) -> dict:
+    dist.init()
+    device = dist.device()
+    tc, pc, run_dir = cfg.train, cfg.ppo, Path(cfg.run.output_dir)
+    tc.precision = resolve_precision(tc.precision, device)
+    rows_per_rank, mini_rows = check_batch_sizes(cfg)
+    G = pc.samples_per_prompt
+    if pc.temperature != 1.0:
+        raise ConfigError("ppo.temperature must be 1.0: the PPO ratio compares log-probs of the "
+                          "untempered policy, so a tempered sampler would make rollouts "
+                          "off-policy (use top_p / top_k to shape sampling instead)")
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+
+    # --- data: prompt rows (+ columns for the reward functions) --------------------------------
+    tokenizer = load_tokenizer(cfg.model)
+    prompts, eval_prompts = load_prompts(cfg, tokenizer)
+    if len(prompts) < tc.batch_size:
+        raise ConfigError(f"train.batch_size ({tc.batch_size}) exceeds the {len(prompts)} "
+                          "prompts; lower it or add data")
+    steps_per_epoch = len(prompts) // tc.batch_size
+    total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.epochs * steps_per_epoch)
+
+    # --- models: policy, critic, reference, reward ----------------------------------------------
+    policy = CausalLMLogps(load_causal_lm(cfg.model), chunk_size=tc.logprob_chunk_size)
+    critic = TokenValues(load_value_model(critic_source(cfg), tokenizer.pad_token_id))
+    if tc.gradient_checkpointing:
+        for m in (policy.causal_lm(), critic.model):
+            (m.get_base_model() if hasattr(m, "get_base_model") else m) \
+                .gradient_checkpointing_enable()
+    models = ActorCritic(dist.shard(policy.to(device)), dist.shard(critic.to(device))).train()
+    policy, critic = models.policy, models.critic
+    reference = load_reference(cfg, device)
+    reward_fn = build_reward(pc, device)
+    updates_per_step = pc.update_epochs * pc.mini_batches
+    optimizer = build_optimizer(models, cfg)
+    scheduler = build_scheduler(optimizer, tc, total_steps * updates_per_step)
+    backend = TorchBackend(policy, tokenizer, precision=tc.precision)
+    sampling = SamplingParams(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature,
+                              top_p=pc.top_p, top_k=pc.top_k, stop=tuple(pc.stop), group_size=G)
+
+    # --- resume: both models, optimizer, scheduler, KL coefficient, step ------------------------
+    ckpt_root = run_dir / "checkpoints"
+    start_step, kl_coef = 0, pc.kl_coef
+    if cfg.run.resume:
+        last = checkpoint.latest(ckpt_root)
+        if last is None:
+            raise ConfigError(f"run.resume is true but {ckpt_root} holds no checkpoint")
+        state = checkpoint.load(last, model=models, optimizer=optimizer, scheduler=scheduler)
+        start_step, kl_coef = state["step"], state["kl_coef"]
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, total_steps=total_steps, description="ppo",
+                           tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
+                           start_step=start_step)
+    n_params = sum(p.numel() for p in models.parameters() if p.requires_grad)
+    logger.print(f"ppo: {len(prompts)} train / {len(eval_prompts)} held-out prompts, "
+                 f"{total_steps} steps of {tc.batch_size} prompts x {G} samples, "
+                 f"{updates_per_step} updates per step, {n_params / 1e6:.1f}M "
+                 f"trainable parameters (policy + critic), reward "
+                 f"{'+'.join(n for n, _, _ in reward_fn.components)}, reference "
+                 f"{'adapter-disabled base' if reference is None else 'frozen copy'}, "
+                 f"{tc.precision} on {device}, world size {dist.world_size()}")
+    evaluate = lambda: evaluate_greedy(backend, reward_fn, eval_prompts,  # noqa: E731
+                                       max_new_tokens=pc.max_new_tokens)
+    eval_before = evaluate()
+    logger.log(start_step, eval_before)
+
+    history = []
+    for step in range(start_step, total_steps):
+        rows = step_items(prompts, step, tc.batch_size, tc.seed)[dist.shard_indices(tc.batch_size)]
+
+        # --- generate -------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        rollout = backend.generate([r.ids for r in rows], sampling,
+                                   generator=seeded(tc.seed, step, dist.rank(), device=device))
+        rollout = rollout.to("cpu")
+        t_generate = time.perf_counter() - t0
+
+        # --- score: old log-probs + entropy, reference log-probs, values, rewards ---------------
+        t0 = time.perf_counter()
+        columns = {k: [r.columns.get(k) for r in rows for _ in range(G)] for k in rows[0].columns}
+        sc = score_rollout(rollout, [r.prompt for r in rows for _ in range(G)], columns,
+                           policy=policy, reference=reference, critic=critic, reward_fn=reward_fn,
+                           micro_batch_size=tc.micro_batch_size)
+        t_score = time.perf_counter() - t0
+
+        # --- advantages: KL-shaped per-token rewards, GAE, whitening ---------------------------
+        mask = rollout.completion_mask  # (B, C)
+        kl = torch.where(mask, kl_penalty(sc.logps, sc.ref_logps, kind="k1"), torch.zeros(()))
+        token_rewards = kl_shaped_rewards(sc.rewards, kl, mask, kl_coef=kl_coef)  # (B, C)
+        advantages, returns = gae(token_rewards, sc.values, mask, gamma=pc.gamma, lam=pc.lam)
+        if pc.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        batch = PPOBatch(rollout.input_ids(), rollout.attention_mask(), rollout.position_ids(),
+                         mask, sc.logps, sc.values, advantages, returns)
+
+        # --- update: update_epochs x mini_batches optimizer steps, micro-batched ---------------
+        t0, mbs = time.perf_counter(), tc.micro_batch_size
+        sums: dict[str, float] = {}
+        for epoch in range(pc.update_epochs):
+            order = torch.randperm(rows_per_rank, generator=seeded(tc.seed, step, epoch, 7))
+            for k in range(pc.mini_batches):
+                mini = order[k * mini_rows:(k + 1) * mini_rows]
+                micro = [batch.select(mini[i:i + mbs]).to(device)
+                         for i in range(0, mini_rows, mbs)]
+                try:
+                    m = train_step(models, micro, loss_fn=lambda mo, b: ppo_loss(mo, b, pc=pc),
+                                   count_units=lambda b: b.num_tokens, optimizer=optimizer,
+                                   scheduler=scheduler, device=device, precision=tc.precision,
+                                   max_grad_norm=tc.max_grad_norm)
+                except FloatingPointError as err:
+                    raise FloatingPointError(f"step {step + 1}: {err}") from None
+                for key in ("loss/policy", "value/loss", "policy/clipfrac", "policy/approx_kl",
+                            "value/clipfrac"):
+                    sums[key] = sums.get(key, 0.0) + m[key] / m["units"] / updates_per_step
+                sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) \
+                    + m["grad_norm"] / updates_per_step
+                lr = m["lr"]
+        t_update = time.perf_counter() - t0
+
+        # --- KL controller, metrics, checkpoint ------------------------------------------------
+        B = rollout.completion_mask.shape[0]
+        lengths = mask.sum(dim=1).float()  # (B,)
+        seq_kl = kl.sum(dim=1)  # (B,) k1 summed over each completion
+        mean_kl = global_mean(seq_kl.sum().item(), B)
+        reward_mean = global_mean(sc.rewards.sum().item(), B)
+        reward_sq = global_mean(sc.rewards.square().sum().item(), B)
+        metrics = {
+            "reward/mean": reward_mean,
+            "reward/std": math.sqrt(max(0.0, reward_sq - reward_mean ** 2)),
+            **{f"reward/{name}/mean": global_mean(sum(s), len(s))
+               for name, s in sc.components.items()},
+            "kl/k1": mean_kl, "kl/coef": kl_coef,
+            "policy/entropy": global_mean(sc.entropy[mask].sum().item(), mask.sum().item()),
+            **sums,
+            "value/explained_variance": explained_variance(sc.values, returns, mask).item(),
+            "completions/mean_length": global_mean(lengths.sum().item(), B),
+            "completions/truncated_frac": global_mean(rollout.truncated.sum().item(), B),
+            "optim/lr": lr, "timing/generate": t_generate, "timing/score": t_score,
+            "timing/update": t_update, "memory/peak_mb": peak_memory_mb(),
+            "epoch": (step + 1) / steps_per_epoch}
+        if pc.kl_target is not None:
+            kl_coef = adaptive_kl_coef(kl_coef, mean_kl, target=pc.kl_target,
+                                       horizon=pc.kl_horizon,
+                                       n_steps=int(dist.all_reduce_sum(B).item()))
+        if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
+            metrics.update(evaluate())
+        if (step + 1) % cfg.run.log_every == 0 or step + 1 == total_steps:
+            logger.log(step + 1, metrics)
+        history.append(metrics)
+        logger.advance(step + 1, f"reward {reward_mean:.3f} kl {mean_kl:.3f}")
+        if step + 1 == total_steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+            checkpoint.save(ckpt_root, step + 1, model=models, optimizer=optimizer,
+                            scheduler=scheduler, keep_last=cfg.run.keep_last,
+                            trainer_state={"total_steps": total_steps, "kl_coef": kl_coef})
+    logger.close()
+
+    eval_after = evaluate()
+    logger.log(total_steps, eval_after)
+    if "eval/reward" in eval_before:
+        logger.print(f"held-out reward ({len(eval_prompts)} prompts, greedy): "
+                     f"{eval_before['eval/reward']:.3f} -> {eval_after['eval/reward']:.3f}")
+    if "eval/accuracy" in eval_before:
+        logger.print(f"held-out accuracy (greedy): {eval_before['eval/accuracy']:.1%} -> "
+                     f"{eval_after['eval/accuracy']:.1%}")
+
+    # --- save: the policy as a plain HF directory (LoRA merged) ---------------------------------
+    out_dir = run_dir / "policy"
+    if dist.world_size() == 1 and dist.is_main():  # under FSDP2: `tether export` from checkpoints
+        checkpoint.export(policy.model, tokenizer, out_dir)
+    dist.barrier()
+    logger.print(f"policy: {out_dir} (AutoModelForCausalLM.from_pretrained)")
+    return {"history": history, "eval_before": eval_before, "eval_after": eval_after,
+            "accuracy_before": eval_before.get("eval/accuracy"),
+            "accuracy_after": eval_after.get("eval/accuracy"), "models": models,
+            "tokenizer": tokenizer, "run_dir": run_dir, "policy_dir": out_dir}
