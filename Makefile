@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tether sft
+	$(BIN)/tether grpo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -82,7 +82,7 @@ def build_data(path: Path, n_pairs: int, target_tokens: int) -> tuple[str, float
         budget = target_tokens - prompt_len - 2  # <|im_end|> and the newline after it
         out = {"prompt": row["prompt"]}
         for j, side in enumerate(("chosen", "rejected")):
-            text, k = row[side][0]["content"], 7 * i + j
+            text, k = row[side][0]["content"], 7 * i + j + 101  # not itself
             while len(tok(text, add_special_tokens=False)["input_ids"]) < budget:
                 text += " " + pool[k % len(pool)]
                 k += 13

@@ -11,7 +11,8 @@ Run on an idle machine (results go in benchmarks/README.md):
 
 Check that both halves start (2 steps each):
 
-    .venv/bin/python benchmarks/grpo_vs_trl.py --trl-python benchmarks/.venv-trl/bin/python --steps 2
+    .venv/bin/python benchmarks/grpo_vs_trl.py --steps 2 \
+        --trl-python benchmarks/.venv-trl/bin/python
 
 Setting (issue 5): the default model (SmolLM2-135M-Instruct, the fp32 safetensors directory tether
 converts once into its cache), full fine-tune, fp32, 4 prompts x 8 samples x at most 32 new
@@ -84,7 +85,8 @@ def build_data(path: Path, n_prompts: int) -> str:
     from tether.data.prompts import builtin_prompt_rows
     from tether.engine.models import resolve_model_dir
 
-    rows = builtin_prompt_rows(n_prompts, system_prompt=GRPOParams().task_system_prompt)
+    rows = builtin_prompt_rows(n_prompts, difficulty=GRPOParams().task_difficulty,
+                               shots=GRPOParams().task_shots)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(resolve_model_dir(ModelConfig()))
 

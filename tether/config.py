@@ -135,7 +135,8 @@ class RewardModelConfig:
 class RMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5, epochs=2.0))
+    # one epoch of the built-in set (216 pairs, 27 steps) is minutes on 2 CPU cores
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5, epochs=1.0))
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rm"))
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
 
@@ -244,32 +245,34 @@ class GRPOParams:
     loss_type: str = "grpo"  # grpo | dr_grpo | dapo | gspo | rloo
     group_size: int = 8  # G completions sampled per prompt
     prompts_per_step: int = 4  # prompts per step (all ranks); a step trains on prompts x G rows
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     stop: list[str] = field(default_factory=list)  # stop strings (the completion ends after one)
-    # reward functions: arithmetic | format | module:function (imported only when named)
-    rewards: list[str] = field(default_factory=lambda: ["arithmetic", "format"])
+    # reward functions: arithmetic | format | worked | module:function (imported only when named)
+    rewards: list[str] = field(default_factory=lambda: ["arithmetic", "worked"])
     reward_weights: list[float] | None = None  # one per entry of `rewards`; null = all 1
     beta: float = 0.0  # k3 KL-to-reference coefficient in the loss; 0 = no reference model at all
     eps_low: float | None = None  # clip range 1 - eps_low; null = the loss type's default
     eps_high: float | None = None  # clip range 1 + eps_high; null = the loss type's default
-    dynamic_sampling: bool | None = None  # drop groups whose rewards are all equal; null = loss type's
+    dynamic_sampling: bool | None = None  # drop groups with all-equal rewards; null = loss type's
     num_iterations: int = 1  # optimizer steps per rollout (> 1: importance ratios vs old log-probs)
-    task_difficulty: str = "easy"  # built-in arithmetic prompts (data.path unset): easy | medium | hard
+    task_difficulty: str = "single"  # built-in task (no data.path): single|easy|medium|hard
     task_size: int = 1000  # built-in training prompts
-    # built-in task: a system message showing the reply format (null = none; see docs/grpo.md)
-    task_system_prompt: str | None = "Reply in this form:\n2 + 3 = 5\nAnswer: 5"
+    task_shots: int = 1  # built-in task: worked examples (chat turns) before each problem
 
 
 @dataclass
 class GRPOConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # defaults: the `make demo` run (LoRA; docs/grpo.md has the measurements behind them)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(lora=LoraConfig(r=16,
+                                                                                    alpha=32.0)))
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        lr=1e-5, schedule="constant", warmup_ratio=0.0, max_steps=30, micro_batch_size=8))
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/grpo"))
+        lr=3e-4, schedule="constant", warmup_ratio=0.0, max_steps=16, micro_batch_size=8))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/grpo",
+                                                             eval_generations=64))
     grpo: GRPOParams = field(default_factory=GRPOParams)
 
 

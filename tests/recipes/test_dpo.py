@@ -108,6 +108,30 @@ def test_reference_cached_and_reused(tiny_model_dir, tmp_path, monkeypatch):
     _run(tiny_model_dir, tmp_path / "d", data, "--train.max_steps=1", "--dpo.loss=simpo")
 
 
+def test_reference_scores_only_the_items_the_run_uses(tiny_model_dir, tmp_path, monkeypatch):
+    """2 steps of 4 on 16 train pairs use 8 of them: only those (and the eval pairs) are scored;
+    a longer run then scores just the ones the cache lacks, and its values for the first 8 are
+    the cached ones."""
+    rows = [dict(r, prompt=f"{r['prompt']} ({i})") for i in range(4) for r in ROWS]  # 20 rows
+    data = _write(tmp_path / "pref.jsonl", rows)
+    scored = []
+    real = dpo.reference_logps
+
+    def counting(policy, items, **kw):
+        scored.append(len(items))
+        return real(policy, items, **kw)
+
+    monkeypatch.setattr(dpo, "reference_logps", counting)
+    short = _run(tiny_model_dir, tmp_path / "a", data, "--train.max_steps=2")
+    assert scored == [8 + 4]  # 16 train pairs, 4 eval pairs
+    used = ~torch.isnan(short["ref_logps"][:, 0])
+    assert used.sum() == 12
+    long = _run(tiny_model_dir, tmp_path / "b", data, "--train.max_steps=8")  # 2 epochs
+    assert scored == [12, 8]
+    torch.testing.assert_close(long["ref_logps"][used], short["ref_logps"][used], atol=0, rtol=0)
+    assert not torch.isnan(long["ref_logps"]).any()
+
+
 def _score(model, items, tok):
     return dpo.reference_logps(model, items, pad_id=tok.pad_token_id, micro_batch_size=3,
                                device=torch.device("cpu"), precision="fp32")
@@ -126,7 +150,8 @@ def test_lora_reference_is_base_model(tiny_model_dir, tmp_path):
     torch.testing.assert_close(out["ref_logps"], want, atol=1e-5, rtol=1e-5)
     assert (_score(out["policy"], items, tok) - want).abs().max() > 1e-3  # the adapter trained
     cfg = load_config(DPOConfig, None, overrides)
-    again, _ = dpo.score_reference(cfg, out["policy"], items, tmp_path / "unused.safetensors",
+    again, _ = dpo.score_reference(cfg, out["policy"], items, list(range(len(items))),
+                                   tmp_path / "unused.safetensors",
                                    pad_id=tok.pad_token_id, device=torch.device("cpu"),
                                    precision="fp32")  # trained adapter, disabled for the reference
     torch.testing.assert_close(again, want, atol=1e-5, rtol=1e-5)
@@ -348,3 +373,24 @@ def test_heldout_generations_score_and_kl(tiny_model_dir, default_tokenizer, mon
     assert got["eval/kl"] == pytest.approx(sum(kl) / 3, abs=1e-3, rel=1e-4)
     assert got["eval/sentiment"] == pytest.approx(
         sum(sentiment.sentiment_score(t) for t in rollout.texts) / 3, abs=1e-9)
+
+
+def test_builtin_set_run_logs_heldout_sentiment_and_kl(tiny_model_dir, tmp_path, monkeypatch):
+    """No data.path: the built-in sentiment pairs, and eval/sentiment + eval/kl before (KL 0) and
+    after training on held-out prompts (a few short samples here)."""
+    from tether.data.tasks import sentiment
+
+    monkeypatch.setattr(sentiment, "MAX_NEW_TOKENS", 6)
+    overrides = [o for o in _overrides(tiny_model_dir, tmp_path / "run", "x")
+                 if not o.startswith("--data.path")]
+    cfg = load_config(DPOConfig, None, overrides + [  # few pairs: ~80-token rows, 49k vocab
+        "--train.max_steps=2", "--train.batch_size=2", "--data.max_length=128",
+        "--data.eval_fraction=0.01", "--run.eval_generations=4"])
+    assert cfg.data.path is None
+    out = dpo.run(cfg)
+    assert len(out["items"]) == len(sentiment.preference_rows())
+    before, after = out["generations_before"], out["generations_after"]
+    assert before["eval/kl"] == 0.0 and after["eval/kl"] != 0.0
+    assert -1 <= before["eval/sentiment"] <= 1 and -1 <= after["eval/sentiment"] <= 1
+    logged = _metrics(tmp_path / "run", "eval/kl")
+    assert logged == {0: 0.0, 2: pytest.approx(after["eval/kl"])}

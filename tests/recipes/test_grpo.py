@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tether.config import GRPOConfig, load_config
-from tether.data.prompts import builtin_prompt_rows
+from tether.data.prompts import split_task_rows
 from tether.engine import checkpoint
 from tether.errors import ConfigError, DataError
 from tether.recipes import grpo
@@ -45,8 +45,9 @@ def peaked_model_dir(tmp_path_factory, default_tokenizer):
 
 def overrides(model_dir, out_dir, *extra):
     return [f"--model.name_or_path={model_dir}", f"--run.output_dir={out_dir}",
-            "--train.max_steps=6", "--train.lr=1e-2", "--train.precision=fp32",
-            "--train.micro_batch_size=8", "--grpo.group_size=8", "--grpo.prompts_per_step=2",
+            "--model.lora.r=0", "--train.max_steps=6", "--train.lr=1e-2",
+            "--train.precision=fp32", "--train.micro_batch_size=8", "--grpo.group_size=8",
+            "--grpo.prompts_per_step=2",
             "--grpo.max_new_tokens=8", "--grpo.task_size=64", "--run.eval_generations=0",
             f"--grpo.rewards={__name__}:space_fraction", "--run.progress=false",
             "--run.tensorboard=false", *extra]
@@ -126,8 +127,8 @@ def test_dynamic_sampling_drops_equal_reward_groups(peaked_model_dir, tmp_path, 
     out = _run(peaked_model_dir, tmp_path / "ds", reward, "--train.max_steps=3",
                "--grpo.loss_type=dapo", "--grpo.prompts_per_step=4")
     cfg = load_config(GRPOConfig, None, overrides(peaked_model_dir, tmp_path))
-    rows = builtin_prompt_rows(cfg.grpo.task_size, difficulty="easy",
-                               system_prompt=cfg.grpo.task_system_prompt)
+    rows, _ = split_task_rows(cfg.grpo.task_size, 0, difficulty=cfg.grpo.task_difficulty,
+                              shots=cfg.grpo.task_shots)
     for step, h in enumerate(out["history"]):
         prompts = grpo.step_items(rows, step, 4, cfg.train.seed)
         even = sum(int(p["answer"]) % 2 == 0 for p in prompts)

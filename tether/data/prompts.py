@@ -25,23 +25,43 @@ class PromptExample:
     columns: dict = field(default_factory=dict)  # the row's other fields, for reward functions
 
 
+SHOTS = (("23 + 45", 68), ("17 - 52", -35))  # worked examples shown before a problem
+
+
+def shot_messages(shots: int) -> list[dict]:
+    """The first `shots` worked examples as user / assistant turns, in the task's own format."""
+    if not 0 <= shots <= len(SHOTS):
+        raise ValueError(f"shots must be between 0 and {len(SHOTS)}, got {shots}")
+    turns = []
+    for expr, answer in SHOTS[:shots]:
+        turns += [{"role": "user", "content": f"What is {expr}? {arithmetic.INSTRUCTION}"},
+                  {"role": "assistant", "content": f"{expr} = {answer}\nAnswer: {answer}"}]
+    return turns
+
+
 def builtin_prompt_rows(n: int, *, seed: int = 0, difficulty: str = "easy",
-                        system_prompt: str | None = None) -> list[dict]:
-    """Arithmetic prompts with their exact `answer` (the verifier's column), after an optional
-    system message."""
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [{"prompt": system + p["prompt"], "answer": p["answer"]}
+                        shots: int = 0) -> list[dict]:
+    """Arithmetic prompts with their exact `answer` (the verifier's column), each after
+    `shots` worked examples."""
+    prefix = shot_messages(shots)
+    return [{"prompt": prefix + p["prompt"], "answer": p["answer"]}
             for p in arithmetic.arithmetic_problems(n, seed=seed, difficulty=difficulty)]
 
 
-def heldout_prompt_rows(n: int, exclude: list[dict], *, difficulty: str = "easy",
-                        system_prompt: str | None = None, seed: int = 10_000) -> list[dict]:
-    """n arithmetic prompts whose text appears nowhere in `exclude` (the training rows)."""
-    seen = {repr(r["prompt"]) for r in exclude}
-    fresh = [r for r in builtin_prompt_rows(2 * n + 10, seed=seed, difficulty=difficulty,
-                                            system_prompt=system_prompt)
+def split_task_rows(task_size: int, n_eval: int, *, difficulty: str = "easy",
+                    shots: int = 0) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows) of the built-in arithmetic task: n_eval distinct problems
+    (seed 10000) and task_size problems (seed 0) minus any whose prompt is held out, so that no
+    held-out problem is ever trained on (the 1-digit task has only 162 distinct problems)."""
+    task = {"difficulty": difficulty, "shots": shots}
+    held, seen = [], set()
+    for row in builtin_prompt_rows(4 * n_eval + 20, seed=10_000, **task):
+        if len(held) < n_eval and repr(row["prompt"]) not in seen:
+            held.append(row)
+            seen.add(repr(row["prompt"]))
+    train = [r for r in builtin_prompt_rows(task_size, seed=0, **task)
              if repr(r["prompt"]) not in seen]
-    return fresh[:n]
+    return train, held
 
 
 def tokenize_prompt_rows(numbered: list[tuple[int, dict]], tokenizer, cfg: DataConfig,
@@ -90,18 +110,16 @@ def load_prompt_examples(cfg: DataConfig, tokenizer, *, rows: list[dict] | None 
 
 
 def load_rl_prompts(cfg: DataConfig, tokenizer, *, n_eval: int, task_size: int,
-                    difficulty: str = "easy", system_prompt: str | None = None
+                    difficulty: str = "easy", shots: int = 0
                     ) -> tuple[list[PromptExample], list[PromptExample]]:
     """(train, held-out) prompts of an RL run: from data.path (held out as data.eval_path or
     data.eval_fraction says, at most n_eval of them), or without data.path the built-in
     arithmetic task: task_size problems and n_eval held-out problems that appear nowhere in
-    training, each after an optional system message."""
+    training, each after `shots` worked examples."""
     if cfg.path is not None:
         train, held = load_prompt_examples(cfg, tokenizer)
         return train, held[:n_eval]
-    task = {"difficulty": difficulty, "system_prompt": system_prompt}
-    rows = builtin_prompt_rows(task_size, **task)
-    held = heldout_prompt_rows(n_eval, rows, **task)
+    rows, held = split_task_rows(task_size, n_eval, difficulty=difficulty, shots=shots)
     return (tokenize_prompt_rows(list(enumerate(rows, start=1)), tokenizer, cfg,
                                  "built-in arithmetic prompts"),
             tokenize_prompt_rows(list(enumerate(held, start=1)), tokenizer, cfg,

@@ -6,7 +6,13 @@ Stages: data -> model -> score (reference log-probs once, cached on disk) -> (re
 Chosen and rejected sequences go through the policy in one forward (stacked along the batch and
 padded to a common length). A sequence's log-prob is the sum of its completion tokens' log-probs;
 SimPO, ORPO and IPO use the per-token mean. The loss of a micro-batch is the *sum* of its pairs'
-losses and the optimizer divides by the global number of pairs, so accumulation is exact.
+losses and the optimizer divides by the global number of pairs, so accumulation is exact. KTO's
+reference point is one detached estimate per step (all micro-batches and ranks), from a no-grad
+forward over the step's mismatched sequences.
+
+Without `data.path` the run trains on the built-in sentiment pairs and, before and after,
+samples completions for held-out prompts: their VADER score (the ground truth) and the KL of the
+policy to the reference on them (docs/dpo.md).
 """
 
 from __future__ import annotations
@@ -214,24 +220,45 @@ def reference_cache_path(cfg: DPOConfig, data_hash: str, tokenizer, unpaired: bo
     return cache_dir() / "ref_logps" / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
 
 
-def score_reference(cfg: DPOConfig, policy: CausalLMLogps, items: list, path: Path, *, pad_id,
-                    device, precision: str) -> tuple[torch.Tensor, str]:
-    """Cached reference log-probs, or a no-grad pass: a separate `dpo.ref_model` (deleted after),
-    the LoRA policy with its adapter disabled, or the policy itself before any update."""
+def score_reference(cfg: DPOConfig, policy: CausalLMLogps, items: list, needed: list[int],
+                    path: Path, *, pad_id, device, precision: str) -> tuple[torch.Tensor, str]:
+    """(N, 2) reference log-probs of the items, NaN for items this run never uses: read from the
+    cache where it has them, else a no-grad pass over the `needed` items it lacks (with a separate
+    `dpo.ref_model`, deleted after; the LoRA policy with its adapter disabled; or the policy
+    itself before any update). The cache grows as runs use more of the data."""
+    logps = torch.full((len(items), 2), float("nan"))
     if cfg.dpo.cache_reference and path.is_file():
-        logps = load_file(path)["logps"]
-        if logps.shape[0] == len(items):
-            return logps, f"reference log-probs: read from the cache {path}"
-    logps = on_reference(cfg, policy, partial(
-        reference_logps, items=items, pad_id=pad_id, micro_batch_size=cfg.train.micro_batch_size,
-        device=device, precision=precision), initial=True)
+        cached = load_file(path)["logps"]
+        logps = cached if cached.shape == logps.shape else logps
+    missing = [i for i in needed if torch.isnan(logps[i]).any()]
+    if not missing:
+        return logps, f"reference log-probs: read from the cache {path}"
+    if dist.is_main():
+        print(f"reference log-probs: scoring {len(missing)} items (no grad)...", flush=True)
+    logps[missing] = on_reference(cfg, policy, partial(
+        reference_logps, items=[items[i] for i in missing], pad_id=pad_id,
+        micro_batch_size=cfg.train.micro_batch_size, device=device, precision=precision),
+        initial=True)
     if cfg.dpo.cache_reference and dist.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{random.getrandbits(32)}")
         save_file({"logps": logps.contiguous()}, tmp)
         tmp.replace(path)
     dist.barrier()
-    return logps, f"reference log-probs: scored {len(items)} items (cache: {path})"
+    return logps, (f"reference log-probs: scored {len(missing)} items (those of the {len(items)} "
+                   f"that this run uses and the cache lacked; cache: {path})")
+
+
+def items_used(n_train: int, n_eval: int, total_steps: int, batch_size: int, seed: int) -> list:
+    """Indices into train + eval items of those the run will see: every eval item, and the train
+    items of steps [0, total_steps), all of them once the run reaches a second epoch. Within the
+    first epoch, `step_items` with a batch of total_steps * batch_size is exactly the union of the
+    first total_steps batches (the same seeded permutation, cut once)."""
+    if total_steps >= n_train // batch_size:
+        train = range(n_train)
+    else:
+        train = step_items(list(range(n_train)), 0, total_steps * batch_size, seed)
+    return sorted(train) + list(range(n_train, n_train + n_eval))
 
 
 @torch.no_grad()
@@ -332,7 +359,9 @@ def run(cfg: DPOConfig) -> dict:
     ref_note, t_ref = "reference-free loss: no reference model", time.perf_counter()
     if dc.loss not in REFERENCE_FREE:
         path = reference_cache_path(cfg, data_hash, tokenizer, unpaired)
-        logps, ref_note = score_reference(cfg, policy, train_items + eval_items, path,
+        needed = items_used(len(train_items), len(eval_items), total_steps, tc.batch_size,
+                            tc.seed)
+        logps, ref_note = score_reference(cfg, policy, train_items + eval_items, needed, path,
                                           pad_id=pad_id, device=device, precision=tc.precision)
         for item, row in zip(train_items + eval_items, logps.tolist()):
             item.ref = (row[0], row[1])

@@ -25,7 +25,7 @@ import torch
 
 from tether.advantages import group_advantages, rloo_advantages
 from tether.config import GRPOConfig, GRPOParams, ModelConfig, save_config
-from tether.data.prompts import PromptExample, load_rl_prompts
+from tether.data.prompts import SHOTS, PromptExample, load_rl_prompts
 from tether.data.tasks.arithmetic import DIFFICULTIES
 from tether.engine import checkpoint, dist
 from tether.engine.generate import Rollout, SamplingParams, TorchBackend
@@ -270,9 +270,12 @@ def run(cfg: GRPOConfig) -> dict:
     if cfg.data.path is None and gc_.task_difficulty not in DIFFICULTIES:
         raise ConfigError(f"grpo.task_difficulty must be one of {', '.join(DIFFICULTIES)}, "
                           f"got '{gc_.task_difficulty}'")
+    if cfg.data.path is None and not 0 <= gc_.task_shots <= len(SHOTS):
+        raise ConfigError(f"grpo.task_shots must be between 0 and {len(SHOTS)}, "
+                          f"got {gc_.task_shots}")
     train_prompts, eval_prompts = load_rl_prompts(
         cfg.data, tokenizer, n_eval=cfg.run.eval_generations, task_size=gc_.task_size,
-        difficulty=gc_.task_difficulty, system_prompt=gc_.task_system_prompt)
+        difficulty=gc_.task_difficulty, shots=gc_.task_shots)
     if len(train_prompts) < gc_.prompts_per_step:
         raise ConfigError(f"grpo.prompts_per_step ({gc_.prompts_per_step}) exceeds the "
                           f"{len(train_prompts)} training prompts")

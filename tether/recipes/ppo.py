@@ -27,8 +27,8 @@ from torch import nn
 
 from tether.advantages import explained_variance, gae, kl_shaped_rewards, whiten
 from tether.config import ModelConfig, PPOConfig, PPOParams, save_config
-from tether.data.prompts import (PromptExample, builtin_prompt_rows, heldout_prompt_rows,
-                                 load_prompt_examples, tokenize_prompt_rows)
+from tether.data.prompts import (PromptExample, builtin_prompt_rows, load_prompt_examples,
+                                 tokenize_prompt_rows)
 from tether.data.tasks import builtin_sft_rows
 from tether.engine import checkpoint, dist
 from tether.engine.generate import SamplingParams, TorchBackend
@@ -47,14 +47,16 @@ from tether.rewards import RewardModelScorer, WeightedSum, load_reward
 
 def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[PromptExample], list[PromptExample]]:
     """(train, held-out) prompts: data.path rows (TRL prompt-only; other fields are reward
-    columns), or built-in arithmetic prompts (seed 1: not the problems of the built-in SFT and
-    preference sets) with held-out problems that appear in neither."""
+    columns), or built-in arithmetic prompts (seed 1: not the problems of the built-in SFT set)
+    with held-out problems that appear in neither."""
     n_eval = cfg.run.eval_generations
     if cfg.data.path is not None:
         train, held = load_prompt_examples(cfg.data, tokenizer)
         return train, held[:n_eval]
     rows = builtin_prompt_rows(200, seed=1)
-    held = heldout_prompt_rows(n_eval, rows + builtin_sft_rows())
+    seen = {repr(r["prompt"]) for r in rows + builtin_sft_rows()}
+    held = [r for r in builtin_prompt_rows(2 * n_eval + 10, seed=10_000)
+            if repr(r["prompt"]) not in seen][:n_eval]
     return (tokenize_prompt_rows(list(enumerate(rows, 1)), tokenizer, cfg.data,
                                  "built-in arithmetic prompts"),
             tokenize_prompt_rows(list(enumerate(held, 1)), tokenizer, cfg.data,

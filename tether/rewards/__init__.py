@@ -11,7 +11,8 @@ from tether.rewards.base import (RewardError, RewardFn, RewardScores, WeightedSu
                                  call_reward, check_scores, load_python_reward, load_reward)
 from tether.rewards.model import RewardModelScorer
 from tether.rewards.process import ProcessRewardScorer, ProcessScores, aggregate_steps
-from tether.rewards.verifiers import ArithmeticVerifier, FormatReward, SentimentReward
+from tether.rewards.verifiers import (ArithmeticVerifier, FormatReward, SentimentReward,
+                                     WorkedFormatReward)
 
 __all__ = [
     "ArithmeticVerifier",
@@ -24,6 +25,7 @@ __all__ = [
     "RewardScores",
     "SentimentReward",
     "WeightedSum",
+    "WorkedFormatReward",
     "aggregate_steps",
     "builtin_rewards",
     "call_reward",

@@ -95,9 +95,11 @@ def load_python_reward(spec: str) -> RewardFn:
 
 def builtin_rewards() -> dict[str, type]:
     """Reward functions known by a plain name in config (classes; call one to get the function)."""
-    from tether.rewards.verifiers import ArithmeticVerifier, FormatReward, SentimentReward
+    from tether.rewards.verifiers import (ArithmeticVerifier, FormatReward, SentimentReward,
+                                         WorkedFormatReward)
 
-    return {"arithmetic": ArithmeticVerifier, "format": FormatReward, "sentiment": SentimentReward}
+    return {"arithmetic": ArithmeticVerifier, "format": FormatReward, "sentiment": SentimentReward,
+            "worked": WorkedFormatReward}
 
 
 def load_reward(name: str) -> RewardFn:

@@ -30,6 +30,15 @@ class FormatReward:
         return [1.0 if arithmetic.format_ok(c) else 0.0 for c in completions]
 
 
+class WorkedFormatReward:
+    """1.0 when the completion ends with a line '... = N' then 'Answer: N' (the worked form of the
+    arithmetic task's demonstrations), else 0.0. Unlike `FormatReward`, a bare 'Answer: N' earns
+    nothing: rewarding it teaches a small model to skip the sum (docs/grpo.md)."""
+
+    def __call__(self, prompts: list, completions: list[str], **columns: Any) -> list[float]:
+        return [1.0 if arithmetic.shows_work(c) else 0.0 for c in completions]
+
+
 class SentimentReward:
     """VADER compound sentiment of the completion in [-1, 1]: the ground truth of the built-in
     sentiment preference set (tether/data/tasks/sentiment.py); positive tone scores high."""

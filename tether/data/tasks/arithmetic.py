@@ -10,12 +10,14 @@ from __future__ import annotations
 import random
 import re
 
-DIFFICULTIES = ("easy", "medium", "hard")
+DIFFICULTIES = ("single", "easy", "medium", "hard")
 INSTRUCTION = "End your reply with 'Answer: N'."
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 
 
 def _expression(rng: random.Random, difficulty: str) -> str:
+    if difficulty == "single":  # 1-digit sums and differences (the GRPO demo's task)
+        return f"{rng.randint(1, 9)} {rng.choice('+-')} {rng.randint(1, 9)}"
     if difficulty == "easy":  # 1-2 digit sums and differences
         a, b = rng.randint(1, 99), rng.randint(1, 99)
         return f"{a} {rng.choice('+-')} {b}"
@@ -62,6 +64,16 @@ def extract_answer(text: str) -> int | None:
 def verify(text: str, answer: int) -> bool:
     """The last 'Answer: N' in `text` is exactly `answer`."""
     return extract_answer(text) == answer
+
+
+_WORKED = re.compile(r"=\s*(-?\d+)\s*\nAnswer:\s*(-?\d+)\s*$")
+
+
+def shows_work(text: str) -> bool:
+    """The reply ends like the task's demonstrations: a line '... = N', then 'Answer: N' with
+    the same N (so a bare 'Answer: N' does not count)."""
+    found = _WORKED.search(text)
+    return found is not None and found.group(1) == found.group(2)
 
 
 def format_ok(text: str) -> bool:
