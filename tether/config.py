@@ -261,6 +261,7 @@ class GRPOParams:
     task_difficulty: str = "single"  # built-in task (no data.path): single|easy|medium|hard
     task_size: int = 1000  # built-in training prompts
     task_shots: int = 1  # built-in task: worked examples (chat turns) before each problem
+    task_system_prompt: str | None = None  # built-in task: a system message before them (null: none)
 
 
 @dataclass

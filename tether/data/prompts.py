@@ -39,21 +39,22 @@ def shot_messages(shots: int) -> list[dict]:
     return turns
 
 
-def builtin_prompt_rows(n: int, *, seed: int = 0, difficulty: str = "easy",
-                        shots: int = 0) -> list[dict]:
-    """Arithmetic prompts with their exact `answer` (the verifier's column), each after
-    `shots` worked examples."""
-    prefix = shot_messages(shots)
-    return [{"prompt": prefix + p["prompt"], "answer": p["answer"]}
+def builtin_prompt_rows(n: int, *, seed: int = 0, difficulty: str = "easy", shots: int = 0,
+                        system_prompt: str | None = None) -> list[dict]:
+    """Arithmetic prompts with their exact `answer` and `expression` (the verifiers' columns),
+    each after an optional system message and `shots` worked examples."""
+    prefix = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+    prefix += shot_messages(shots)
+    return [{"prompt": prefix + p["prompt"], "answer": p["answer"], "expression": p["expression"]}
             for p in arithmetic.arithmetic_problems(n, seed=seed, difficulty=difficulty)]
 
 
-def split_task_rows(task_size: int, n_eval: int, *, difficulty: str = "easy",
-                    shots: int = 0) -> tuple[list[dict], list[dict]]:
+def split_task_rows(task_size: int, n_eval: int, *, difficulty: str = "easy", shots: int = 0,
+                    system_prompt: str | None = None) -> tuple[list[dict], list[dict]]:
     """(training rows, held-out rows) of the built-in arithmetic task: n_eval distinct problems
     (seed 10000) and task_size problems (seed 0) minus any whose prompt is held out, so that no
     held-out problem is ever trained on (the 1-digit task has only 162 distinct problems)."""
-    task = {"difficulty": difficulty, "shots": shots}
+    task = {"difficulty": difficulty, "shots": shots, "system_prompt": system_prompt}
     held, seen = [], set()
     for row in builtin_prompt_rows(4 * n_eval + 20, seed=10_000, **task):
         if len(held) < n_eval and repr(row["prompt"]) not in seen:
@@ -110,7 +111,7 @@ def load_prompt_examples(cfg: DataConfig, tokenizer, *, rows: list[dict] | None 
 
 
 def load_rl_prompts(cfg: DataConfig, tokenizer, *, n_eval: int, task_size: int,
-                    difficulty: str = "easy", shots: int = 0
+                    difficulty: str = "easy", shots: int = 0, system_prompt: str | None = None
                     ) -> tuple[list[PromptExample], list[PromptExample]]:
     """(train, held-out) prompts of an RL run: from data.path (held out as data.eval_path or
     data.eval_fraction says, at most n_eval of them), or without data.path the built-in
@@ -119,7 +120,8 @@ def load_rl_prompts(cfg: DataConfig, tokenizer, *, n_eval: int, task_size: int,
     if cfg.path is not None:
         train, held = load_prompt_examples(cfg, tokenizer)
         return train, held[:n_eval]
-    rows, held = split_task_rows(task_size, n_eval, difficulty=difficulty, shots=shots)
+    rows, held = split_task_rows(task_size, n_eval, difficulty=difficulty, shots=shots,
+                                 system_prompt=system_prompt)
     return (tokenize_prompt_rows(list(enumerate(rows, start=1)), tokenizer, cfg,
                                  "built-in arithmetic prompts"),
             tokenize_prompt_rows(list(enumerate(held, start=1)), tokenizer, cfg,

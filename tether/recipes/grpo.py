@@ -275,7 +275,8 @@ def run(cfg: GRPOConfig) -> dict:
                           f"got {gc_.task_shots}")
     train_prompts, eval_prompts = load_rl_prompts(
         cfg.data, tokenizer, n_eval=cfg.run.eval_generations, task_size=gc_.task_size,
-        difficulty=gc_.task_difficulty, shots=gc_.task_shots)
+        difficulty=gc_.task_difficulty, shots=gc_.task_shots,
+        system_prompt=gc_.task_system_prompt)
     if len(train_prompts) < gc_.prompts_per_step:
         raise ConfigError(f"grpo.prompts_per_step ({gc_.prompts_per_step}) exceeds the "
                           f"{len(train_prompts)} training prompts")

@@ -31,12 +31,19 @@ class FormatReward:
 
 
 class WorkedFormatReward:
-    """1.0 when the completion ends with a line '... = N' then 'Answer: N' (the worked form of the
-    arithmetic task's demonstrations), else 0.0. Unlike `FormatReward`, a bare 'Answer: N' earns
-    nothing: rewarding it teaches a small model to skip the sum (docs/grpo.md)."""
+    """1.0 when the completion ends with a line '<expression> = N' then 'Answer: N' (the worked
+    form of the arithmetic task's demonstrations), else 0.0; the row's `expression` column, when
+    there is one, must be the problem restated. Unlike `FormatReward`, a bare 'Answer: N' earns
+    nothing (rewarding it teaches a small model to skip the sum), nor does a copied example
+    (docs/grpo.md)."""
 
     def __call__(self, prompts: list, completions: list[str], **columns: Any) -> list[float]:
-        return [1.0 if arithmetic.shows_work(c) else 0.0 for c in completions]
+        expressions = columns.get("expression") or [None] * len(completions)
+        if len(expressions) != len(completions):
+            raise RewardError(f"reward function 'worked': {len(expressions)} expressions for "
+                              f"{len(completions)} completions")
+        return [1.0 if arithmetic.shows_work(c, e) else 0.0
+                for c, e in zip(completions, expressions)]
 
 
 class SentimentReward:

@@ -16,8 +16,9 @@ _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 
 
 def _expression(rng: random.Random, difficulty: str) -> str:
-    if difficulty == "single":  # 1-digit sums and differences (the GRPO demo's task)
-        return f"{rng.randint(1, 9)} {rng.choice('+-')} {rng.randint(1, 9)}"
+    if difficulty == "single":  # 1-digit sums and non-negative differences (the GRPO demo's task)
+        a, b, op = rng.randint(0, 9), rng.randint(0, 9), rng.choice("+-")
+        return f"{max(a, b)} - {min(a, b)}" if op == "-" else f"{a} + {b}"
     if difficulty == "easy":  # 1-2 digit sums and differences
         a, b = rng.randint(1, 99), rng.randint(1, 99)
         return f"{a} {rng.choice('+-')} {b}"
@@ -37,7 +38,7 @@ def _evaluate(expr: str) -> int:
 
 
 def arithmetic_problems(n: int, *, seed: int, difficulty: str = "easy") -> list[dict]:
-    """n problems as rows: prompt (messages), completion (messages), answer (int).
+    """n problems as rows: prompt (messages), completion (messages), answer (int), expression.
 
     Deterministic in (n, seed, difficulty); the first k of n problems are the k problems."""
     if difficulty not in DIFFICULTIES:
@@ -51,6 +52,7 @@ def arithmetic_problems(n: int, *, seed: int, difficulty: str = "easy") -> list[
             "prompt": [{"role": "user", "content": f"What is {expr}? {INSTRUCTION}"}],
             "completion": [{"role": "assistant", "content": f"{expr} = {answer}\nAnswer: {answer}"}],
             "answer": answer,
+            "expression": expr,
         })
     return rows
 
@@ -66,14 +68,18 @@ def verify(text: str, answer: int) -> bool:
     return extract_answer(text) == answer
 
 
-_WORKED = re.compile(r"=\s*(-?\d+)\s*\nAnswer:\s*(-?\d+)\s*$")
+_WORKED = re.compile(r"(?:^|\n)([^\n]*?)=\s*(-?\d+)\s*\nAnswer:\s*(-?\d+)\s*$")
 
 
-def shows_work(text: str) -> bool:
-    """The reply ends like the task's demonstrations: a line '... = N', then 'Answer: N' with
-    the same N (so a bare 'Answer: N' does not count)."""
+def shows_work(text: str, expression: str | None = None) -> bool:
+    """The reply ends like the task's demonstrations: a line '<expression> = N', then
+    'Answer: N' with the same N (so a bare 'Answer: N' does not count). With `expression` the
+    line must restate that problem (whitespace aside), so copying a worked example does not
+    count either."""
     found = _WORKED.search(text)
-    return found is not None and found.group(1) == found.group(2)
+    if found is None or found.group(2) != found.group(3):
+        return False
+    return expression is None or found.group(1).split() == expression.split()
 
 
 def format_ok(text: str) -> bool:
