@@ -20,7 +20,10 @@ optimizer step in one micro-batch, constant lr 1e-6, no evaluation, no checkpoin
 lengthened with other completions of the set and cut so that prompt + completion is about
 `--tokens` (115) tokens, the pairs written once to a JSONL file that both trainers read.
 
-Each trainer runs in its own subprocess (tether with this interpreter, TRL with `--trl-python`),
+Three trainers: `tether` (defaults: each pair's prompt runs once, the lm_head only on completion
+tokens), `tether-gc` (the same with `train.gradient_checkpointing=true`: activations recomputed
+in backward, prompts no longer shared) and `trl`. Each runs in its own subprocess (tether with
+this interpreter, TRL with `--trl-python`),
 with the same number of torch threads (`--threads`, default all cores). Reported per trainer:
 - `tokens_per_s`: non-padding tokens of the chosen and rejected sequences (each trainer counts
   its own batches) divided by the wall time of the optimizer steps, over the steps after the
@@ -44,9 +47,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 PAIRS_PER_STEP = 4
+CHILDREN = ["tether", "tether-gc", "trl"]
 LR, BETA = 1e-6, 0.1
 
 
@@ -99,7 +104,7 @@ def build_data(path: Path, n_pairs: int, target_tokens: int) -> tuple[str, float
 # ------------------------------------------------------------------------------ children
 
 
-def child_tether(data: str, model_dir: str, steps: int) -> dict:
+def child_tether(data: str, model_dir: str, steps: int, checkpointing: bool = False) -> dict:
     from tether.config import DPOConfig, load_config
     from tether.recipes import dpo
 
@@ -111,7 +116,8 @@ def child_tether(data: str, model_dir: str, steps: int) -> dict:
         f"--train.lr={LR}", "--train.schedule=constant", "--train.warmup_ratio=0",
         "--train.precision=fp32", "--train.weight_decay=0", "--dpo.loss=dpo", f"--dpo.beta={BETA}",
         "--dpo.cache_reference=false", f"--run.output_dir={out}", "--run.progress=false",
-        "--run.tensorboard=false", "--run.eval_generations=0"])
+        "--run.tensorboard=false", "--run.eval_generations=0",
+        f"--train.gradient_checkpointing={str(checkpointing).lower()}"])
     t0 = time.perf_counter()
     dpo.run(cfg)
     wall = time.perf_counter() - t0
@@ -198,8 +204,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=115, help="tokens per sequence")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--only", choices=["tether", "trl"], help="run one side only")
-    parser.add_argument("--child", choices=["tether", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=CHILDREN, help="run one trainer only")
+    parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -207,11 +213,12 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        result = (child_tether if args.child == "tether" else child_trl)(
-            args.data, args.model_dir, args.steps)
+        child = {"tether": child_tether, "tether-gc": partial(child_tether, checkpointing=True),
+                 "trl": child_trl}[args.child]
+        result = child(args.data, args.model_dir, args.steps)
         print(json.dumps(result))
         return
-    if args.only != "tether" and not args.trl_python:
+    if args.only in (None, "trl") and not args.trl_python:
         parser.error("--trl-python is required (or --only tether); see the docstring for setup")
     work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     data = work / "pairs.jsonl"
@@ -219,7 +226,8 @@ def main() -> None:
     print(f"{args.steps * PAIRS_PER_STEP} pairs, {mean_tokens / 2:.1f} tokens per sequence "
           f"(tether's tokenisation), {args.threads} threads, model {model_dir}", flush=True)
     results = {}
-    for name, python in (("tether", sys.executable), ("trl", args.trl_python)):
+    for name, python in (("tether", sys.executable), ("tether-gc", sys.executable),
+                         ("trl", args.trl_python)):
         if args.only in (None, name):
             results[name] = run_child(python, name, str(data), model_dir, args.steps,
                                       args.threads)
@@ -227,13 +235,14 @@ def main() -> None:
             incl = r["tokens_per_step"] * r["steps"] / (r["step_s"] * r["steps"] +
                                                         (r["reference_s"] or 0.0))
             r["tokens_per_s_incl_reference"] = incl
-            print(f"{name:>6}: {r['tokens_per_s']:8.1f} tokens/s (steady), {incl:8.1f} incl. "
+            print(f"{name:>9}: {r['tokens_per_s']:8.1f} tokens/s (steady), {incl:8.1f} incl. "
                   f"reference pass, {r['step_s']:.2f} s/step, wall {r['wall_s']:.0f} s, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MiB, final loss {r['final_loss']}", flush=True)
-    if len(results) == 2:
-        t, r = results["tether"], results["trl"]
-        print(f"tether / TRL: {t['tokens_per_s'] / r['tokens_per_s']:.2f}x tokens/s (target >= "
-              f"2.5x), {t['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS (target <= 0.7x)")
+    for name in ("tether", "tether-gc"):
+        if name in results and "trl" in results:
+            t, r = results[name], results["trl"]
+            print(f"{name} / TRL: {t['tokens_per_s'] / r['tokens_per_s']:.2f}x tokens/s (target "
+                  f">= 2.5x), {t['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS (target <= 0.7x)")
     print(json.dumps(results))
 
 

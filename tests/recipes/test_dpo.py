@@ -186,25 +186,46 @@ def test_group_robust_weights_move_to_worse_group(tiny_model_dir, tmp_path):
 
 
 def test_single_forward_equals_two_forwards(tiny_model_dir, default_tokenizer):
-    """Stacking chosen and rejected (padded to a common length) gives each sequence the same
-    log-probs as running chosen and rejected in separate forwards."""
+    """Stacking chosen and rejected with their prompt run once (left-padded prompts of different
+    lengths, completions right-padded, lm_head on the completion columns only) gives each
+    sequence the log-probs of plain right-padded forwards of the chosen and the rejected apart;
+    the reference pass (same layout) agrees with them too."""
     from tether.data.preference import tokenize_pair
 
     policy = CausalLMLogps(load_causal_lm(ModelConfig(name_or_path=str(tiny_model_dir)))).eval()
-    rows = [dict(ROWS[0], chosen=" a much longer chosen answer here"), ROWS[1]]
+    rows = [dict(ROWS[0], chosen=" a much longer chosen answer here"),
+            dict(ROWS[1], prompt=ROWS[1]["prompt"] + " and a longer prompt than the first")]
     pairs = [tokenize_pair(r, default_tokenizer, max_length=64, truncation=False, source="t",
                            row_index=i) for i, r in enumerate(rows, 1)]
     pad = default_tokenizer.pad_token_id
     batch = dpo.collate_preference(pairs, pad, ["easy"])
+    prompt_lens = [sum(1 for m in p.chosen.loss_mask if not m) for p in pairs]
+    assert batch.prompt_len == max(prompt_lens) and len(set(prompt_lens)) == 2  # left-padded
     with torch.no_grad():
         together, _ = dpo.sequence_logps(policy, batch.input_ids, batch.attention_mask,
-                                         batch.loss_mask)
+                                         batch.loss_mask, prompt_len=batch.prompt_len,
+                                         share_prompts=True)
         apart = []
         for side in (0, 1):
             b = pad_collate([p.sequences[side] for p in pairs], pad)
             apart.append(dpo.sequence_logps(policy, b.input_ids, b.attention_mask, b.loss_mask)[0])
     torch.testing.assert_close(together, torch.cat(apart), atol=1e-5, rtol=1e-5)
-    assert batch.input_ids.shape[1] > min(len(p.rejected.input_ids) for p in pairs)  # padded
+    ref = dpo.reference_logps(policy, pairs, pad_id=pad, micro_batch_size=2,
+                              device=torch.device("cpu"), precision="fp32")  # (2, 2)
+    torch.testing.assert_close(ref, torch.stack(apart, dim=1), atol=1e-5, rtol=1e-5)
+
+
+def test_pairs_without_a_shared_first_token_are_right_padded(default_tokenizer):
+    """A standard row with no prompt: chosen and rejected differ from their first token, so
+    nothing is shared (P = 0) and the rows are plain right-padded sequences."""
+    from tether.data.preference import tokenize_pair
+
+    pair = tokenize_pair({"chosen": "Yes indeed", "rejected": "No"}, default_tokenizer,
+                         max_length=64, truncation=False, source="t", row_index=1)
+    batch = dpo.collate_preference([pair], default_tokenizer.pad_token_id, [""])
+    assert batch.prompt_len == 0
+    assert batch.input_ids[0, :len(pair.chosen.input_ids)].tolist() == pair.chosen.input_ids
+    assert batch.input_ids[1, :len(pair.rejected.input_ids)].tolist() == pair.rejected.input_ids
 
 
 @pytest.mark.parametrize("loss", ["dpo", "kto"])
@@ -289,9 +310,10 @@ def test_kto_reference_point_is_the_global_mean_over_mismatched_sequences(tiny_m
     items = _unpaired_items(tok)
     for i, it in enumerate(items):
         it.ref = (0.0, -30.0 - 10.0 * i)  # made-up reference log-probs of (example, KL sequence)
-    kl_logps = dpo.completion_logps(policy, [it.kl_example for it in items], pad_id=2,
-                                    micro_batch_size=4, device=torch.device("cpu"),
-                                    precision="fp32")  # (4,) policy log-probs, one forward each
+    with torch.no_grad():  # (4,) policy log-probs, one right-padded forward of its own each
+        kl_logps = torch.cat([dpo.sequence_logps(policy, b.input_ids, b.attention_mask,
+                                                 b.loss_mask)[0]
+                              for b in (pad_collate([it.kl_example], 2) for it in items)])
     diffs = kl_logps - torch.tensor([it.ref[1] for it in items])
     batches = [dpo.collate_preference(items[:3], 2, [""]), dpo.collate_preference(items[3:], 2, [""])]
     z = dpo.kto_kl(policy, batches, torch.device("cpu"), "fp32")

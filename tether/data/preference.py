@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from tether.config import DataConfig
-from tether.data.collate import Example, pad_collate
+from tether.data.collate import Example
 from tether.data.formats import Rows, _ids, _render, _suffix, read_rows, validate_row
 from tether.data.tasks import arithmetic, sentiment
 from tether.errors import DataError
@@ -63,7 +63,10 @@ class UnpairedExample:
 @dataclass
 class PreferenceBatch:
     """B pairs as 2B rows: rows [:B] are the chosen (KTO: the examples), rows [B:] the rejected
-    (KTO: the mismatched KL sequences), right-padded to one length."""
+    (KTO: the mismatched KL sequences). Rows i and B + i share their prompt: with `prompt_len`
+    P >= 1 columns [:P] hold each row's prompt left-padded to P and columns [P:] its completion
+    right-padded, so the prompt can run once per pair and the lm_head only on columns [P:]. P = 0
+    when some pair shares no first token (rows then are right-padded whole)."""
     input_ids: torch.Tensor  # (2B, T) long
     attention_mask: torch.Tensor  # (2B, T) bool, True on real tokens
     loss_mask: torch.Tensor  # (2B, T) bool, True on completion tokens
@@ -71,30 +74,63 @@ class PreferenceBatch:
     group_ids: torch.Tensor  # (B,) long, index into the run's sorted group names
     desirable: torch.Tensor  # (B,) bool; KTO labels (all True for pairs)
     kl: torch.Tensor | None = None  # () KTO: the step's detached KL estimate (set by the loop)
+    prompt_len: int = 0  # P: columns of left-padded prompt (0: none, rows right-padded)
 
     @property
     def num_pairs(self) -> int:
         return self.group_ids.shape[0]
 
     def to(self, device) -> "PreferenceBatch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return PreferenceBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
-def collate_preference(items: list, pad_id: int, groups: list[str]) -> PreferenceBatch:
+def shared_prompt_length(first: Example, second: Example) -> int:
+    """How many first tokens the two sequences share before either's loss mask begins (at most
+    the shorter length - 1, so each keeps a token after it)."""
+    n, limit = 0, min(len(first.input_ids), len(second.input_ids)) - 1
+    while (n < limit and first.input_ids[n] == second.input_ids[n]
+           and not first.loss_mask[n] and not second.loss_mask[n]):
+        n += 1
+    return n
+
+
+def pair_rows(items: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(input_ids (2B, T), attention_mask (2B, T), loss_mask (2B, T), P) of the items' two
+    sequences each, first sequences in rows [:B]: every row's shared prompt left-padded to P
+    columns and the rest right-padded after them (P = 0, plain right padding, when a pair
+    shares no first token)."""
     firsts, seconds = zip(*(item.sequences for item in items))
-    padded = pad_collate(list(firsts) + list(seconds), pad_id)
+    prompts = [shared_prompt_length(a, b) for a, b in zip(firsts, seconds)]
+    P = max(prompts) if min(prompts) > 0 else 0
+    prefix = prompts * 2 if P else [0] * (2 * len(items))
+    seqs = list(firsts) + list(seconds)
+    T = P + max(len(e.input_ids) - p for e, p in zip(seqs, prefix))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(seqs), T, dtype=torch.bool)
+    loss = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for r, (e, p) in enumerate(zip(seqs, prefix)):
+        cols = slice(P - p, P - p + len(e.input_ids))
+        ids[r, cols] = torch.tensor(e.input_ids)
+        attn[r, cols] = True
+        loss[r, cols] = torch.tensor(e.loss_mask)
+    return ids, attn, loss, P
+
+
+def collate_preference(items: list, pad_id: int, groups: list[str]) -> PreferenceBatch:
+    input_ids, attention_mask, loss_mask, prompt_len = pair_rows(items, pad_id)
     ref = None if items[0].ref is None else torch.tensor(
         [it.ref[0] for it in items] + [it.ref[1] for it in items], dtype=torch.float32)
     return PreferenceBatch(
-        padded.input_ids, padded.attention_mask, padded.loss_mask, ref,
+        input_ids, attention_mask, loss_mask, ref,
         torch.tensor([groups.index(it.group) for it in items], dtype=torch.long),
-        torch.tensor([getattr(it, "desirable", True) for it in items], dtype=torch.bool))
+        torch.tensor([getattr(it, "desirable", True) for it in items], dtype=torch.bool),
+        prompt_len=prompt_len)
 
 
 def trim(input_ids, attention_mask, loss_mask):
-    """Drop the padding columns that no row of these (right-padded) rows uses."""
-    T = int(attention_mask.sum(-1).max())
+    """Drop the trailing padding columns that none of these rows uses."""
+    T = int(attention_mask.any(0).nonzero().max()) + 1
     return input_ids[:, :T], attention_mask[:, :T], loss_mask[:, :T]
 
 

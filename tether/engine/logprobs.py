@@ -59,12 +59,12 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_size):
                 end = start + chunk_size
                 h = hidden[start:end].to(compute)  # (n, H)
-                logits = (h @ w.T).float()  # (n, V)
-                # d logp / d logits = onehot(label) - softmax, scaled by the incoming grad
-                grad_logits = -torch.exp(logits - lse[start:end, None])
-                grad_logits.scatter_add_(1, labels[start:end, None],
-                                         torch.ones_like(grad_logits[:, :1]))
-                grad_logits *= grad_logps[start:end, None]
+                g = grad_logps[start:end, None]  # (n, 1)
+                # d logp / d logits = onehot(label) - softmax, scaled by the incoming grad g;
+                # in place on the recomputed logits: three passes over (n, V), no copies
+                grad_logits = (h @ w.T).float()  # (n, V) logits
+                grad_logits.sub_(lse[start:end, None]).exp_().mul_(-g)  # -g softmax
+                grad_logits.scatter_add_(1, labels[start:end, None], g)  # + g onehot
                 grad_logits = grad_logits.to(compute)
                 if grad_hidden is not None:
                     grad_hidden[start:end] = (grad_logits @ w).to(hidden.dtype)

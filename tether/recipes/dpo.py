@@ -3,8 +3,9 @@
 Stages: data -> model -> score (reference log-probs once, cached on disk) -> (resume) -> eval ->
 [collate -> optimize -> group weights -> log -> checkpoint]* -> eval.
 
-Chosen and rejected sequences go through the policy in one forward (stacked along the batch and
-padded to a common length). A sequence's log-prob is the sum of its completion tokens' log-probs;
+Chosen and rejected sequences go through the policy in one forward (stacked along the batch),
+their shared prompt computed once per pair and the lm_head run on completion tokens only
+(`pair_rows`, `sequence_logps`). A sequence's log-prob is the sum of its completion tokens' log-probs;
 SimPO, ORPO and IPO use the per-token mean. The loss of a micro-batch is the *sum* of its pairs'
 losses and the optimizer divides by the global number of pairs, so accumulation is exact. KTO's
 reference point is one detached estimate per step (all micro-batches and ranks), from a no-grad
@@ -32,9 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tether.config import DPOConfig, ModelConfig, PreferenceConfig, save_config
-from tether.data.collate import pad_collate
 from tether.data.preference import (PreferenceBatch, builtin_sentiment_rows, collate_preference,
-                                    load_preference_data, trim)
+                                    load_preference_data, pair_rows, trim)
 from tether.data.tasks import sentiment
 from tether.engine import checkpoint, dist
 from tether.engine import score as completion_scores
@@ -50,9 +50,22 @@ from tether.losses import (PAIRED_LOSSES, group_robust_weights, kto_loss, masked
 from tether.recipes.sft import check_batch_sizes, step_items
 
 
-def sequence_logps(policy: CausalLMLogps, input_ids, attention_mask, loss_mask):
-    """(summed completion log-probs (N,), completion token counts (N,)) in one forward."""
-    token_logps = policy(input_ids, attention_mask)  # (N, T)
+def sequence_logps(policy: CausalLMLogps, input_ids, attention_mask, loss_mask, *,
+                   prompt_len: int = 0, share_prompts: bool = False):
+    """(summed completion log-probs (N,), completion token counts (N,)) in one forward.
+
+    prompt_len P >= 1 (rows laid out by `pair_rows`: prompts left-padded to P columns): only
+    columns [P:] go through the lm_head, and with `share_prompts` rows i and N/2 + i, which hold
+    the same prompt, run it once (its KV cache serves both; gradients flow through it)."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, T)
+    if prompt_len == 0:
+        token_logps = policy(input_ids, attention_mask, positions)  # (N, T)
+    else:
+        N = input_ids.shape[0]
+        shared = torch.arange(N, device=input_ids.device) % (N // 2) if share_prompts else None
+        token_logps = policy(input_ids, attention_mask, positions, start=prompt_len,
+                             shared_prefix=shared)  # (N, T - P)
+        loss_mask = loss_mask[:, prompt_len:]
     return (token_logps * loss_mask).sum(-1), loss_mask.sum(-1)
 
 
@@ -117,13 +130,18 @@ def build_objective(dc: PreferenceConfig) -> Callable:
 
 
 def preference_loss(policy: CausalLMLogps, batch: PreferenceBatch, *, objective: Callable,
-                    group_weights: torch.Tensor | None, n_groups: int) -> tuple[torch.Tensor, dict]:
+                    group_weights: torch.Tensor | None, n_groups: int,
+                    share_prompts: bool = True) -> tuple[torch.Tensor, dict]:
     """Summed (group-weighted) loss of the batch's pairs; metrics are sums over pairs. KTO
-    (batch.kl set) forwards only the examples: the mismatched rows were scored by `kto_kl`."""
-    B = batch.num_pairs
-    rows = slice(0, B) if batch.kl is not None else slice(None)
+    (batch.kl set) forwards only the examples: the mismatched rows were scored by `kto_kl`.
+    A pair's prompt runs once for both sequences unless `share_prompts` is False (gradient
+    checkpointing: transformers then drops the KV cache the sharing needs)."""
+    B, kto = batch.num_pairs, batch.kl is not None
+    rows = slice(0, B) if kto else slice(None)
     sums, counts = sequence_logps(policy, *trim(batch.input_ids[rows], batch.attention_mask[rows],
-                                                batch.loss_mask[rows]))  # (2B,) or (B,)
+                                                batch.loss_mask[rows]),
+                                  prompt_len=batch.prompt_len,
+                                  share_prompts=share_prompts and not kto)  # (2B,) or (B,)
     counts = counts.clamp(min=1)
     seq = {"pc": sums[:B], "pr": sums[B:], "ac": sums[:B] / counts[:B], "ar": sums[B:] / counts[B:],
            "nll_c": -sums[:B] / counts[:B], "rc": None, "rr": None, "rac": None, "rar": None}
@@ -151,27 +169,21 @@ def preference_loss(policy: CausalLMLogps, batch: PreferenceBatch, *, objective:
 
 
 @torch.no_grad()
-def completion_logps(model: CausalLMLogps, examples: list, *, pad_id: int, micro_batch_size: int,
-                     device, precision: str) -> torch.Tensor:
-    """(N,) summed completion log-probs of each example under `model` (no grad, eval mode)."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(examples), micro_batch_size):
-        b = pad_collate(examples[i:i + micro_batch_size], pad_id).to(device)
-        with autocast(device, precision):
-            out.append(sequence_logps(model, b.input_ids, b.attention_mask, b.loss_mask)[0]
-                       .float().cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
-
-
 def reference_logps(policy: CausalLMLogps, items: list, *, pad_id: int, micro_batch_size: int,
                     device, precision: str) -> torch.Tensor:
-    """(N, 2) summed log-probs of each item's two sequences under `policy` (no grad, eval mode)."""
-    sequences = [seq for item in items for seq in item.sequences]
-    return completion_logps(policy, sequences, pad_id=pad_id, micro_batch_size=2 * micro_batch_size,
-                            device=device, precision=precision).view(-1, 2)
+    """(N, 2) summed log-probs of each item's two sequences under `policy` (no grad, eval mode),
+    laid out as in training: each item's shared prompt runs once."""
+    was_training = policy.training
+    policy.eval()
+    out = []
+    for i in range(0, len(items), micro_batch_size):
+        ids, attn, loss, prompt_len = pair_rows(items[i:i + micro_batch_size], pad_id)
+        with autocast(device, precision):
+            sums, _ = sequence_logps(policy, ids.to(device), attn.to(device), loss.to(device),
+                                     prompt_len=prompt_len, share_prompts=True)  # (2b,)
+        out.append(sums.float().cpu().view(2, -1).T)  # (b, 2)
+    policy.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 2)
 
 
 def on_reference(cfg: DPOConfig, policy: CausalLMLogps, fn: Callable, *, initial: bool):
@@ -202,7 +214,7 @@ def kto_kl(policy: CausalLMLogps, batches: list[PreferenceBatch], device, precis
         B = b.num_pairs
         with autocast(device, precision):
             sums, _ = sequence_logps(policy, *trim(b.input_ids[B:], b.attention_mask[B:],
-                                                   b.loss_mask[B:]))  # (B,)
+                                                   b.loss_mask[B:]), prompt_len=b.prompt_len)
         total += (sums.float() - b.ref_logps[B:].to(sums.device)).sum().item()
         count += B
     return (dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp(min=1)).float().cpu()
@@ -372,7 +384,8 @@ def run(cfg: DPOConfig) -> dict:
     optimizer = build_optimizer(policy, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     group_weights = torch.full((len(groups),), 1.0 / len(groups)) if dc.group_robust else None
-    loss_fn = partial(preference_loss, objective=objective, n_groups=len(groups))
+    loss_fn = partial(preference_loss, objective=objective, n_groups=len(groups),
+                      share_prompts=not tc.gradient_checkpointing)
 
     # --- resume: model, optimizer, scheduler, RNG, data position and group weights -------------
     ckpt_root = run_dir / "checkpoints"
