@@ -14,8 +14,9 @@ Check that both halves start (1 step each, a few minutes on 2 cores):
     .venv/bin/python benchmarks/dpo_vs_trl.py --trl-python benchmarks/.venv-trl/bin/python --steps 1
 
 Setting (issue 3): the default model (SmolLM2-135M-Instruct, the fp32 safetensors directory tether
-converts once into its cache), full fine-tune, fp32, sigmoid DPO with beta 0.1, 4 pairs per
-optimizer step in one micro-batch, constant lr 1e-6, no evaluation, no checkpoints. The data are
+converts once into its cache), full fine-tune, `--precision` (bf16 autocast over fp32 weights by
+default, the default of both trainers on a CPU with native bf16; or fp32), sigmoid DPO with
+beta 0.1, 4 pairs per optimizer step in one micro-batch, constant lr 1e-6, no evaluation, no checkpoints. The data are
 `steps x 4` conversational pairs built from tether's built-in sentiment set: each completion is
 lengthened with other completions of the set and cut so that prompt + completion is about
 `--tokens` (115) tokens, the pairs written once to a JSONL file that both trainers read.
@@ -104,7 +105,8 @@ def build_data(path: Path, n_pairs: int, target_tokens: int) -> tuple[str, float
 # ------------------------------------------------------------------------------ children
 
 
-def child_tether(data: str, model_dir: str, steps: int, checkpointing: bool = False) -> dict:
+def child_tether(data: str, model_dir: str, steps: int, precision: str,
+                 checkpointing: bool = False) -> dict:
     from tether.config import DPOConfig, load_config
     from tether.recipes import dpo
 
@@ -114,7 +116,7 @@ def child_tether(data: str, model_dir: str, steps: int, checkpointing: bool = Fa
         "--data.max_length=1024", f"--train.max_steps={steps}",
         f"--train.batch_size={PAIRS_PER_STEP}", f"--train.micro_batch_size={PAIRS_PER_STEP}",
         f"--train.lr={LR}", "--train.schedule=constant", "--train.warmup_ratio=0",
-        "--train.precision=fp32", "--train.weight_decay=0", "--dpo.loss=dpo", f"--dpo.beta={BETA}",
+        f"--train.precision={precision}", "--train.weight_decay=0", "--dpo.loss=dpo", f"--dpo.beta={BETA}",
         "--dpo.cache_reference=false", f"--run.output_dir={out}", "--run.progress=false",
         "--run.tensorboard=false", "--run.eval_generations=0",
         f"--train.gradient_checkpointing={str(checkpointing).lower()}"])
@@ -132,7 +134,7 @@ def child_tether(data: str, model_dir: str, steps: int, checkpointing: bool = Fa
             "peak_rss_mb": peak_rss_mb(), "final_loss": steps_[-1]["loss/dpo"]}
 
 
-def child_trl(data: str, model_dir: str, steps: int) -> dict:
+def child_trl(data: str, model_dir: str, steps: int, precision: str) -> dict:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -169,8 +171,8 @@ def child_trl(data: str, model_dir: str, steps: int) -> dict:
                      per_device_train_batch_size=PAIRS_PER_STEP, gradient_accumulation_steps=1,
                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
                      weight_decay=0.0, beta=BETA, loss_type=["sigmoid"], max_length=1024,
-                     use_cpu=True, bf16=False, fp16=False, logging_steps=1, save_strategy="no",
-                     report_to=[], dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                     use_cpu=True, bf16=precision == "bf16", fp16=False, logging_steps=1,
+                     save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0, disable_tqdm=True)
     timer = StepTimer()
     trainer = Timed(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                     callbacks=[timer])
@@ -187,11 +189,12 @@ def child_trl(data: str, model_dir: str, steps: int) -> dict:
 # ------------------------------------------------------------------------------ parent
 
 
-def run_child(python: str, name: str, data: str, model_dir: str, steps: int, threads: int) -> dict:
+def run_child(python: str, name: str, data: str, model_dir: str, steps: int, threads: int,
+              precision: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "TETHER_CACHE": os.environ.get("TETHER_CACHE", str(Path.home() / ".cache/tether"))}
     cmd = [python, __file__, "--child", name, "--data", data, "--model-dir", model_dir,
-           "--steps", str(steps), "--threads", str(threads)]
+           "--steps", str(steps), "--threads", str(threads), "--precision", precision]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -204,6 +207,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=115, help="tokens per sequence")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="both trainers: bf16 autocast over fp32 weights (both trainers' "
+                             "default on a CPU with native bf16), or fp32")
     parser.add_argument("--only", choices=CHILDREN, help="run one trainer only")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -215,7 +221,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         child = {"tether": child_tether, "tether-gc": partial(child_tether, checkpointing=True),
                  "trl": child_trl}[args.child]
-        result = child(args.data, args.model_dir, args.steps)
+        result = child(args.data, args.model_dir, args.steps, args.precision)
         print(json.dumps(result))
         return
     if args.only in (None, "trl") and not args.trl_python:
@@ -230,7 +236,7 @@ def main() -> None:
                          ("trl", args.trl_python)):
         if args.only in (None, name):
             results[name] = run_child(python, name, str(data), model_dir, args.steps,
-                                      args.threads)
+                                      args.threads, args.precision)
             r = results[name]
             incl = r["tokens_per_step"] * r["steps"] / (r["step_s"] * r["steps"] +
                                                         (r["reference_s"] or 0.0))

@@ -15,8 +15,9 @@ Check that both halves start (2 steps each):
         --trl-python benchmarks/.venv-trl/bin/python
 
 Setting (issue 5): the default model (SmolLM2-135M-Instruct, the fp32 safetensors directory tether
-converts once into its cache), full fine-tune, fp32, 4 prompts x 8 samples x at most 32 new
-tokens per step, temperature 1, loss GRPO (group-normalised advantages, per-sequence mean), beta
+converts once into its cache), full fine-tune, `--precision` (bf16 autocast over fp32 weights by
+default, the default of both trainers on a CPU with native bf16; or fp32), 4 prompts x 8
+samples x at most 32 new tokens per step, temperature 1, loss GRPO (group-normalised advantages, per-sequence mean), beta
 0 (no reference model in either trainer), one optimizer step per rollout, constant lr 1e-6, no
 evaluation. The prompts are tether's built-in arithmetic prompts (conversational, with the format
 system message), written once to a JSONL file that both trainers read; the reward is the same
@@ -94,7 +95,7 @@ def build_data(path: Path, n_prompts: int) -> str:
 # ------------------------------------------------------------------------------ children
 
 
-def child_tether(data: str, model_dir: str, steps: int) -> dict:
+def child_tether(data: str, model_dir: str, steps: int, precision: str) -> dict:
     from tether.config import GRPOConfig, load_config
     from tether.recipes import grpo
 
@@ -103,7 +104,7 @@ def child_tether(data: str, model_dir: str, steps: int) -> dict:
     cfg = load_config(GRPOConfig, None, [
         f"--model.name_or_path={model_dir}", f"--data.path={data}", "--data.eval_fraction=0",
         f"--train.max_steps={steps}", f"--train.lr={LR}", "--train.schedule=constant",
-        "--train.warmup_ratio=0", "--train.precision=fp32", "--train.weight_decay=0",
+        "--train.warmup_ratio=0", f"--train.precision={precision}", "--train.weight_decay=0",
         "--train.micro_batch_size=8", "--grpo.loss_type=grpo", "--grpo.beta=0",
         f"--grpo.group_size={GROUP}", f"--grpo.prompts_per_step={PROMPTS}",
         f"--grpo.max_new_tokens={NEW_TOKENS}", "--grpo.temperature=1.0",
@@ -125,7 +126,7 @@ def child_tether(data: str, model_dir: str, steps: int) -> dict:
             "peak_rss_mb": peak_rss_mb(), "final_reward": steps_[-1]["reward/mean"]}
 
 
-def child_trl(data: str, model_dir: str, steps: int) -> dict:
+def child_trl(data: str, model_dir: str, steps: int, precision: str) -> dict:
     import dataclasses
 
     import datasets
@@ -163,8 +164,8 @@ def child_trl(data: str, model_dir: str, steps: int) -> dict:
                   num_generations=GROUP, max_completion_length=NEW_TOKENS, temperature=1.0,
                   learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
                   weight_decay=0.0, beta=0.0, loss_type="grpo", num_iterations=1,
-                  use_cpu=True, bf16=False, fp16=False, logging_steps=1, save_strategy="no",
-                  report_to=[], dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                  use_cpu=True, bf16=precision == "bf16", fp16=False, logging_steps=1,
+                  save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0, disable_tqdm=True,
                   use_vllm=False)
     known = {f.name for f in dataclasses.fields(GRPOConfig)}
     dropped = sorted(set(wanted) - known)  # options this TRL version does not have
@@ -192,11 +193,12 @@ def child_trl(data: str, model_dir: str, steps: int) -> dict:
 # ------------------------------------------------------------------------------ parent
 
 
-def run_child(python: str, name: str, data: str, model_dir: str, steps: int, threads: int) -> dict:
+def run_child(python: str, name: str, data: str, model_dir: str, steps: int, threads: int,
+              precision: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "TETHER_CACHE": os.environ.get("TETHER_CACHE", str(Path.home() / ".cache/tether"))}
     cmd = [python, __file__, "--child", name, "--data", data, "--model-dir", model_dir,
-           "--steps", str(steps), "--threads", str(threads)]
+           "--steps", str(steps), "--threads", str(threads), "--precision", precision]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -208,6 +210,9 @@ def main() -> None:
     parser.add_argument("--trl-python", help="python of a venv with trl installed")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="both trainers: bf16 autocast over fp32 weights (both trainers' "
+                             "default on a CPU with native bf16), or fp32")
     parser.add_argument("--only", choices=["tether", "trl"], help="run one side only")
     parser.add_argument("--child", choices=["tether", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -218,7 +223,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         result = (child_tether if args.child == "tether" else child_trl)(
-            args.data, args.model_dir, args.steps)
+            args.data, args.model_dir, args.steps, args.precision)
         print(json.dumps(result))
         return
     if args.only != "tether" and not args.trl_python:
@@ -232,7 +237,7 @@ def main() -> None:
     for name, python in (("tether", sys.executable), ("trl", args.trl_python)):
         if args.only in (None, name):
             results[name] = r = run_child(python, name, str(data), model_dir, args.steps,
-                                          args.threads)
+                                          args.threads, args.precision)
             print(f"{name:>6}: {r['completions_per_s']:6.2f} completions/s, "
                   f"{r['gen_tokens_per_s']:7.1f} generated tokens/s "
                   f"({r['mean_completion_tokens']:.1f} per completion), {r['step_s']:.1f} s/step, "

@@ -228,6 +228,17 @@ def test_pairs_without_a_shared_first_token_are_right_padded(default_tokenizer):
     assert batch.input_ids[1, :len(pair.rejected.input_ids)].tolist() == pair.rejected.input_ids
 
 
+def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, tmp_path):
+    """With train.gradient_checkpointing transformers drops the KV cache, so each row runs its
+    own prompt instead of sharing it: the same maths, so the same loss curve (to rounding)."""
+    data = _write(tmp_path / "pref.jsonl", ROWS * 2)
+    plain = _run(tiny_model_dir, tmp_path / "plain", data, "--dpo.beta=0.5")["losses"]
+    ckpt = _run(tiny_model_dir, tmp_path / "ckpt", data, "--dpo.beta=0.5",
+                "--train.gradient_checkpointing=true")["losses"]
+    assert ckpt == pytest.approx(plain, rel=1e-4, abs=1e-6)
+    assert plain[-1] < plain[0]
+
+
 @pytest.mark.parametrize("loss", ["dpo", "kto"])
 def test_micro_batching_does_not_change_the_step(loss, tiny_model_dir, tmp_path):
     """The loss is a sum over pairs divided by the step's pair count: 2 micro-batches of 2

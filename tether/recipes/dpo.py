@@ -5,8 +5,8 @@ Stages: data -> model -> score (reference log-probs once, cached on disk) -> (re
 
 Chosen and rejected sequences go through the policy in one forward (stacked along the batch),
 their shared prompt computed once per pair and the lm_head run on completion tokens only
-(`pair_rows`, `sequence_logps`). A sequence's log-prob is the sum of its completion tokens' log-probs;
-SimPO, ORPO and IPO use the per-token mean. The loss of a micro-batch is the *sum* of its pairs'
+(`pair_rows`, `sequence_logps`). A sequence's log-prob is the sum of its completion tokens'
+log-probs; SimPO, ORPO and IPO use the per-token mean. The loss of a micro-batch is the *sum* of its pairs'
 losses and the optimizer divides by the global number of pairs, so accumulation is exact. KTO's
 reference point is one detached estimate per step (all micro-batches and ranks), from a no-grad
 forward over the step's mismatched sequences.
