@@ -274,7 +274,7 @@ class GRPOConfig:
                                                                                     alpha=32.0)))
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        lr=3e-4, schedule="constant", warmup_ratio=0.0, max_steps=16, micro_batch_size=8))
+        lr=3e-4, schedule="constant", warmup_ratio=0.0, max_steps=32, micro_batch_size=8))
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/grpo",
                                                              eval_generations=64))
     grpo: GRPOParams = field(default_factory=GRPOParams)
