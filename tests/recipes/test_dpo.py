@@ -14,6 +14,7 @@ from tether.config import DataConfig, DPOConfig, ModelConfig, PreferenceConfig, 
 from tether.data.collate import pad_collate
 from tether.data.preference import tokenize_preference_rows
 from tether.engine import checkpoint
+from tether.engine.generate import sample_complete
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.models import load_causal_lm
 from tether.recipes import dpo
@@ -385,8 +386,8 @@ def test_heldout_generations_score_and_kl(tiny_model_dir, default_tokenizer, mon
         for p in policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     got = dpo.heldout_generations(cfg, policy, tok, prompts, initial=False)
-    rollout = dpo.sample_heldout(policy, tok, prompts, seed=cfg.train.seed + 7919,
-                                 precision="fp32")
+    rollout = sample_complete(policy, tok, prompts, max_new_tokens=sentiment.MAX_NEW_TOKENS,
+                              seed=cfg.train.seed + 7919, precision="fp32")
     ref = load_causal_lm(cfg.model).eval()
 
     def full_logits_logp(lm, prompt_ids, completion_ids):

@@ -31,19 +31,22 @@ class Batch:
         return int(self.loss_mask.sum())
 
 
-def pad_collate(examples: list[Example], pad_id: int) -> Batch:
-    """Right-pad to the longest example."""
+def pad_collate(examples: list[Example], pad_id: int,
+                offsets: list[int] | None = None) -> Batch:
+    """Right-pad to the longest example; `offsets[i]` columns of left padding before example i
+    (default none)."""
     if not examples:
         raise ValueError("pad_collate needs at least one example")
-    T = max(len(e.input_ids) for e in examples)
+    offsets = offsets or [0] * len(examples)
+    T = max(o + len(e.input_ids) for o, e in zip(offsets, examples))
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     attn = torch.zeros(len(examples), T, dtype=torch.bool)
     loss = torch.zeros(len(examples), T, dtype=torch.bool)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        attn[i, :n] = True
-        loss[i, :n] = torch.tensor(e.loss_mask)
+    for i, (o, e) in enumerate(zip(offsets, examples)):
+        cols = slice(o, o + len(e.input_ids))
+        ids[i, cols] = torch.tensor(e.input_ids)
+        attn[i, cols] = True
+        loss[i, cols] = torch.tensor(e.loss_mask)
     return Batch(ids, attn, loss)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from tether.config import DataConfig
-from tether.data.collate import Example
+from tether.data.collate import Example, pad_collate
 from tether.data.formats import Rows, _ids, _render, _suffix, read_rows, validate_row
 from tether.data.tasks import arithmetic, sentiment
 from tether.errors import DataError
@@ -103,18 +103,9 @@ def pair_rows(items: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, tor
     firsts, seconds = zip(*(item.sequences for item in items))
     prompts = [shared_prompt_length(a, b) for a, b in zip(firsts, seconds)]
     P = max(prompts) if min(prompts) > 0 else 0
-    prefix = prompts * 2 if P else [0] * (2 * len(items))
-    seqs = list(firsts) + list(seconds)
-    T = P + max(len(e.input_ids) - p for e, p in zip(seqs, prefix))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(seqs), T, dtype=torch.bool)
-    loss = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for r, (e, p) in enumerate(zip(seqs, prefix)):
-        cols = slice(P - p, P - p + len(e.input_ids))
-        ids[r, cols] = torch.tensor(e.input_ids)
-        attn[r, cols] = True
-        loss[r, cols] = torch.tensor(e.loss_mask)
-    return ids, attn, loss, P
+    offsets = [P - p for p in prompts] * 2 if P else None  # left padding of each row
+    b = pad_collate(list(firsts) + list(seconds), pad_id, offsets)
+    return b.input_ids, b.attention_mask, b.loss_mask, P
 
 
 def collate_preference(items: list, pad_id: int, groups: list[str]) -> PreferenceBatch:

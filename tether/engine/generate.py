@@ -164,6 +164,18 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
     return tokens, log_probs.gather(1, tokens[:, None]).squeeze(1), entropy
 
 
+def seeded(seed: int, *parts: int, device="cpu", strides: tuple[int, ...] | None = None,
+           modulus: int | None = 2**63) -> torch.Generator:
+    """A generator that depends only on (seed, parts), so that a resumed run draws exactly the
+    numbers the uninterrupted one drew: value = value * stride + part for each part in turn
+    (stride 1_000_003 for every part unless `strides` gives one per part), then
+    `value % modulus` (None: the value as it is)."""
+    value = seed
+    for i, p in enumerate(parts):
+        value = value * (1_000_003 if strides is None else strides[i]) + p
+    return torch.Generator(device=device).manual_seed(value if modulus is None else value % modulus)
+
+
 # ---------------------------------------------------------------------------------------------
 # The PyTorch backend
 
@@ -329,3 +341,15 @@ def greedy_complete(wrapper: nn.Module, tokenizer, prompts: list, *, max_new_tok
         ids = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
         texts += backend.generate(ids, params).texts
     return texts
+
+
+def sample_complete(wrapper: nn.Module, tokenizer, prompts: list, *, max_new_tokens: int,
+                    seed: int, precision: str = "fp32") -> Rollout:
+    """One completion per prompt from the policy's own distribution (temperature 1, no top-k /
+    top-p), drawn with a seeded generator of its own: the global RNG is untouched, so a run that
+    evaluates this way still resumes exactly."""
+    device = next(wrapper.parameters()).device
+    return TorchBackend(wrapper, tokenizer, precision=precision).generate(
+        [encode_prompt(tokenizer, p) for p in prompts],
+        SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0),
+        generator=torch.Generator(device).manual_seed(seed))

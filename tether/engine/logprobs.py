@@ -129,7 +129,7 @@ class CausalLMLogps(nn.Module):
         # gradients), instead of recomputing the prompt for every sample.
         # temperature: log-probs of softmax(logits / temperature) (the distribution a sampler at
         # that temperature drew from); the hidden states are divided, the same thing.
-        if shared_prefix is not None:
+        if shared_prefix is not None and not self._checkpointing():
             return self._forward_shared_prefix(input_ids, attention_mask, position_ids, start,
                                                shared_prefix, temperature)
         lm = self.causal_lm()
@@ -148,6 +148,17 @@ class CausalLMLogps(nn.Module):
         logps = chunked_token_logps(hidden[:, :-1], weight, input_ids[:, 1:],
                                     chunk_size=self.chunk_size)  # (B, T-1)
         return torch.nn.functional.pad(logps, (1, 0))  # (B, T)
+
+    def _checkpointing(self) -> bool:
+        """True when transformers will recompute the layers in backward: it then drops the KV
+        cache that prefix sharing needs, so each row runs its own prefix (the same maths)."""
+        lm = self.causal_lm()
+        if not (lm.training and torch.is_grad_enabled()):
+            return False
+        active = getattr(lm, "is_activation_checkpointing", None)
+        if active is None:  # transformers before 5
+            active = getattr(lm, "is_gradient_checkpointing", False)
+        return bool(active)
 
     def _forward_shared_prefix(self, input_ids, attention_mask, position_ids, start: int,
                                shared_prefix: torch.Tensor, temperature: float) -> torch.Tensor:

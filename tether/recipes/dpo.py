@@ -3,13 +3,12 @@
 Stages: data -> model -> score (reference log-probs once, cached on disk) -> (resume) -> eval ->
 [collate -> optimize -> group weights -> log -> checkpoint]* -> eval.
 
-Chosen and rejected sequences go through the policy in one forward (stacked along the batch),
-their shared prompt computed once per pair and the lm_head run on completion tokens only
-(`pair_rows`, `sequence_logps`). A sequence's log-prob is the sum of its completion tokens'
-log-probs; SimPO, ORPO and IPO use the per-token mean. The loss of a micro-batch is the *sum* of its pairs'
-losses and the optimizer divides by the global number of pairs, so accumulation is exact. KTO's
-reference point is one detached estimate per step (all micro-batches and ranks), from a no-grad
-forward over the step's mismatched sequences.
+Chosen and rejected go through the policy in one forward, their shared prompt run once per pair
+and the lm_head on completion tokens only (`tether.engine.reference.sequence_logps`). A
+sequence's log-prob is the sum of its completion tokens' log-probs; SimPO, ORPO and IPO use the
+per-token mean. A micro-batch's loss is the *sum* over its pairs and the optimizer divides by the
+step's pair count, so accumulation is exact. KTO's reference point is one detached estimate per
+step (all micro-batches and ranks), from a no-grad forward over the mismatched sequences.
 
 Without `data.path` the run trains on the built-in sentiment pairs and, before and after,
 samples completions for held-out prompts: their VADER score (the ground truth) and the KL of the
@@ -18,9 +17,6 @@ policy to the reference on them (docs/dpo.md).
 
 from __future__ import annotations
 
-import gc
-import hashlib
-import json
 import math
 import random
 import time
@@ -30,43 +26,25 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from tether.config import DPOConfig, ModelConfig, PreferenceConfig, save_config
 from tether.data.preference import (PreferenceBatch, builtin_sentiment_rows, collate_preference,
-                                    load_preference_data, pair_rows, trim)
+                                    load_preference_data, trim)
 from tether.data.tasks import sentiment
 from tether.engine import checkpoint, dist
 from tether.engine import score as completion_scores
-from tether.engine.generate import Rollout, SamplingParams, TorchBackend, encode_prompt
+from tether.engine.generate import sample_complete
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
-from tether.engine.models import cache_dir, load_causal_lm, load_tokenizer, resolve_model_dir
+from tether.engine.models import load_causal_lm, load_tokenizer, resolve_model_dir
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
                                    train_step)
+from tether.engine.reference import (cached_pair_logps, kto_kl, reference_cache_path,
+                                     reference_logps, sequence_logps, with_reference)
 from tether.errors import ConfigError
 from tether.losses import (PAIRED_LOSSES, group_robust_weights, kto_loss, masked_mean, orpo_loss,
                            simpo_loss)
 from tether.recipes.sft import check_batch_sizes, step_items
-
-
-def sequence_logps(policy: CausalLMLogps, input_ids, attention_mask, loss_mask, *,
-                   prompt_len: int = 0, share_prompts: bool = False):
-    """(summed completion log-probs (N,), completion token counts (N,)) in one forward.
-
-    prompt_len P >= 1 (rows laid out by `pair_rows`: prompts left-padded to P columns): only
-    columns [P:] go through the lm_head, and with `share_prompts` rows i and N/2 + i, which hold
-    the same prompt, run it once (its KV cache serves both; gradients flow through it)."""
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, T)
-    if prompt_len == 0:
-        token_logps = policy(input_ids, attention_mask, positions)  # (N, T)
-    else:
-        N = input_ids.shape[0]
-        shared = torch.arange(N, device=input_ids.device) % (N // 2) if share_prompts else None
-        token_logps = policy(input_ids, attention_mask, positions, start=prompt_len,
-                             shared_prefix=shared)  # (N, T - P)
-        loss_mask = loss_mask[:, prompt_len:]
-    return (token_logps * loss_mask).sum(-1), loss_mask.sum(-1)
 
 
 # --- objectives: (seq, batch) -> (per-pair loss (B,), metrics, per-pair reward margin (B,)) -----
@@ -130,18 +108,16 @@ def build_objective(dc: PreferenceConfig) -> Callable:
 
 
 def preference_loss(policy: CausalLMLogps, batch: PreferenceBatch, *, objective: Callable,
-                    group_weights: torch.Tensor | None, n_groups: int,
-                    share_prompts: bool = True) -> tuple[torch.Tensor, dict]:
+                    group_weights: torch.Tensor | None, n_groups: int) -> tuple[torch.Tensor, dict]:
     """Summed (group-weighted) loss of the batch's pairs; metrics are sums over pairs. KTO
     (batch.kl set) forwards only the examples: the mismatched rows were scored by `kto_kl`.
-    A pair's prompt runs once for both sequences unless `share_prompts` is False (gradient
-    checkpointing: transformers then drops the KV cache the sharing needs)."""
+    A pair's prompt runs once for both of its sequences."""
     B, kto = batch.num_pairs, batch.kl is not None
     rows = slice(0, B) if kto else slice(None)
     sums, counts = sequence_logps(policy, *trim(batch.input_ids[rows], batch.attention_mask[rows],
                                                 batch.loss_mask[rows]),
                                   prompt_len=batch.prompt_len,
-                                  share_prompts=share_prompts and not kto)  # (2B,) or (B,)
+                                  share_prompts=not kto)  # (2B,) or (B,)
     counts = counts.clamp(min=1)
     seq = {"pc": sums[:B], "pr": sums[B:], "ac": sums[:B] / counts[:B], "ar": sums[B:] / counts[B:],
            "nll_c": -sums[:B] / counts[:B], "rc": None, "rr": None, "rac": None, "rar": None}
@@ -168,97 +144,28 @@ def preference_loss(policy: CausalLMLogps, batch: PreferenceBatch, *, objective:
 # --- reference log-probs: one no-grad pass before training, cached on disk ---------------------
 
 
-@torch.no_grad()
-def reference_logps(policy: CausalLMLogps, items: list, *, pad_id: int, micro_batch_size: int,
-                    device, precision: str) -> torch.Tensor:
-    """(N, 2) summed log-probs of each item's two sequences under `policy` (no grad, eval mode),
-    laid out as in training: each item's shared prompt runs once."""
-    was_training = policy.training
-    policy.eval()
-    out = []
-    for i in range(0, len(items), micro_batch_size):
-        ids, attn, loss, prompt_len = pair_rows(items[i:i + micro_batch_size], pad_id)
-        with autocast(device, precision):
-            sums, _ = sequence_logps(policy, ids.to(device), attn.to(device), loss.to(device),
-                                     prompt_len=prompt_len, share_prompts=True)  # (2b,)
-        out.append(sums.float().cpu().view(2, -1).T)  # (b, 2)
-    policy.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, 2)
-
-
 def on_reference(cfg: DPOConfig, policy: CausalLMLogps, fn: Callable, *, initial: bool):
     """fn(reference): `dpo.ref_model` (loaded, then freed); with LoRA the policy with its adapter
     disabled (no copy); otherwise the policy itself while it is `initial` (not yet updated), or
     its initial weights loaded again (then freed) once it has trained."""
-    if cfg.dpo.ref_model or (not initial and cfg.model.lora.r == 0):
-        source = ModelConfig(name_or_path=cfg.dpo.ref_model) if cfg.dpo.ref_model else cfg.model
-        ref = CausalLMLogps(load_causal_lm(source), chunk_size=cfg.train.logprob_chunk_size)
-        try:
-            return fn(ref.to(dist.device()))
-        finally:
-            del ref
-            gc.collect()
-    if cfg.model.lora.r > 0:
-        with policy.model.disable_adapter():
-            return fn(policy)
-    return fn(policy)
-
-
-@torch.no_grad()
-def kto_kl(policy: CausalLMLogps, batches: list[PreferenceBatch], device, precision) -> torch.Tensor:
-    """KTO's reference point before clamping (Ethayarajh et al. 2024; TRL): the mean over every
-    mismatched sequence of the step (all micro-batches, all ranks) of policy - reference summed
-    log-probs, without gradients. Rows [B:] of each batch hold the mismatched sequences."""
-    total, count = 0.0, 0
-    for b in batches:
-        B = b.num_pairs
-        with autocast(device, precision):
-            sums, _ = sequence_logps(policy, *trim(b.input_ids[B:], b.attention_mask[B:],
-                                                   b.loss_mask[B:]), prompt_len=b.prompt_len)
-        total += (sums.float() - b.ref_logps[B:].to(sums.device)).sum().item()
-        count += B
-    return (dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp(min=1)).float().cpu()
-
-
-def reference_cache_path(cfg: DPOConfig, data_hash: str, tokenizer, unpaired: bool) -> Path:
-    """$TETHER_CACHE/ref_logps/<sha256 of model, weights size/mtime, data, lengths, tokenizer>."""
-    ref_cfg = ModelConfig(name_or_path=cfg.dpo.ref_model) if cfg.dpo.ref_model else cfg.model
-    model_dir = resolve_model_dir(ref_cfg).resolve()
-    weights = sorted(model_dir.glob("*.safetensors"))
-    stats = [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]
-    key = json.dumps([str(model_dir), stats, data_hash, cfg.data.max_length, cfg.data.truncation,
-                      tokenizer.name_or_path, resolve_precision(cfg.train.precision, dist.device()),
-                      "unpaired" if unpaired else "paired"])
-    return cache_dir() / "ref_logps" / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
+    load = ModelConfig(name_or_path=cfg.dpo.ref_model) if cfg.dpo.ref_model else \
+        cfg.model if not initial and cfg.model.lora.r == 0 else None
+    return with_reference(policy, fn, load=load, lora=cfg.model.lora.r > 0,
+                          chunk_size=cfg.train.logprob_chunk_size)
 
 
 def score_reference(cfg: DPOConfig, policy: CausalLMLogps, items: list, needed: list[int],
                     path: Path, *, pad_id, device, precision: str) -> tuple[torch.Tensor, str]:
-    """(N, 2) reference log-probs of the items, NaN for items this run never uses: read from the
-    cache where it has them, else a no-grad pass over the `needed` items it lacks (with a separate
-    `dpo.ref_model`, deleted after; the LoRA policy with its adapter disabled; or the policy
-    itself before any update). The cache grows as runs use more of the data."""
-    logps = torch.full((len(items), 2), float("nan"))
-    if cfg.dpo.cache_reference and path.is_file():
-        cached = load_file(path)["logps"]
-        logps = cached if cached.shape == logps.shape else logps
-    missing = [i for i in needed if torch.isnan(logps[i]).any()]
-    if not missing:
-        return logps, f"reference log-probs: read from the cache {path}"
-    if dist.is_main():
-        print(f"reference log-probs: scoring {len(missing)} items (no grad)...", flush=True)
-    logps[missing] = on_reference(cfg, policy, partial(
+    """(N, 2) reference log-probs of the items (NaN for items this run never uses), from the
+    cache at `path` where it has them, else a no-grad pass over the needed ones it lacks (with a
+    separate `dpo.ref_model`, deleted after; the LoRA policy with its adapter disabled; or the
+    policy itself before any update)."""
+    score = lambda missing: on_reference(cfg, policy, partial(  # noqa: E731
         reference_logps, items=[items[i] for i in missing], pad_id=pad_id,
         micro_batch_size=cfg.train.micro_batch_size, device=device, precision=precision),
         initial=True)
-    if cfg.dpo.cache_reference and dist.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{random.getrandbits(32)}")
-        save_file({"logps": logps.contiguous()}, tmp)
-        tmp.replace(path)
-    dist.barrier()
-    return logps, (f"reference log-probs: scored {len(missing)} items (those of the {len(items)} "
-                   f"that this run uses and the cache lacked; cache: {path})")
+    return cached_pair_logps(len(items), needed, path, use_cache=cfg.dpo.cache_reference,
+                             score=score)
 
 
 def items_used(n_train: int, n_eval: int, total_steps: int, batch_size: int, seed: int) -> list:
@@ -296,18 +203,6 @@ def evaluate(policy, batches: list[PreferenceBatch], loss_fn, device, precision,
 # --- held-out generations (built-in set): ground-truth score and KL to the reference ----------
 
 
-def sample_heldout(policy: CausalLMLogps, tokenizer, prompts: list[list[dict]], *, seed: int,
-                   precision: str) -> Rollout:
-    """One completion per chat prompt from the policy's own distribution (temperature 1, no
-    top-k / top-p), with the rollout engine and a seeded generator of its own (the training RNG
-    is untouched, so resume stays exact)."""
-    device = next(policy.parameters()).device
-    return TorchBackend(policy, tokenizer, precision=precision).generate(
-        [encode_prompt(tokenizer, p) for p in prompts],
-        SamplingParams(max_new_tokens=sentiment.MAX_NEW_TOKENS, temperature=1.0),
-        generator=torch.Generator(device).manual_seed(seed))
-
-
 def heldout_generations(cfg: DPOConfig, policy: CausalLMLogps, tokenizer, prompts: list, *,
                         initial: bool) -> dict[str, float]:
     """`eval/sentiment`: mean VADER compound of completions sampled from the policy on held-out
@@ -318,8 +213,10 @@ def heldout_generations(cfg: DPOConfig, policy: CausalLMLogps, tokenizer, prompt
     if not prompts:
         return {}
     tc = cfg.train
-    rollout = sample_heldout(policy, tokenizer, prompts[dist.rank()::dist.world_size()],
-                             seed=tc.seed + 7919 * (dist.rank() + 1), precision=tc.precision)
+    rollout = sample_complete(policy, tokenizer, prompts[dist.rank()::dist.world_size()],
+                              max_new_tokens=sentiment.MAX_NEW_TOKENS,
+                              seed=tc.seed + 7919 * (dist.rank() + 1), precision=tc.precision)
+
     def score(model):  # (n,) summed completion log-probs, teacher-forced
         with autocast(dist.device(), tc.precision):
             return completion_scores.completion_logps(
@@ -331,6 +228,7 @@ def heldout_generations(cfg: DPOConfig, policy: CausalLMLogps, tokenizer, prompt
     total = sum(sentiment.sentiment_score(text) for text in rollout.texts)
     return {"eval/sentiment": dist.all_reduce_sum(total).item() / len(prompts),
             "eval/kl": dist.all_reduce_sum((logps - ref).sum()).item() / len(prompts)}
+
 
 def run(cfg: DPOConfig) -> dict:
     dist.init()
@@ -370,7 +268,10 @@ def run(cfg: DPOConfig) -> dict:
     # --- score: reference log-probs once, before any update (and before resume) ----------------
     ref_note, t_ref = "reference-free loss: no reference model", time.perf_counter()
     if dc.loss not in REFERENCE_FREE:
-        path = reference_cache_path(cfg, data_hash, tokenizer, unpaired)
+        ref_cfg = ModelConfig(name_or_path=dc.ref_model) if dc.ref_model else cfg.model
+        path = reference_cache_path(resolve_model_dir(ref_cfg), data_hash, cfg.data.max_length,
+                                    cfg.data.truncation, tokenizer.name_or_path, tc.precision,
+                                    "unpaired" if unpaired else "paired")
         needed = items_used(len(train_items), len(eval_items), total_steps, tc.batch_size,
                             tc.seed)
         logps, ref_note = score_reference(cfg, policy, train_items + eval_items, needed, path,
@@ -384,8 +285,7 @@ def run(cfg: DPOConfig) -> dict:
     optimizer = build_optimizer(policy, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     group_weights = torch.full((len(groups),), 1.0 / len(groups)) if dc.group_robust else None
-    loss_fn = partial(preference_loss, objective=objective, n_groups=len(groups),
-                      share_prompts=not tc.gradient_checkpointing)
+    loss_fn = partial(preference_loss, objective=objective, n_groups=len(groups))
 
     # --- resume: model, optimizer, scheduler, RNG, data position and group weights -------------
     ckpt_root = run_dir / "checkpoints"

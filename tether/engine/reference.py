@@ -1,0 +1,132 @@
+"""Sequence log-probs of preference pairs, and the reference log-probs cached on disk.
+
+The DPO family compares each sequence's summed completion log-prob under the policy with the
+same under a frozen reference. The reference's never change, so they are computed once in a
+no-grad pass (`reference_logps`) and kept in `$TETHER_CACHE/ref_logps/<key>.safetensors`
+(`cached_pair_logps`), keyed by everything that decides them (`reference_cache_path`).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tether.config import ModelConfig
+from tether.data.preference import PreferenceBatch, pair_rows, trim
+from tether.engine import dist
+from tether.engine.logprobs import CausalLMLogps
+from tether.engine.models import cache_dir, load_causal_lm
+from tether.engine.optimize import autocast
+
+
+def sequence_logps(policy: CausalLMLogps, input_ids, attention_mask, loss_mask, *,
+                   prompt_len: int = 0, share_prompts: bool = False):
+    """(summed completion log-probs (N,), completion token counts (N,)) in one forward.
+
+    prompt_len P >= 1 (rows laid out by `pair_rows`: prompts left-padded to P columns): only
+    columns [P:] go through the lm_head, and with `share_prompts` rows i and N/2 + i, which hold
+    the same prompt, run it once (its KV cache serves both; gradients flow through it)."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, T)
+    if prompt_len == 0:
+        token_logps = policy(input_ids, attention_mask, positions)  # (N, T)
+    else:
+        N = input_ids.shape[0]
+        shared = torch.arange(N, device=input_ids.device) % (N // 2) if share_prompts else None
+        token_logps = policy(input_ids, attention_mask, positions, start=prompt_len,
+                             shared_prefix=shared)  # (N, T - P)
+        loss_mask = loss_mask[:, prompt_len:]
+    return (token_logps * loss_mask).sum(-1), loss_mask.sum(-1)
+
+
+@torch.no_grad()
+def reference_logps(policy: CausalLMLogps, items: list, *, pad_id: int, micro_batch_size: int,
+                    device, precision: str) -> torch.Tensor:
+    """(N, 2) summed log-probs of each item's two sequences under `policy` (no grad, eval mode),
+    laid out as in training: each item's shared prompt runs once."""
+    was_training = policy.training
+    policy.eval()
+    out = []
+    for i in range(0, len(items), micro_batch_size):
+        ids, attn, loss, prompt_len = pair_rows(items[i:i + micro_batch_size], pad_id)
+        with autocast(device, precision):
+            sums, _ = sequence_logps(policy, ids.to(device), attn.to(device), loss.to(device),
+                                     prompt_len=prompt_len, share_prompts=True)  # (2b,)
+        out.append(sums.float().cpu().view(2, -1).T)  # (b, 2)
+    policy.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+@torch.no_grad()
+def kto_kl(policy: CausalLMLogps, batches: list[PreferenceBatch], device, precision) -> torch.Tensor:
+    """KTO's reference point before clamping (Ethayarajh et al. 2024; TRL): the mean over every
+    mismatched sequence of the step (all micro-batches, all ranks) of policy - reference summed
+    log-probs, without gradients. Rows [B:] of each batch hold the mismatched sequences."""
+    total, count = 0.0, 0
+    for b in batches:
+        B = b.num_pairs
+        with autocast(device, precision):
+            sums, _ = sequence_logps(policy, *trim(b.input_ids[B:], b.attention_mask[B:],
+                                                   b.loss_mask[B:]), prompt_len=b.prompt_len)
+        total += (sums.float() - b.ref_logps[B:].to(sums.device)).sum().item()
+        count += B
+    return (dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp(min=1)).float().cpu()
+
+
+def reference_cache_path(model_dir: Path, *key_parts) -> Path:
+    """$TETHER_CACHE/ref_logps/<sha256 of the reference model directory, its safetensors files'
+    names, sizes and mtimes, and `key_parts` (data hash, lengths, tokenizer, precision, ...)>."""
+    model_dir = model_dir.resolve()
+    weights = sorted(model_dir.glob("*.safetensors"))
+    stats = [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]
+    key = json.dumps([str(model_dir), stats, *key_parts])
+    return cache_dir() / "ref_logps" / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
+
+
+def cached_pair_logps(n_items: int, needed: list[int], path: Path, *, use_cache: bool,
+                      score: Callable[[list[int]], torch.Tensor]) -> tuple[torch.Tensor, str]:
+    """(N, 2) log-probs of N items, NaN for those outside `needed`: read from the cache file
+    where it has them, else `score(missing indices) -> (len(missing), 2)` for the needed ones it
+    lacks; the file (written atomically, by rank 0) then grows to hold them. Returns a note too."""
+    logps = torch.full((n_items, 2), float("nan"))
+    if use_cache and path.is_file():
+        cached = load_file(path)["logps"]
+        logps = cached if cached.shape == logps.shape else logps
+    missing = [i for i in needed if torch.isnan(logps[i]).any()]
+    if not missing:
+        return logps, f"reference log-probs: read from the cache {path}"
+    if dist.is_main():
+        print(f"reference log-probs: scoring {len(missing)} items (no grad)...", flush=True)
+    logps[missing] = score(missing)
+    if use_cache and dist.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{random.getrandbits(32)}")
+        save_file({"logps": logps.contiguous()}, tmp)
+        tmp.replace(path)
+    dist.barrier()
+    return logps, (f"reference log-probs: scored {len(missing)} items (those of the {n_items} "
+                   f"that this run uses and the cache lacked; cache: {path})")
+
+
+def with_reference(policy: CausalLMLogps, fn: Callable, *, load: ModelConfig | None,
+                   lora: bool, chunk_size: int):
+    """fn(reference) for a frozen reference that costs no second copy where it can: a model
+    loaded from `load` (then deleted), else the LoRA policy with its adapter disabled, else the
+    policy itself (the caller knows it has not been updated yet)."""
+    if load is not None:
+        ref = CausalLMLogps(load_causal_lm(load), chunk_size=chunk_size)
+        try:
+            return fn(ref.to(dist.device()))
+        finally:
+            del ref
+            gc.collect()
+    if lora:
+        with policy.model.disable_adapter():
+            return fn(policy)
+    return fn(policy)
