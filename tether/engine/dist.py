@@ -109,3 +109,17 @@ def shard_indices(n: int) -> slice:
         raise ValueError(f"global batch of {n} does not divide over {ws} ranks")
     per = n // ws
     return slice(rank() * per, (rank() + 1) * per)
+
+
+def global_mean(total: float, count: float) -> float:
+    """sum(total) / sum(count) over ranks (count at least 1), as a Python float."""
+    return all_reduce_sum(total).item() / max(1.0, all_reduce_sum(count).item())
+
+
+def same_count_on_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """`rows` padded (with row 0) to the largest count on any rank: under FSDP2 every rank must
+    run the same number of forwards. The caller masks the filler rows out. 1 process: `rows`."""
+    n = torch.tensor(len(rows), device=device())
+    if is_distributed():
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return torch.cat([rows, rows.new_zeros(int(n) - len(rows))])

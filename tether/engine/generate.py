@@ -164,16 +164,13 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
     return tokens, log_probs.gather(1, tokens[:, None]).squeeze(1), entropy
 
 
-def seeded(seed: int, *parts: int, device="cpu", strides: tuple[int, ...] | None = None,
-           modulus: int | None = 2**63) -> torch.Generator:
+def seeded(seed: int, *parts: int, device="cpu") -> torch.Generator:
     """A generator that depends only on (seed, parts), so that a resumed run draws exactly the
-    numbers the uninterrupted one drew: value = value * stride + part for each part in turn
-    (stride 1_000_003 for every part unless `strides` gives one per part), then
-    `value % modulus` (None: the value as it is)."""
+    numbers the uninterrupted one drew."""
     value = seed
-    for i, p in enumerate(parts):
-        value = value * (1_000_003 if strides is None else strides[i]) + p
-    return torch.Generator(device=device).manual_seed(value if modulus is None else value % modulus)
+    for p in parts:
+        value = value * 1_000_003 + p
+    return torch.Generator(device=device).manual_seed(value % 2**63)
 
 
 # ---------------------------------------------------------------------------------------------

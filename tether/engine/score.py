@@ -1,6 +1,7 @@
 """Score a rollout without gradients: the policy's own log-probs and entropy, the reference's
 log-probs, the critic's values, the reward (`score_rollout` does all of them: the score stage of
-RLHF-PPO); and `evaluate_greedy`, the held-out reward of greedy completions.
+RLHF-PPO); `score_logps`, the same log-probs for the micro-batches of the group-relative
+recipes; and `evaluate_greedy`, the held-out reward of greedy completions.
 
 Every per-token tensor is aligned with the completion tokens of the `Rollout`: column t belongs
 to completion token t (`rollout.completion_mask` selects the real ones). The models see the
@@ -15,12 +16,16 @@ rewards of completion token t all sit in the same column.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from tether.engine.logprobs import chunked_token_logps
+from tether.engine.optimize import autocast
+
+if TYPE_CHECKING:
+    from tether.engine.rollout_batches import GRPOBatch
 
 
 class TokenValues(nn.Module):
@@ -139,6 +144,22 @@ def completion_values(critic: TokenValues, rollout, *, micro_batch_size: int) ->
            for rows in _row_chunks(ids.shape[0], micro_batch_size)]
     critic.train(was_training)
     return torch.where(rollout.completion_mask, torch.cat(out), torch.zeros(()))
+
+
+@torch.no_grad()
+def score_logps(model: nn.Module, batches: list[GRPOBatch], field: str, temperature: float,
+                precision: str) -> None:
+    """Fill each batch's `field` (old_logps / ref_logps, (b, C)) with `model`'s log-probs of
+    the completion tokens at the sampling temperature, without gradients. `model` is a
+    CausalLMLogps; rows of one `prompt_index` share one prompt forward."""
+    was_training = model.training
+    model.eval()
+    for b in batches:
+        with autocast(b.input_ids.device, precision):
+            logps = model(b.input_ids, b.attention_mask, b.position_ids, start=b.start,
+                          shared_prefix=b.prompt_index, temperature=temperature)
+        setattr(b, field, logps.float())
+    model.train(was_training)
 
 
 def sequence_rewards(reward_fn, prompts: list, completions: list[str],

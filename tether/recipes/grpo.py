@@ -28,12 +28,14 @@ from tether.config import GRPOConfig, GRPOParams, ModelConfig, save_config
 from tether.data.prompts import SHOTS, PromptExample, load_rl_prompts
 from tether.data.tasks.arithmetic import DIFFICULTIES
 from tether.engine import checkpoint, dist
-from tether.engine.generate import Rollout, SamplingParams, TorchBackend
+from tether.engine.dist import global_mean, same_count_on_ranks
+from tether.engine.generate import SamplingParams, TorchBackend
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer
-from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
-                                   train_step)
+from tether.engine.optimize import build_optimizer, build_scheduler, resolve_precision, train_step
+from tether.engine.rollout_batches import GRPOBatch, micro_batches
+from tether.engine.score import score_logps
 from tether.errors import ConfigError
 from tether.losses import aggregate_sum, clipped_surrogate, kl_penalty, masked_sum
 from tether.recipes.sft import step_items
@@ -115,72 +117,12 @@ def build_rewards(gc_: GRPOParams) -> WeightedSum:
 # --- update: one micro-batch of rollout rows -> summed loss ------------------------------------
 
 
-@dataclass
-class GRPOBatch:
-    input_ids: torch.Tensor  # (b, T) long: prompt (left-padded) then completion (right-padded)
-    attention_mask: torch.Tensor  # (b, T) bool
-    position_ids: torch.Tensor  # (b, T) long
-    start: int  # the first completion column (prompt width)
-    completion_mask: torch.Tensor  # (b, C) bool, C = T - start: generated tokens
-    advantages: torch.Tensor  # (b,) fp32
-    old_logps: torch.Tensor | None  # (b, C) fp32; None = the policy itself (num_iterations 1)
-    ref_logps: torch.Tensor | None  # (b, C) fp32; None when beta = 0
-    prompt_index: torch.Tensor | None  # (b,) long: rows with one value share their prompt
-    extra_units: float = 0.0  # denominator share of rows left out because their loss is 0
-
-    def to(self, device) -> "GRPOBatch":
-        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        return GRPOBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
-
-
-def micro_batches(r: Rollout, advantages: torch.Tensor, size: int,
-                  prompt_index: torch.Tensor | None = None) -> list[GRPOBatch]:
-    """`size` rows per micro-batch in rollout order (a group's rows together, so that they share
-    one prompt forward when `prompt_index` is given), each trimmed to its own longest prompt and
-    completion. The global normalisation makes the split irrelevant to the result."""
-    ids, mask, pos = r.input_ids(), r.attention_mask(), r.position_ids()
-    P, lengths = r.prompt_ids.shape[1], r.completion_lengths()
-    out = []
-    for chunk in torch.arange(len(r.texts)).split(size) if r.texts else ():
-        left = P - int(r.prompt_mask[chunk].sum(1).max())
-        right = P + max(1, int(lengths[chunk].max()))
-        out.append(GRPOBatch(ids[chunk, left:right], mask[chunk, left:right],
-                             pos[chunk, left:right], P - left, r.completion_mask[chunk, :right - P],
-                             advantages[chunk], None, None,
-                             None if prompt_index is None else prompt_index[chunk]))
-    return out
-
-
-@torch.no_grad()
-def score_logps(model: CausalLMLogps, batches: list[GRPOBatch], field: str, temperature: float,
-                precision: str) -> None:
-    """Fill each batch's `field` (old_logps / ref_logps, (b, C)) with `model`'s log-probs of
-    the completion tokens at the sampling temperature, without gradients."""
-    was_training = model.training
-    model.eval()
-    for b in batches:
-        with autocast(b.input_ids.device, precision):
-            logps = model(b.input_ids, b.attention_mask, b.position_ids, start=b.start,
-                          shared_prefix=b.prompt_index, temperature=temperature)
-        setattr(b, field, logps.float())
-    model.train(was_training)
-
-
 def units_of(obj: Objective, completion_mask: torch.Tensor) -> float:
     """The aggregation's denominator over these rows (tokens, sequences or rows x constant);
     rows without a completion token (fillers) count nothing."""
     mask = completion_mask[completion_mask.any(dim=1)]
     return aggregate_sum(torch.zeros(mask.shape), mask, mode=obj.kind.aggregation,
                          normalizer=obj.normalizer)[1].item()
-
-
-def same_count_on_ranks(rows: torch.Tensor) -> torch.Tensor:
-    """`rows` padded (with row 0) to the largest count on any rank: under FSDP2 every rank must
-    run the same number of forwards. The caller masks the filler rows out. 1 process: `rows`."""
-    n = torch.tensor(len(rows), device=dist.device())
-    if dist.is_distributed():
-        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-    return torch.cat([rows, rows.new_zeros(int(n) - len(rows))])
 
 
 def count_units(obj: Objective, b: GRPOBatch) -> float:
@@ -240,16 +182,6 @@ def load_reference(cfg: GRPOConfig, device) -> CausalLMLogps:
                                        attn_implementation=m.attn_implementation))
     reference = CausalLMLogps(model, chunk_size=cfg.train.logprob_chunk_size).to(device)
     return dist.shard(reference.requires_grad_(False)).eval()
-
-
-def seeded(seed: int, step: int) -> torch.Generator:
-    """The sampling generator of `step`: a function of (seed, step) alone, so a resumed run
-    draws exactly the samples the uninterrupted one drew."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7919 + dist.rank())
-
-
-def global_mean(total: float, count: float) -> float:
-    return dist.all_reduce_sum(total).item() / max(1.0, dist.all_reduce_sum(count).item())
 
 
 def run(cfg: GRPOConfig) -> dict:
@@ -328,7 +260,8 @@ def run(cfg: GRPOConfig) -> dict:
         prompts = step_items(train_prompts, step, gc_.prompts_per_step, tc.seed)[
             dist.shard_indices(gc_.prompts_per_step)]
         rollout = backend.generate([p.ids for p in prompts], params,
-                                   generator=seeded(tc.seed, step))
+                                   generator=torch.Generator().manual_seed(  # (seed, step, rank) alone
+                                       (tc.seed * 1_000_003 + step) * 7919 + dist.rank()))
         G, B = gc_.group_size, len(rollout.texts)
         t1 = time.perf_counter()
 
@@ -355,7 +288,7 @@ def run(cfg: GRPOConfig) -> dict:
         rows = same_count_on_ranks(real)
         chosen = rollout.select(rows)
         chosen.completion_mask[len(real):] = False  # filler rows: no loss, no units
-        share = None if tc.gradient_checkpointing else rows // G  # one prompt forward per group
+        share = rows // G  # one prompt forward per group
         batches = [b.to(device) for b in micro_batches(
             chosen, advantages[rows], tc.micro_batch_size, share)]
         if batches:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,11 +31,13 @@ from tether.data.prompts import (PromptExample, builtin_prompt_rows, load_prompt
                                  tokenize_prompt_rows)
 from tether.data.tasks import builtin_sft_rows
 from tether.engine import checkpoint, dist
-from tether.engine.generate import SamplingParams, TorchBackend
+from tether.engine.dist import global_mean
+from tether.engine.generate import SamplingParams, TorchBackend, seeded
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer, load_value_model
 from tether.engine.optimize import build_scheduler, resolve_precision, train_step
+from tether.engine.rollout_batches import PPOBatch
 from tether.engine.score import TokenValues, evaluate_greedy, score_rollout
 from tether.errors import ConfigError
 from tether.losses import adaptive_kl_coef, aggregate_sum, clipped_surrogate, kl_penalty, value_loss
@@ -138,43 +140,6 @@ def build_optimizer(models: ActorCritic, cfg: PPOConfig) -> torch.optim.Optimize
 # ------------------------------------------------------------------------------ the update
 
 
-@dataclass
-class PPOBatch:
-    """Rows of a scored rollout: sequences (b, P + C), completion tensors (b, C)."""
-    input_ids: torch.Tensor  # (b, P + C) long: left-padded prompt, right-padded completion
-    attention_mask: torch.Tensor  # (b, P + C) bool, True on real tokens
-    position_ids: torch.Tensor  # (b, P + C) long
-    completion_mask: torch.Tensor  # (b, C) bool, True on generated tokens
-    old_logps: torch.Tensor  # (b, C) fp32 policy log-probs before the update
-    old_values: torch.Tensor  # (b, C) fp32 critic values before the update
-    advantages: torch.Tensor  # (b, C) fp32 (whitened)
-    returns: torch.Tensor  # (b, C) fp32 value targets
-
-    @property
-    def prompt_len(self) -> int:
-        return self.input_ids.shape[1] - self.completion_mask.shape[1]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.completion_mask.sum())
-
-    def select(self, rows: torch.Tensor) -> "PPOBatch":
-        """These rows, without the columns that are padding in all of them."""
-        P = self.prompt_len
-        real = self.attention_mask[rows]
-        first = int(real[:, :P].any(dim=0).long().argmax())  # first column with a prompt token
-        width = int(self.completion_mask[rows].any(dim=0).nonzero().max()) + 1
-        seq, comp = slice(first, P + width), slice(0, width)
-        out = {}
-        for f in fields(self):
-            t = getattr(self, f.name)[rows]
-            out[f.name] = t[:, seq] if t.shape[1] == self.input_ids.shape[1] else t[:, comp]
-        return PPOBatch(**out)
-
-    def to(self, device) -> "PPOBatch":
-        return PPOBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-
 def ppo_loss(models: ActorCritic, b: PPOBatch, *, pc: PPOParams) -> tuple[torch.Tensor, dict]:
     """Summed clipped surrogate + vf_coef * clipped value loss over the completion tokens (the
     optimizer divides by the mini-batch's token count: token means). Metrics are token sums."""
@@ -211,18 +176,6 @@ def check_batch_sizes(cfg: PPOConfig) -> tuple[int, int]:
     if pc.update_epochs < 1:
         raise ConfigError(f"ppo.update_epochs must be >= 1, got {pc.update_epochs}")
     return rows, mini
-
-
-def seeded(seed: int, *parts: int, device="cpu") -> torch.Generator:
-    """A generator that depends only on (seed, parts): resumed runs draw the same numbers."""
-    value = seed
-    for p in parts:
-        value = value * 1_000_003 + p
-    return torch.Generator(device=device).manual_seed(value % (2**63))
-
-
-def global_mean(total: float, count: float) -> float:
-    return dist.all_reduce_sum(total).item() / max(1.0, dist.all_reduce_sum(count).item())
 
 
 # ------------------------------------------------------------------------------ the loop
