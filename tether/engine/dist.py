@@ -7,7 +7,9 @@ A plain `python` run is world size 1 of the same code: every helper here is then
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -37,8 +39,34 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_host_memory() -> bool:
+    """Have glibc keep freed host memory for the next allocation instead of returning it.
+
+    By default glibc serves every allocation above a threshold (at most 32 MB) with a fresh mmap
+    and unmaps it on free, and trims the heap whenever its top is free. A training step on a
+    CPU allocates and frees the same large buffers every step (lm_head weight casts and
+    gradients, activations), so each step page-faults them in again: ~20 ms per 100 MB on the
+    project machine. Raising both thresholds lets a step reuse the previous step's pages: the
+    DPO benchmark step went from 3.6 to 2.9 s at the same peak RSS (benchmarks/README.md).
+    Returns False (nothing changed) where the C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def init() -> None:
-    """Join the process group when launched by torchrun (WORLD_SIZE set); otherwise do nothing."""
+    """Set up this process for training: host memory kept for reuse (`keep_freed_host_memory`),
+    and the process group joined when launched by torchrun (WORLD_SIZE set)."""
+    keep_freed_host_memory()
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -28,6 +28,16 @@ def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+# Rows of logits handled at once by the element-wise passes: 128 x 49152 x 4 bytes = 25 MB of
+# fp32 scratch, under glibc's 32 MB mmap ceiling, so the buffers are reused from the heap each
+# step instead of being mapped fresh and page-faulted in (which cost ~20 ms per 100 MB here).
+_SLICE = 128
+
+
+def _slices(n: int, size: int):
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size):
@@ -37,12 +47,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], chunk_size):
-                end = start + chunk_size
-                logits = (hidden[start:end].to(compute) @ w.T).float()  # (n, V)
-                lse[start:end] = torch.logsumexp(logits, dim=-1)
-                picked = logits.gather(1, labels[start:end, None]).squeeze(1)
-                logps[start:end] = picked - lse[start:end]
+            for start, end in _slices(hidden.shape[0], min(chunk_size, _SLICE)):
+                logits = hidden[start:end].to(compute) @ w.T  # (n, V)
+                top = logits.amax(dim=-1, keepdim=True).float()  # (n, 1)
+                picked = logits.gather(1, labels[start:end, None]).float()  # (n, 1)
+                # log-sum-exp in fp32, in place on one fp32 copy: exp(z - max), summed
+                lse[start:end] = torch.sub(logits, top).exp_().sum(dim=-1).log_() + top[:, 0]
+                logps[start:end] = picked[:, 0] - lse[start:end]
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.chunk_size, ctx.compute = chunk_size, compute
         return logps
@@ -51,25 +62,29 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     def backward(ctx, grad_logps):
         hidden, weight, labels, lse = ctx.saved_tensors
         compute, chunk_size = ctx.compute, ctx.chunk_size
+        needs_hidden, needs_weight = ctx.needs_input_grad[:2]
         w = weight.to(compute)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = None
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], chunk_size):
-                end = start + chunk_size
-                h = hidden[start:end].to(compute)  # (n, H)
-                g = grad_logps[start:end, None]  # (n, 1)
-                # d logp / d logits = onehot(label) - softmax, scaled by the incoming grad g;
-                # in place on the recomputed logits: three passes over (n, V), no copies
-                grad_logits = (h @ w.T).float()  # (n, V) logits
-                grad_logits.sub_(lse[start:end, None]).exp_().mul_(-g)  # -g softmax
-                grad_logits.scatter_add_(1, labels[start:end, None], g)  # + g onehot
-                grad_logits = grad_logits.to(compute)
-                if grad_hidden is not None:
-                    grad_hidden[start:end] = (grad_logits @ w).to(hidden.dtype)
-                if grad_weight is not None:
-                    grad_weight += (grad_logits.T @ h).float()
+            # chunks of `chunk_size` rows bound the (n, V) buffer of logit gradients that one
+            # weight-gradient matmul consumes; slices of _SLICE rows bound the fp32 scratch
+            for c0, c1 in _slices(hidden.shape[0], chunk_size):
+                h = hidden[c0:c1].to(compute)  # (n, H)
+                grad_logits = torch.empty(c1 - c0, w.shape[0], dtype=compute,
+                                          device=hidden.device)  # (n, V)
+                for s0, s1 in _slices(c1 - c0, _SLICE):
+                    g = grad_logps[c0 + s0:c0 + s1, None]  # (s, 1)
+                    # d logp / d logits = onehot(label) - softmax, scaled by the incoming g
+                    p = torch.sub(h[s0:s1] @ w.T, lse[c0 + s0:c0 + s1, None])  # fp32 (s, V)
+                    p.exp_().mul_(-g).scatter_add_(1, labels[c0 + s0:c0 + s1, None], g)
+                    grad_logits[s0:s1] = p
+                if needs_hidden:
+                    grad_hidden[c0:c1] = (grad_logits @ w).to(hidden.dtype)
+                if needs_weight:
+                    part = (grad_logits.T @ h).float()  # (V, H)
+                    grad_weight = part if grad_weight is None else grad_weight.add_(part)
+                del grad_logits
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
@@ -174,12 +189,14 @@ class CausalLMLogps(nn.Module):
                                                          device=input_ids.device))  # (N,)
         cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters \
             else "past_key_values"
-        prefix = lm.model(input_ids=input_ids[first, :start],
+        # one embedding lookup for both passes: one (V, H) embedding gradient in backward, not two
+        embeds = lm.model.get_input_embeddings()(input_ids)  # (B, T, H)
+        prefix = lm.model(inputs_embeds=embeds[first, :start],
                           attention_mask=attention_mask[first, :start].long(),
                           position_ids=position_ids[first, :start], use_cache=True)  # N rows
         cache = getattr(prefix, cache_arg)
         cache.batch_select_indices(rows_of)  # each row gets its prefix's keys and values
-        rest = lm.model(input_ids=input_ids[:, start:], attention_mask=attention_mask.long(),
+        rest = lm.model(inputs_embeds=embeds[:, start:], attention_mask=attention_mask.long(),
                         position_ids=position_ids[:, start:], use_cache=True,
                         **{cache_arg: cache}).last_hidden_state  # (B, T - start, H)
         hidden = torch.cat([prefix.last_hidden_state[rows_of, -1:], rest[:, :-1]], dim=1)
