@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tether.engine.logprobs import CausalLMLogps, chunked_token_logps, naive_token_logps
+from tether.engine.logprobs import (CausalLMLogps, chunked_token_logps, embed_tokens,
+                                    naive_token_logps)
 from tether.engine.models import tiny_llama
 
 
@@ -105,3 +106,34 @@ def test_packed_bool_mask_is_honoured_by_eager_attention():
         got = wrapper(packed, block_causal_mask(segments), positions)[0, 6:]  # b's targets
         alone = wrapper(b, torch.ones_like(b, dtype=torch.bool))[0, 1:]
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+
+
+def test_tied_embedding_gradient_added_in_place_equals_autograd():
+    """embed_tokens adds the lookup's gradient into the tied weight's .grad by hand. Against
+    autograd's own lookup (HF forward with input_ids) over two backward passes (accumulation):
+    equal gradients for every parameter, and the padding_idx row (id 3, present in the input)
+    receives only the lm_head's gradient (nn.Embedding gives padding_idx none)."""
+    model = tiny_llama(vocab_size=20, hidden_size=16, tie=True, pad_token_id=3, seed=2)
+    assert model.get_input_embeddings().padding_idx == 3
+    ids = torch.tensor([[5, 3, 7, 7, 1, 3], [2, 9, 3, 4, 4, 8]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    policy = CausalLMLogps(model, chunk_size=4)
+
+    def grads(use_hook: bool):
+        model.zero_grad(set_to_none=True)
+        for scale in (1.0, -0.5):  # two micro-batches accumulate into the same .grad
+            if use_hook:
+                out = policy(ids, mask)  # (2, 6)
+            else:
+                logits = model(input_ids=ids).logits
+                out = torch.log_softmax(logits[:, :-1].float(), -1).gather(
+                    -1, ids[:, 1:, None]).squeeze(-1)
+            (scale * out.sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    hooked, plain = grads(True), grads(False)
+    assert hooked.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(hooked[name], plain[name], atol=1e-5, rtol=1e-4)
+    x = embed_tokens(model, ids)  # the hooked path: a leaf, no (V, H) gradient in the graph
+    assert x.shape == (2, 6, 16) and x.requires_grad and x.grad_fn is None

@@ -81,12 +81,14 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                     grad_logits[s0:s1] = p
                 if needs_hidden:
                     grad_hidden[c0:c1] = (grad_logits @ w).to(hidden.dtype)
+                if c1 == hidden.shape[0]:
+                    del w  # the last chunk: free the cast before the (V, H) gradient exists
                 if needs_weight:
-                    part = (grad_logits.T @ h).float()  # (V, H)
-                    grad_weight = part if grad_weight is None else grad_weight.add_(part)
-                del grad_logits
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+                    part = grad_logits.T @ h  # (V, H) in the compute dtype
+                    del grad_logits
+                    grad_weight = part.to(weight.dtype) if grad_weight is None \
+                        else grad_weight.add_(part)
+                    del part
         return grad_hidden, grad_weight, None, None
 
 
@@ -108,6 +110,40 @@ def naive_token_logps(hidden: torch.Tensor, weight: torch.Tensor,
     """Reference implementation (full logits); for tests only."""
     logits = (hidden @ weight.T).float()
     return torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+
+
+def embed_tokens(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) input embeddings of a causal LM, its gradient taken without a (V, H) buffer.
+
+    When the lm_head shares the trained embedding matrix (tied weights, as in SmolLM2),
+    autograd would build a dense (V, H) gradient for the lookup (113 MB fp32 for a 49k x 576
+    vocabulary, zero-filled every step) and add it to the lm_head's. Instead the lookup reads a
+    detached weight, and a hook adds its rows' gradients into `weight.grad` in place when the
+    gradient reaches the embeddings, which is after the lm_head's (it is computed first; the
+    addition is order-free anyway). Same rule as nn.Embedding: no gradient for `padding_idx`.
+    Elsewhere (untied, frozen, max_norm, under torch.distributed) it is the plain lookup."""
+    emb = lm.get_input_embeddings()
+    head = lm.get_output_embeddings()
+    weight = emb.weight
+    if not (torch.is_grad_enabled() and weight.requires_grad and type(emb) is nn.Embedding
+            and head is not None and head.weight is weight and emb.max_norm is None
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized())):
+        return emb(input_ids)
+    ids = input_ids.reshape(-1)  # (B*T,)
+    keep = None if emb.padding_idx is None else ids != emb.padding_idx
+
+    def add_rows(grad: torch.Tensor) -> None:  # grad: (B, T, H)
+        rows = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+        index = ids if keep is None else ids[keep]
+        rows = rows if keep is None else rows[keep]
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, index, rows)
+
+    embeds = nn.functional.embedding(input_ids, weight.detach(), emb.padding_idx)
+    embeds.requires_grad_(True)
+    embeds.register_hook(add_rows)
+    return embeds
 
 
 class CausalLMLogps(nn.Module):
@@ -152,8 +188,8 @@ class CausalLMLogps(nn.Module):
         if mask.dim() == 4 and mask.dtype == torch.bool \
                 and getattr(lm.config, "_attn_implementation", "sdpa") == "eager":
             mask = additive_mask(mask)  # eager attention adds a 4-D mask to the scores
-        hidden = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state  # (B, T, H)
+        hidden = lm.model(inputs_embeds=embed_tokens(lm, input_ids), attention_mask=mask,
+                          position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
         if temperature != 1.0:
             hidden = hidden / temperature
         weight = lm.get_output_embeddings().weight  # (V, H)
@@ -190,7 +226,7 @@ class CausalLMLogps(nn.Module):
         cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters \
             else "past_key_values"
         # one embedding lookup for both passes: one (V, H) embedding gradient in backward, not two
-        embeds = lm.model.get_input_embeddings()(input_ids)  # (B, T, H)
+        embeds = embed_tokens(lm, input_ids)  # (B, T, H)
         prefix = lm.model(inputs_embeds=embeds[first, :start],
                           attention_mask=attention_mask[first, :start].long(),
                           position_ids=position_ids[first, :start], use_cache=True)  # N rows
