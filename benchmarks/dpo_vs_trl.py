@@ -21,10 +21,12 @@ beta 0.1, 4 pairs per optimizer step in one micro-batch, constant lr 1e-6, no ev
 lengthened with other completions of the set and cut so that prompt + completion is about
 `--tokens` (115) tokens, the pairs written once to a JSONL file that both trainers read.
 
-Three trainers: `tether` (defaults: each pair's prompt runs once, the lm_head only on completion
+Four trainers: `tether` (defaults: each pair's prompt runs once, the lm_head only on completion
 tokens), `tether-gc` (the same with `train.gradient_checkpointing=true`: activations recomputed
-in backward, prompts no longer shared) and `trl`. Each runs in its own subprocess (tether with
-this interpreter, TRL with `--trl-python`),
+in backward, prompts no longer shared), `trl` (as installed) and `trl-alloc` (TRL again with
+glibc's malloc thresholds set through the environment to the values tether sets for itself in
+`engine/dist.keep_freed_host_memory`, so that the allocator's share of the difference shows).
+Each runs in its own subprocess (tether with this interpreter, TRL with `--trl-python`),
 with the same number of torch threads (`--threads`, default all cores). Reported per trainer:
 - `tokens_per_s`: non-padding tokens of the chosen and rejected sequences (each trainer counts
   its own batches) divided by the wall time of the optimizer steps, over the steps after the
@@ -52,7 +54,7 @@ from functools import partial
 from pathlib import Path
 
 PAIRS_PER_STEP = 4
-CHILDREN = ["tether", "tether-gc", "trl"]
+CHILDREN = ["tether", "tether-gc", "trl", "trl-alloc"]
 LR, BETA = 1e-6, 0.1
 
 
@@ -193,6 +195,10 @@ def run_child(python: str, name: str, data: str, model_dir: str, steps: int, thr
               precision: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "TETHER_CACHE": os.environ.get("TETHER_CACHE", str(Path.home() / ".cache/tether"))}
+    if name == "trl-alloc":  # TRL under the glibc thresholds tether sets for itself
+        from tether.engine.dist import HOST_MMAP_THRESHOLD, HOST_TRIM_THRESHOLD
+        env.update(MALLOC_MMAP_THRESHOLD_=str(HOST_MMAP_THRESHOLD),
+                   MALLOC_TRIM_THRESHOLD_=str(HOST_TRIM_THRESHOLD))
     cmd = [python, __file__, "--child", name, "--data", data, "--model-dir", model_dir,
            "--steps", str(steps), "--threads", str(threads), "--precision", precision]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -220,11 +226,11 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         child = {"tether": child_tether, "tether-gc": partial(child_tether, checkpointing=True),
-                 "trl": child_trl}[args.child]
+                 "trl": child_trl, "trl-alloc": child_trl}[args.child]
         result = child(args.data, args.model_dir, args.steps, args.precision)
         print(json.dumps(result))
         return
-    if args.only in (None, "trl") and not args.trl_python:
+    if args.only in (None, "trl", "trl-alloc") and not args.trl_python:
         parser.error("--trl-python is required (or --only tether); see the docstring for setup")
     work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     data = work / "pairs.jsonl"
@@ -233,7 +239,7 @@ def main() -> None:
           f"(tether's tokenisation), {args.threads} threads, model {model_dir}", flush=True)
     results = {}
     for name, python in (("tether", sys.executable), ("tether-gc", sys.executable),
-                         ("trl", args.trl_python)):
+                         ("trl", args.trl_python), ("trl-alloc", args.trl_python)):
         if args.only in (None, name):
             results[name] = run_child(python, name, str(data), model_dir, args.steps,
                                       args.threads, args.precision)
@@ -241,14 +247,16 @@ def main() -> None:
             incl = r["tokens_per_step"] * r["steps"] / (r["step_s"] * r["steps"] +
                                                         (r["reference_s"] or 0.0))
             r["tokens_per_s_incl_reference"] = incl
-            print(f"{name:>9}: {r['tokens_per_s']:8.1f} tokens/s (steady), {incl:8.1f} incl. "
+            print(f"{name:>10}: {r['tokens_per_s']:8.1f} tokens/s (steady), {incl:8.1f} incl. "
                   f"reference pass, {r['step_s']:.2f} s/step, wall {r['wall_s']:.0f} s, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MiB, final loss {r['final_loss']}", flush=True)
     for name in ("tether", "tether-gc"):
-        if name in results and "trl" in results:
-            t, r = results[name], results["trl"]
-            print(f"{name} / TRL: {t['tokens_per_s'] / r['tokens_per_s']:.2f}x tokens/s (target "
-                  f">= 2.5x), {t['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS (target <= 0.7x)")
+        for base in ("trl", "trl-alloc"):
+            if name in results and base in results:
+                t, r = results[name], results[base]
+                print(f"{name} / {base}: {t['tokens_per_s'] / r['tokens_per_s']:.2f}x tokens/s "
+                      f"(target >= 2.5x), {t['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS "
+                      "(target <= 0.7x)")
     print(json.dumps(results))
 
 
