@@ -47,3 +47,11 @@ def test_freed_host_memory_is_reused_not_faulted_in_again():
     if default < (CYCLES - 2) * PAGES:
         pytest.skip(f"the default allocator already reuses the block ({default} faults)")
     assert default > 4 * kept
+
+
+def test_keep_freed_memory_can_be_switched_off(monkeypatch):
+    """TETHER_KEEP_FREED_MEMORY=0 leaves glibc's defaults alone: nothing set, False returned."""
+    monkeypatch.setenv("TETHER_KEEP_FREED_MEMORY", "0")
+    from tether.engine.dist import keep_freed_host_memory
+
+    assert keep_freed_host_memory() is False

@@ -55,9 +55,10 @@ def keep_freed_host_memory() -> bool:
     project machine. Raising both thresholds lets a step reuse the previous step's pages: a DPO
     step of the default model (4 pairs, bf16) went from 3.6 to 2.9 s at about the same peak RSS
     (benchmarks/README.md; TRL gains as much from the same setting, made through glibc's
-    MALLOC_*_ environment variables). Returns False (nothing changed) where libc is not glibc.
+    MALLOC_*_ environment variables). Returns False (nothing changed) where libc is not glibc
+    or the environment sets TETHER_KEEP_FREED_MEMORY=0.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("TETHER_KEEP_FREED_MEMORY") == "0":
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
