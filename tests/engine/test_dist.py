@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from tether.engine.dist import keep_freed_host_memory
+
 PAGES = 16384  # a 64 MB block in 4 KB pages
 CYCLES = 10
 
@@ -52,6 +54,4 @@ def test_freed_host_memory_is_reused_not_faulted_in_again():
 def test_keep_freed_memory_can_be_switched_off(monkeypatch):
     """TETHER_KEEP_FREED_MEMORY=0 leaves glibc's defaults alone: nothing set, False returned."""
     monkeypatch.setenv("TETHER_KEEP_FREED_MEMORY", "0")
-    from tether.engine.dist import keep_freed_host_memory
-
     assert keep_freed_host_memory() is False

@@ -16,33 +16,23 @@ def _inputs(seed=0, n=37, h=16, v=50, dtype=torch.float32):
     return hidden, weight, labels
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 37, 1000])
-def test_chunked_equals_naive_values_and_grads_fp32(chunk_size):
-    hidden, weight, labels = _inputs()
-    upstream = torch.randn(37, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("n, chunk_size, seed, weight_atol", [
+    (37, 1, 1, 1e-5), (37, 5, 1, 1e-5), (37, 37, 1, 1e-5), (37, 1000, 1, 1e-5),
+    (300, 200, 2, 1e-4), (300, 1000, 2, 1e-4)])
+def test_chunked_equals_naive_values_and_grads_fp32(n, chunk_size, seed, weight_atol):
+    """Values and both gradients equal the full-logits computation. The 300-row cases are
+    longer than a 128-row slice: chunk 200 runs the weight-gradient matmul twice (200 + 100
+    rows, summed) and splits the first chunk's element-wise passes into slices of 128 + 72;
+    chunk 1000 is one matmul over slices 128 + 128 + 44."""
+    hidden, weight, labels = _inputs(n=n)
+    upstream = torch.randn(n, generator=torch.Generator().manual_seed(seed))
     got = chunked_token_logps(hidden, weight, labels, chunk_size=chunk_size)
     gh, gw = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
     want = naive_token_logps(hidden, weight, labels)
     wh, ww = torch.autograd.grad((want * upstream).sum(), (hidden, weight))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(gh, wh, atol=1e-5, rtol=0)
-    torch.testing.assert_close(gw, ww, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("chunk_size", [200, 1000])
-def test_chunks_longer_than_a_slice(chunk_size):
-    """300 rows: chunk 200 runs the weight-gradient matmul twice (200 + 100 rows, summed) and
-    splits the first chunk's element-wise passes into slices of 128 + 72 rows; chunk 1000 is one
-    matmul over slices 128 + 128 + 44. Both must equal the full-logits computation."""
-    hidden, weight, labels = _inputs(n=300)
-    upstream = torch.randn(300, generator=torch.Generator().manual_seed(2))
-    got = chunked_token_logps(hidden, weight, labels, chunk_size=chunk_size)
-    gh, gw = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
-    want = naive_token_logps(hidden, weight, labels)
-    wh, ww = torch.autograd.grad((want * upstream).sum(), (hidden, weight))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(gh, wh, atol=1e-5, rtol=0)
-    torch.testing.assert_close(gw, ww, atol=1e-4, rtol=0)
+    torch.testing.assert_close(gw, ww, atol=weight_atol, rtol=0)
 
 
 def test_hand_worked_two_token_vocab():

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tether.data.collate import additive_mask
+from tether.engine.dist import is_distributed
 
 
 def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
@@ -127,15 +128,15 @@ def embed_tokens(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     weight = emb.weight
     if not (torch.is_grad_enabled() and weight.requires_grad and type(emb) is nn.Embedding
             and head is not None and head.weight is weight and emb.max_norm is None
-            and not (torch.distributed.is_available() and torch.distributed.is_initialized())):
+            and not is_distributed()):
         return emb(input_ids)
     ids = input_ids.reshape(-1)  # (B*T,)
     keep = None if emb.padding_idx is None else ids != emb.padding_idx
+    index = ids if keep is None else ids[keep]  # (n,) rows of the weight that get a gradient
 
     def add_rows(grad: torch.Tensor) -> None:  # grad: (B, T, H)
         rows = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
-        index = ids if keep is None else ids[keep]
-        rows = rows if keep is None else rows[keep]
+        rows = rows if keep is None else rows[keep]  # (n, H)
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         weight.grad.index_add_(0, index, rows)
