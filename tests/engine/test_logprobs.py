@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tether.engine import logprobs
 from tether.engine.logprobs import (CausalLMLogps, chunked_token_logps, embed_tokens,
                                     naive_token_logps)
 from tether.engine.models import tiny_llama
@@ -16,14 +17,18 @@ def _inputs(seed=0, n=37, h=16, v=50, dtype=torch.float32):
     return hidden, weight, labels
 
 
+@pytest.mark.parametrize("vocab_block", [4096, 7])
 @pytest.mark.parametrize("n, chunk_size, seed, weight_atol", [
     (37, 1, 1, 1e-5), (37, 5, 1, 1e-5), (37, 37, 1, 1e-5), (37, 1000, 1, 1e-5),
     (300, 200, 2, 1e-4), (300, 1000, 2, 1e-4)])
-def test_chunked_equals_naive_values_and_grads_fp32(n, chunk_size, seed, weight_atol):
-    """Values and both gradients equal the full-logits computation. The 300-row cases are
-    longer than a 128-row slice: chunk 200 runs the weight-gradient matmul twice (200 + 100
-    rows, summed) and splits the first chunk's element-wise passes into slices of 128 + 72;
-    chunk 1000 is one matmul over slices 128 + 128 + 44."""
+def test_chunked_equals_naive_values_and_grads_fp32(n, chunk_size, seed, weight_atol,
+                                                    vocab_block, monkeypatch):
+    """Values and both gradients equal the full-logits computation. Chunks of rows: chunk 200
+    of 300 rows runs two row chunks (200 + 100) whose weight gradients add up. Blocks of the
+    vocabulary: with blocks of 7 columns the 50-token vocabulary is 8 blocks (7 x 7 + 1), so the
+    online log-sum-exp rescales its running sum 7 times, labels fall in every block, and the
+    hidden-state gradient is a sum over blocks; with 4096 it is one block."""
+    monkeypatch.setattr(logprobs, "_VOCAB_BLOCK", vocab_block)
     hidden, weight, labels = _inputs(n=n)
     upstream = torch.randn(n, generator=torch.Generator().manual_seed(seed))
     got = chunked_token_logps(hidden, weight, labels, chunk_size=chunk_size)

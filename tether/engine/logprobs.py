@@ -2,8 +2,9 @@
 
 A 135M model over a 49k vocabulary spends most of its activation memory on logits: B x T x V
 floats (8 x 512 x 49152 x 4 bytes = 805 MB in fp32, and autograd keeps a copy for backward).
-`chunked_token_logps` never holds more than `chunk_size` rows of logits: the forward keeps only
-each row's log-sum-exp, and the backward recomputes each chunk's softmax.
+`chunked_token_logps` never holds more than `chunk_size` rows by 4096 vocabulary columns of
+logits: the forward keeps only each row's log-sum-exp (accumulated online over the vocabulary
+blocks), and the backward recomputes each block's softmax.
 
 For target y_t with logits z_t = W h_t (W: (V, H) lm_head weight):
     log p(y_t) = z_t[y_t] - logsumexp(z_t)
@@ -29,13 +30,15 @@ def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-# Rows of logits handled at once by the element-wise passes: 128 x 49152 x 4 bytes = 25 MB of
-# fp32 scratch, under glibc's 32 MB mmap ceiling, so the buffers are reused from the heap each
-# step instead of being mapped fresh and page-faulted in (which cost ~20 ms per 100 MB here).
-_SLICE = 128
+# Vocabulary columns handled at once: the lm_head runs block by block over the vocabulary (a
+# (4096, H) slice of the weight cast at a time, logits of at most chunk_size x 4096), with an
+# online log-sum-exp in the forward. No buffer then has the vocabulary's size: the full (V, H)
+# cast (57 MB for SmolLM2 in bf16), (n, V) logits or logit gradients and a (V, H) partial weight
+# gradient left holes in the host heap that each step's other buffers could not fill.
+_VOCAB_BLOCK = 4096
 
 
-def _slices(n: int, size: int):
+def _blocks(n: int, size: int):
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
@@ -44,17 +47,27 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, chunk_size):
         # hidden: (N, H); weight: (V, H); labels: (N,) long -> logps (N,) fp32
         compute = _compute_dtype(hidden.device.type, hidden.dtype)
-        w = weight.to(compute)
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
         with torch.autocast(hidden.device.type, enabled=False):
-            for start, end in _slices(hidden.shape[0], min(chunk_size, _SLICE)):
-                logits = hidden[start:end].to(compute) @ w.T  # (n, V)
-                top = logits.amax(dim=-1, keepdim=True).float()  # (n, 1)
-                picked = logits.gather(1, labels[start:end, None]).float()  # (n, 1)
-                # log-sum-exp in fp32, in place on one fp32 copy: exp(z - max), summed
-                lse[start:end] = torch.sub(logits, top).exp_().sum(dim=-1).log_() + top[:, 0]
-                logps[start:end] = picked[:, 0] - lse[start:end]
+            for r0, r1 in _blocks(hidden.shape[0], chunk_size):
+                h = hidden[r0:r1].to(compute)  # (n, H)
+                y = labels[r0:r1]  # (n,)
+                top = torch.full((r1 - r0,), -torch.inf, device=hidden.device)  # running max
+                total = torch.zeros(r1 - r0, device=hidden.device)  # sum exp(z - top)
+                picked = torch.empty(r1 - r0, device=hidden.device)  # z[label]
+                for v0, v1 in _blocks(weight.shape[0], _VOCAB_BLOCK):
+                    z = h @ weight[v0:v1].to(compute).T  # (n, v) in the compute dtype
+                    at = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0].float()
+                    picked = torch.where((y >= v0) & (y < v1), at, picked)
+                    new_top = torch.maximum(top, z.amax(dim=-1).float())
+                    # rescale the running sum to the new max, add this block's exp(z - max),
+                    # z - max in fp32 (one fp32 buffer, exponentiated in place)
+                    total.mul_(torch.exp(top - new_top)).add_(
+                        torch.sub(z, new_top[:, None]).exp_().sum(dim=-1))
+                    top = new_top
+                lse[r0:r1] = total.log() + top
+                logps[r0:r1] = picked - lse[r0:r1]
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.chunk_size, ctx.compute = chunk_size, compute
         return logps
@@ -64,32 +77,36 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         compute, chunk_size = ctx.compute, ctx.chunk_size
         needs_hidden, needs_weight = ctx.needs_input_grad[:2]
-        w = weight.to(compute)
-        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-        grad_weight = None
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) \
+            if needs_hidden else None
+        grad_weight = torch.empty_like(weight) if needs_weight else None
         with torch.autocast(hidden.device.type, enabled=False):
-            # chunks of `chunk_size` rows bound the (n, V) buffer of logit gradients that one
-            # weight-gradient matmul consumes; slices of _SLICE rows bound the fp32 scratch
-            for c0, c1 in _slices(hidden.shape[0], chunk_size):
-                h = hidden[c0:c1].to(compute)  # (n, H)
-                grad_logits = torch.empty(c1 - c0, w.shape[0], dtype=compute,
-                                          device=hidden.device)  # (n, V)
-                for s0, s1 in _slices(c1 - c0, _SLICE):
-                    g = grad_logps[c0 + s0:c0 + s1, None]  # (s, 1)
+            for r0, r1 in _blocks(hidden.shape[0], chunk_size):
+                h = hidden[r0:r1].to(compute)  # (n, H)
+                y, g = labels[r0:r1], grad_logps[r0:r1, None]  # (n,), (n, 1)
+                for v0, v1 in _blocks(weight.shape[0], _VOCAB_BLOCK):
+                    w = weight[v0:v1].to(compute)  # (v, H)
                     # d logp / d logits = onehot(label) - softmax, scaled by the incoming g
-                    p = torch.sub(h[s0:s1] @ w.T, lse[c0 + s0:c0 + s1, None])  # fp32 (s, V)
-                    p.exp_().mul_(-g).scatter_add_(1, labels[c0 + s0:c0 + s1, None], g)
-                    grad_logits[s0:s1] = p
-                if needs_hidden:
-                    grad_hidden[c0:c1] = (grad_logits @ w).to(hidden.dtype)
-                if c1 == hidden.shape[0]:
-                    del w  # the last chunk: free the cast before the (V, H) gradient exists
-                if needs_weight:
-                    part = grad_logits.T @ h  # (V, H) in the compute dtype
-                    del grad_logits
-                    grad_weight = part.to(weight.dtype) if grad_weight is None \
-                        else grad_weight.add_(part)
-                    del part
+                    p = torch.sub(h @ w.T, lse[r0:r1, None]).exp_().mul_(-g)  # (n, v) fp32
+                    here = (y >= v0) & (y < v1)
+                    rows = here.nonzero()[:, 0]
+                    p[rows, y[rows] - v0] += g[rows, 0]
+                    grad_logits = p.to(compute)  # (n, v)
+                    del p
+                    if needs_hidden:
+                        part = (grad_logits @ w).float()  # (n, H)
+                        if v0 == 0:
+                            grad_hidden[r0:r1] = part
+                        else:
+                            grad_hidden[r0:r1] += part
+                    if needs_weight:
+                        part = grad_logits.T @ h  # (v, H) in the compute dtype
+                        if r0 == 0:
+                            grad_weight[v0:v1] = part
+                        else:
+                            grad_weight[v0:v1] += part
+        if needs_hidden:
+            grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None
 
 
