@@ -55,7 +55,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 y = labels[r0:r1]  # (n,)
                 top = torch.full((r1 - r0,), -torch.inf, device=hidden.device)  # running max
                 total = torch.zeros(r1 - r0, device=hidden.device)  # sum exp(z - top)
-                picked = torch.empty(r1 - r0, device=hidden.device)  # z[label]
+                # z[label]; NaN stays for a label outside the vocabulary (the loss check names it)
+                picked = torch.full((r1 - r0,), torch.nan, device=hidden.device)
                 for v0, v1 in _blocks(weight.shape[0], _VOCAB_BLOCK):
                     z = h @ weight[v0:v1].to(compute).T  # (n, v) in the compute dtype
                     at = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0].float()
