@@ -34,13 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tether.engine.dist import is_distributed
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on `x` runs in: the autocast dtype when autocast is on, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+from tether.engine.logprobs import compute_dtype
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -84,7 +78,7 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         # x: (..., in); weight: (out, in); bias: (out,) or None -> (..., out) in the compute dtype
-        compute = _compute_dtype(x)
+        compute = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x.to(compute), weight.to(compute),
                          None if bias is None else bias.to(compute))
@@ -117,7 +111,7 @@ class _SwiGLUMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down):
         # x: (..., H); w_gate, w_up: (I, H); w_down: (H, I) -> (..., H) in the compute dtype
-        compute = _compute_dtype(x)
+        compute = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(compute)
             gate = F.linear(xc, w_gate.to(compute))  # (..., I)

@@ -23,11 +23,12 @@ from tether.data.collate import additive_mask
 from tether.engine.dist import is_distributed
 
 
-def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
-    """The matmul dtype: the autocast dtype when autocast is on for this device, else `dtype`."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return dtype
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` runs in: the autocast dtype when autocast is on for x's
+    device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 # Vocabulary columns handled at once: the lm_head runs block by block over the vocabulary (a
@@ -42,36 +43,44 @@ def _blocks(n: int, size: int):
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+def _label_columns(labels: torch.Tensor, v0: int, v1: int):
+    """For vocabulary block [v0, v1): which labels fall in it (bool (n,)) and each label's
+    column in the block ((n,) long, clamped into the block for the labels outside it)."""
+    return (labels >= v0) & (labels < v1), (labels - v0).clamp(0, v1 - v0 - 1)
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
+    # Vocabulary blocks outside, row chunks inside: each (v, H) block of the weight is cast
+    # once per pass; every row still meets the blocks in vocabulary order.
+
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size):
         # hidden: (N, H); weight: (V, H); labels: (N,) long -> logps (N,) fp32
-        compute = _compute_dtype(hidden.device.type, hidden.dtype)
-        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(logps)
+        compute = compute_dtype(hidden)
+        n = hidden.shape[0]
+        top = torch.full((n,), -torch.inf, device=hidden.device)  # running max of the logits
+        total = torch.zeros(n, device=hidden.device)  # running sum of exp(z - top)
+        # z[label]; NaN stays for a label outside the vocabulary (the loss check names it)
+        picked = torch.full((n,), torch.nan, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
-            for r0, r1 in _blocks(hidden.shape[0], chunk_size):
-                h = hidden[r0:r1].to(compute)  # (n, H)
-                y = labels[r0:r1]  # (n,)
-                top = torch.full((r1 - r0,), -torch.inf, device=hidden.device)  # running max
-                total = torch.zeros(r1 - r0, device=hidden.device)  # sum exp(z - top)
-                # z[label]; NaN stays for a label outside the vocabulary (the loss check names it)
-                picked = torch.full((r1 - r0,), torch.nan, device=hidden.device)
-                for v0, v1 in _blocks(weight.shape[0], _VOCAB_BLOCK):
-                    z = h @ weight[v0:v1].to(compute).T  # (n, v) in the compute dtype
-                    at = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0].float()
-                    picked = torch.where((y >= v0) & (y < v1), at, picked)
-                    new_top = torch.maximum(top, z.amax(dim=-1).float())
+            h = hidden.to(compute)  # (N, H)
+            for v0, v1 in _blocks(weight.shape[0], _VOCAB_BLOCK):
+                w = weight[v0:v1].to(compute)  # (v, H)
+                for r0, r1 in _blocks(n, chunk_size):
+                    z = h[r0:r1] @ w.T  # (n, v) in the compute dtype
+                    here, col = _label_columns(labels[r0:r1], v0, v1)
+                    at = z.gather(1, col[:, None])[:, 0].float()
+                    picked[r0:r1] = torch.where(here, at, picked[r0:r1])
+                    new_top = torch.maximum(top[r0:r1], z.amax(dim=-1).float())
                     # rescale the running sum to the new max, add this block's exp(z - max),
                     # z - max in fp32 (one fp32 buffer, exponentiated in place)
-                    total.mul_(torch.exp(top - new_top)).add_(
+                    total[r0:r1].mul_(torch.exp(top[r0:r1] - new_top)).add_(
                         torch.sub(z, new_top[:, None]).exp_().sum(dim=-1))
-                    top = new_top
-                lse[r0:r1] = total.log() + top
-                logps[r0:r1] = picked - lse[r0:r1]
+                    top[r0:r1] = new_top
+        lse = total.log_().add_(top)  # (N,)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.chunk_size, ctx.compute = chunk_size, compute
-        return logps
+        return picked - lse
 
     @staticmethod
     def backward(ctx, grad_logps):
@@ -82,16 +91,15 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             if needs_hidden else None
         grad_weight = torch.empty_like(weight) if needs_weight else None
         with torch.autocast(hidden.device.type, enabled=False):
-            for r0, r1 in _blocks(hidden.shape[0], chunk_size):
-                h = hidden[r0:r1].to(compute)  # (n, H)
-                y, g = labels[r0:r1], grad_logps[r0:r1, None]  # (n,), (n, 1)
-                for v0, v1 in _blocks(weight.shape[0], _VOCAB_BLOCK):
-                    w = weight[v0:v1].to(compute)  # (v, H)
+            h_all = hidden.to(compute)  # (N, H)
+            for v0, v1 in _blocks(weight.shape[0], _VOCAB_BLOCK):
+                w = weight[v0:v1].to(compute)  # (v, H)
+                for r0, r1 in _blocks(hidden.shape[0], chunk_size):
+                    h, g = h_all[r0:r1], grad_logps[r0:r1, None]  # (n, H), (n, 1)
+                    here, col = _label_columns(labels[r0:r1], v0, v1)
                     # d logp / d logits = onehot(label) - softmax, scaled by the incoming g
                     p = torch.sub(h @ w.T, lse[r0:r1, None]).exp_().mul_(-g)  # (n, v) fp32
-                    here = (y >= v0) & (y < v1)
-                    rows = here.nonzero()[:, 0]
-                    p[rows, y[rows] - v0] += g[rows, 0]
+                    p.scatter_add_(1, col[:, None], torch.where(here[:, None], g, 0.0))
                     grad_logits = p.to(compute)  # (n, v)
                     del p
                     if needs_hidden:
