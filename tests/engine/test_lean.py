@@ -122,3 +122,28 @@ def test_other_architectures_are_left_alone():
     config = Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)
     assert use_lean_layers(Qwen2ForCausalLM(config)) == 0
+
+
+def test_a_layer_keeps_one_cast_of_each_norm_output():
+    """Under bf16 autocast, of the (B, T, H) tensors a lean layer keeps for backward, two are the
+    fp32 inputs of its norms (the residual stream) and three are bf16: one cast of the attention
+    norm's output, read by q, k and v (autocast would keep three), the attention output read by
+    o_proj, and one cast of the MLP norm's output (read by gate and up)."""
+    model = tiny_llama(61, hidden_size=32, layers=1, heads=4, kv_heads=2, intermediate=48, seed=5)
+    use_lean_layers(model)
+    ids, mask = _batch(seed=2)
+    saved, recording = {}, [False]
+
+    def pack(t):
+        if recording[0] and t.shape == (*ids.shape, 32):
+            saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.dtype
+        return t
+
+    layer = model.model.layers[0]
+    layer.register_forward_pre_hook(lambda *_: recording.__setitem__(0, True))
+    layer.register_forward_hook(lambda *_: recording.__setitem__(0, False))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        CausalLMLogps(model)(ids, mask)
+    dtypes = list(saved.values())
+    assert dtypes.count(torch.float32) == 2 and dtypes.count(torch.bfloat16) == 3, dtypes

@@ -11,9 +11,11 @@ For 4 DPO pairs of 115 tokens on SmolLM2-135M that is 937 MiB (counted over the 
 
 The three functions here save less and recompute the cheap rest in backward:
 - `rms_norm` keeps its input and the per-row 1/rms (4H + 4 bytes);
-- `linear` keeps its input and the fp32 weight it already holds, and casts the weight again in
-  backward instead of keeping a cast for the whole step;
-- `swiglu_mlp` keeps its input, gate and up (4H + 2 x 2I bytes) and recomputes silu(gate) * up.
+- `linear` keeps its input's bf16 cast, made once for q, k and v, which read the same norm
+  output (2H), and the fp32 weight it already holds, and casts the weight again in backward
+  instead of keeping a cast for the whole step;
+- `swiglu_mlp` keeps its input's bf16 cast, gate and up (2H + 2 x 2I bytes) and recomputes
+  silu(gate) * up.
 Each forward runs the same operations as transformers' code, so outputs are bit-identical; the
 gradients are the same formulas, equal to rounding. Under bf16 autocast the matmuls run in bf16
 and every element-wise gradient in the same dtype as autograd's own, with inputs' gradients
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import os
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,25 @@ from tether.engine.logprobs import compute_dtype
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])  # (..., D) -> (N, D)
+
+
+_last_cast: tuple = (None, None, -1)  # (weakref to a tensor, weakref to its cast, its version)
+
+
+def _cast_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`; the same tensor again while x is unchanged, so q, k and v, which read one
+    norm output, keep one cast of it for backward instead of three (autocast's values)."""
+    global _last_cast
+    if x.dtype == dtype:
+        return x
+    source, cast, version = _last_cast
+    if source is not None and source() is x and x._version == version:
+        xc = cast()
+        if xc is not None and xc.dtype == dtype:
+            return xc
+    xc = x.to(dtype)
+    _last_cast = (weakref.ref(x), weakref.ref(xc), x._version)
+    return xc
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -73,28 +95,28 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class _Linear(torch.autograd.Function):
-    """y = x W^T + b in the compute dtype; keeps x as given and the weight uncast."""
+    """y = x W^T + b in the compute dtype; keeps x's cast and the weight uncast."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         # x: (..., in); weight: (out, in); bias: (out,) or None -> (..., out) in the compute dtype
         compute = compute_dtype(x)
+        xc = _cast_once(x, compute)  # (..., in)
         with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x.to(compute), weight.to(compute),
-                         None if bias is None else bias.to(compute))
-        ctx.save_for_backward(x, weight)
-        ctx.compute, ctx.has_bias = compute, bias is not None
+            y = F.linear(xc, weight.to(compute), None if bias is None else bias.to(compute))
+        ctx.save_for_backward(xc, weight)
+        ctx.compute, ctx.x_dtype, ctx.has_bias = compute, x.dtype, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
+        xc, weight = ctx.saved_tensors
         grad_y = grad_y.to(ctx.compute)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_y @ weight.to(ctx.compute)).to(x.dtype)  # (..., in)
+            grad_x = (grad_y @ weight.to(ctx.compute)).to(ctx.x_dtype)  # (..., in)
         if ctx.needs_input_grad[1]:
-            grad_weight = (_rows(grad_y).T @ _rows(x).to(ctx.compute)).to(weight.dtype)
+            grad_weight = (_rows(grad_y).T @ _rows(xc)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = _rows(grad_y).sum(0).to(weight.dtype)
         return grad_x, grad_weight, grad_bias
@@ -112,18 +134,18 @@ class _SwiGLUMLP(torch.autograd.Function):
     def forward(ctx, x, w_gate, w_up, w_down):
         # x: (..., H); w_gate, w_up: (I, H); w_down: (H, I) -> (..., H) in the compute dtype
         compute = compute_dtype(x)
+        xc = _cast_once(x, compute)  # (..., H)
         with torch.autocast(x.device.type, enabled=False):
-            xc = x.to(compute)
             gate = F.linear(xc, w_gate.to(compute))  # (..., I)
             up = F.linear(xc, w_up.to(compute))  # (..., I)
             out = F.linear(F.silu(gate) * up, w_down.to(compute))
-        ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
-        ctx.compute = compute
+        ctx.save_for_backward(xc, gate, up, w_gate, w_up, w_down)
+        ctx.compute, ctx.x_dtype = compute, x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
+        xc, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
         compute = ctx.compute
         g = grad_out.to(compute)  # (..., H)
         silu = F.silu(gate)  # (..., I)
@@ -134,13 +156,12 @@ class _SwiGLUMLP(torch.autograd.Function):
         grad_up = grad_h * silu
         grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
         del grad_h, silu
-        xc = x.to(compute)
         grad_x = grad_w_gate = grad_w_up = None
         if ctx.needs_input_grad[0]:
             # each matmul's result in x's dtype before the sum, as autograd adds the gradients
             # of autocast's two casts of x
-            grad_x = (grad_gate @ w_gate.to(compute)).to(x.dtype)
-            grad_x += (grad_up @ w_up.to(compute)).to(x.dtype)
+            grad_x = (grad_gate @ w_gate.to(compute)).to(ctx.x_dtype)
+            grad_x += (grad_up @ w_up.to(compute)).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_w_gate = (_rows(grad_gate).T @ _rows(xc)).to(w_gate.dtype)  # (I, H)
         if ctx.needs_input_grad[2]:
