@@ -21,9 +21,12 @@ beta 0.1, 4 pairs per optimizer step in one micro-batch, constant lr 1e-6, no ev
 lengthened with other completions of the set and cut so that prompt + completion is about
 `--tokens` (115) tokens, the pairs written once to a JSONL file that both trainers read.
 
-Four trainers: `tether` (defaults: each pair's prompt runs once, the lm_head only on completion
-tokens), `tether-gc` (the same with `train.gradient_checkpointing=true`: activations recomputed
-in backward, prompts no longer shared), `trl` (as installed) and `trl-alloc` (TRL again with
+Five trainers: `tether` (defaults: each pair's prompt runs once, the lm_head only on completion
+tokens, prompt and completion columns padded to multiples of 16 so that batch shapes repeat),
+`tether-gc` (the same with `train.gradient_checkpointing=true`: activations recomputed in
+backward, prompts no longer shared), `tether-pad0` (the defaults with
+`data.pad_to_multiple_of=0`: each batch padded to its own longest prompt and completion only),
+`trl` (as installed) and `trl-alloc` (TRL again with
 glibc's malloc thresholds set through the environment to the values tether sets for itself in
 `engine/dist.keep_freed_host_memory`, so that the allocator's share of the difference shows).
 Each runs in its own subprocess (tether with this interpreter, TRL with `--trl-python`),
@@ -54,7 +57,7 @@ from functools import partial
 from pathlib import Path
 
 PAIRS_PER_STEP = 4
-CHILDREN = ["tether", "tether-gc", "trl", "trl-alloc"]
+CHILDREN = ["tether", "tether-gc", "tether-pad0", "trl", "trl-alloc"]
 LR, BETA = 1e-6, 0.1
 
 
@@ -108,7 +111,7 @@ def build_data(path: Path, n_pairs: int, target_tokens: int) -> tuple[str, float
 
 
 def child_tether(data: str, model_dir: str, steps: int, precision: str,
-                 checkpointing: bool = False) -> dict:
+                 checkpointing: bool = False, pad_to_multiple_of: int = 16) -> dict:
     from tether.config import DPOConfig, load_config
     from tether.recipes import dpo
 
@@ -121,7 +124,8 @@ def child_tether(data: str, model_dir: str, steps: int, precision: str,
         f"--train.precision={precision}", "--train.weight_decay=0", "--dpo.loss=dpo", f"--dpo.beta={BETA}",
         "--dpo.cache_reference=false", f"--run.output_dir={out}", "--run.progress=false",
         "--run.tensorboard=false", "--run.eval_generations=0",
-        f"--train.gradient_checkpointing={str(checkpointing).lower()}"])
+        f"--train.gradient_checkpointing={str(checkpointing).lower()}",
+        f"--data.pad_to_multiple_of={pad_to_multiple_of}"])
     t0 = time.perf_counter()
     dpo.run(cfg)
     wall = time.perf_counter() - t0
@@ -226,6 +230,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         child = {"tether": child_tether, "tether-gc": partial(child_tether, checkpointing=True),
+                 "tether-pad0": partial(child_tether, pad_to_multiple_of=0),
                  "trl": child_trl, "trl-alloc": child_trl}[args.child]
         result = child(args.data, args.model_dir, args.steps, args.precision)
         print(json.dumps(result))
@@ -239,7 +244,8 @@ def main() -> None:
           f"(tether's tokenisation), {args.threads} threads, model {model_dir}", flush=True)
     results = {}
     for name, python in (("tether", sys.executable), ("tether-gc", sys.executable),
-                         ("trl", args.trl_python), ("trl-alloc", args.trl_python)):
+                         ("tether-pad0", sys.executable), ("trl", args.trl_python),
+                         ("trl-alloc", args.trl_python)):
         if args.only in (None, name):
             results[name] = run_child(python, name, str(data), model_dir, args.steps,
                                       args.threads, args.precision)
@@ -250,7 +256,7 @@ def main() -> None:
             print(f"{name:>10}: {r['tokens_per_s']:8.1f} tokens/s (steady), {incl:8.1f} incl. "
                   f"reference pass, {r['step_s']:.2f} s/step, wall {r['wall_s']:.0f} s, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MiB, final loss {r['final_loss']}", flush=True)
-    for name in ("tether", "tether-gc"):
+    for name in ("tether", "tether-gc", "tether-pad0"):
         for base in ("trl", "trl-alloc"):
             if name in results and base in results:
                 t, r = results[name], results[base]

@@ -56,6 +56,10 @@ class DataConfig:
     truncation: bool = True  # False: an over-long example is an error naming its row
     completion_only_loss: bool = True  # loss on completion / assistant tokens only
     packing: bool = False  # pack several examples per row (block-diagonal attention)
+    # preference batches: prompt and completion columns each padded up to a multiple of this
+    # (0: off). Fewer distinct batch shapes: on CPU fewer cached matmul kernels and less heap
+    # fragmentation (DPO benchmark: -214 MiB peak RSS, no slower), for the padding's compute
+    pad_to_multiple_of: int = 16
 
 
 @dataclass

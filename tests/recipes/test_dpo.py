@@ -17,6 +17,7 @@ from tether.engine import checkpoint
 from tether.engine.generate import sample_complete
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.models import load_causal_lm
+from tether.errors import ConfigError
 from tether.recipes import dpo
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -214,6 +215,52 @@ def test_single_forward_equals_two_forwards(tiny_model_dir, default_tokenizer):
     ref = dpo.reference_logps(policy, pairs, pad_id=pad, micro_batch_size=2,
                               device=torch.device("cpu"), precision="fp32")  # (2, 2)
     torch.testing.assert_close(ref, torch.stack(apart, dim=1), atol=1e-5, rtol=1e-5)
+
+
+def test_padding_to_a_multiple_keeps_the_log_probs(tiny_model_dir, default_tokenizer):
+    """data.pad_to_multiple_of = 8: the longer prompt's P columns become the next multiple of 8
+    (more left padding), the completion columns a multiple of 8 (more right padding), and trim
+    keeps that multiple; the extra columns are masked padding, so log-probs equal those of the
+    unpadded layout (fp32, to rounding), the reference pass's too."""
+    from tether.data.preference import tokenize_pair, trim
+
+    policy = CausalLMLogps(load_causal_lm(ModelConfig(name_or_path=str(tiny_model_dir)))).eval()
+    rows = [dict(ROWS[0], chosen=" a much longer chosen answer here"),
+            dict(ROWS[1], prompt=ROWS[1]["prompt"] + " and a longer prompt than the first")]
+    pairs = [tokenize_pair(r, default_tokenizer, max_length=64, truncation=False, source="t",
+                           row_index=i) for i, r in enumerate(rows, 1)]
+    pad = default_tokenizer.pad_token_id
+    plain = dpo.collate_preference(pairs, pad, ["easy"])
+    padded = dpo.collate_preference(pairs, pad, ["easy"], multiple=8)
+    P, T = padded.prompt_len, padded.input_ids.shape[1]
+    assert P == -(-plain.prompt_len // 8) * 8 and P > plain.prompt_len and (T - P) % 8 == 0
+    assert padded.attention_mask.sum() == plain.attention_mask.sum()
+    ids, attn, loss = trim(padded.input_ids[:2], padded.attention_mask[:2], padded.loss_mask[:2],
+                           prompt_len=P, multiple=8)  # the chosen rows only
+    assert ids.shape[1] - P == 8 * -(-(int(attn.any(0).nonzero().max()) + 1 - P) // 8)
+    with torch.no_grad():
+        want, _ = dpo.sequence_logps(policy, plain.input_ids, plain.attention_mask,
+                                     plain.loss_mask, prompt_len=plain.prompt_len,
+                                     share_prompts=True)
+        got, _ = dpo.sequence_logps(policy, padded.input_ids, padded.attention_mask,
+                                    padded.loss_mask, prompt_len=P, share_prompts=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    ref = dpo.reference_logps(policy, pairs, pad_id=pad, micro_batch_size=2,
+                              device=torch.device("cpu"), precision="fp32", multiple=8)
+    torch.testing.assert_close(ref, want.view(2, 2).T, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_to_a_multiple_gives_the_same_run(tiny_model_dir, tmp_path):
+    """The recipe with data.pad_to_multiple_of = 16 (the default) follows the unpadded loss
+    curve (0; fp32, the padding columns are masked); a negative multiple is refused by name."""
+    data = _write(tmp_path / "pref.jsonl", ROWS * 2)
+    plain = _run(tiny_model_dir, tmp_path / "plain", data, "--dpo.beta=0.5",
+                 "--data.pad_to_multiple_of=0")["losses"]
+    padded = _run(tiny_model_dir, tmp_path / "pad", data, "--dpo.beta=0.5",
+                  "--data.pad_to_multiple_of=16")["losses"]
+    assert padded == pytest.approx(plain, rel=1e-4, abs=1e-6)
+    with pytest.raises(ConfigError, match="data.pad_to_multiple_of"):
+        _run(tiny_model_dir, tmp_path / "bad", data, "--data.pad_to_multiple_of=-1")
 
 
 def test_pairs_without_a_shared_first_token_are_right_padded(default_tokenizer):

@@ -75,6 +75,7 @@ class PreferenceBatch:
     desirable: torch.Tensor  # (B,) bool; KTO labels (all True for pairs)
     kl: torch.Tensor | None = None  # () KTO: the step's detached KL estimate (set by the loop)
     prompt_len: int = 0  # P: columns of left-padded prompt (0: none, rows right-padded)
+    multiple: int = 0  # prompt and completion columns padded to multiples of this (0: off)
 
     @property
     def num_pairs(self) -> int:
@@ -95,33 +96,47 @@ def shared_prompt_length(first: Example, second: Example) -> int:
     return n
 
 
-def pair_rows(items: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple` (n itself when multiple <= 1)."""
+    return -(-n // multiple) * multiple if multiple > 1 else n
+
+
+def pair_rows(items: list, pad_id: int, multiple: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(input_ids (2B, T), attention_mask (2B, T), loss_mask (2B, T), P) of the items' two
     sequences each, first sequences in rows [:B]: every row's shared prompt left-padded to P
     columns and the rest right-padded after them (P = 0, plain right padding, when a pair
-    shares no first token)."""
+    shares no first token). With `multiple` > 1, P and T - P are multiples of it."""
     firsts, seconds = zip(*(item.sequences for item in items))
     prompts = [shared_prompt_length(a, b) for a, b in zip(firsts, seconds)]
-    P = max(prompts) if min(prompts) > 0 else 0
+    P = round_up(max(prompts), multiple) if min(prompts) > 0 else 0
     offsets = [P - p for p in prompts] * 2 if P else None  # left padding of each row
     b = pad_collate(list(firsts) + list(seconds), pad_id, offsets)
-    return b.input_ids, b.attention_mask, b.loss_mask, P
+    ids, attn, loss = b.input_ids, b.attention_mask, b.loss_mask
+    extra = P + round_up(ids.shape[1] - P, multiple) - ids.shape[1]  # right padding to add
+    if extra:
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], extra), pad_id)], 1)
+        attn, loss = (torch.cat([t, t.new_zeros(t.shape[0], extra)], 1) for t in (attn, loss))
+    return ids, attn, loss, P
 
 
-def collate_preference(items: list, pad_id: int, groups: list[str]) -> PreferenceBatch:
-    input_ids, attention_mask, loss_mask, prompt_len = pair_rows(items, pad_id)
+def collate_preference(items: list, pad_id: int, groups: list[str],
+                       multiple: int = 0) -> PreferenceBatch:
+    input_ids, attention_mask, loss_mask, prompt_len = pair_rows(items, pad_id, multiple)
     ref = None if items[0].ref is None else torch.tensor(
         [it.ref[0] for it in items] + [it.ref[1] for it in items], dtype=torch.float32)
     return PreferenceBatch(
         input_ids, attention_mask, loss_mask, ref,
         torch.tensor([groups.index(it.group) for it in items], dtype=torch.long),
         torch.tensor([getattr(it, "desirable", True) for it in items], dtype=torch.bool),
-        prompt_len=prompt_len)
+        prompt_len=prompt_len, multiple=multiple)
 
 
-def trim(input_ids, attention_mask, loss_mask):
-    """Drop the trailing padding columns that none of these rows uses."""
-    T = int(attention_mask.any(0).nonzero().max()) + 1
+def trim(input_ids, attention_mask, loss_mask, *, prompt_len: int = 0, multiple: int = 0):
+    """Drop the trailing padding columns that none of these rows uses (keeping the completion
+    columns, those after `prompt_len`, a multiple of `multiple` when it is > 1)."""
+    used = int(attention_mask.any(0).nonzero().max()) + 1
+    T = min(prompt_len + round_up(used - prompt_len, multiple), input_ids.shape[1])
     return input_ids[:, :T], attention_mask[:, :T], loss_mask[:, :T]
 
 

@@ -47,14 +47,14 @@ def sequence_logps(policy: CausalLMLogps, input_ids, attention_mask, loss_mask, 
 
 @torch.no_grad()
 def reference_logps(policy: CausalLMLogps, items: list, *, pad_id: int, micro_batch_size: int,
-                    device, precision: str) -> torch.Tensor:
+                    device, precision: str, multiple: int = 0) -> torch.Tensor:
     """(N, 2) summed log-probs of each item's two sequences under `policy` (no grad, eval mode),
     laid out as in training: each item's shared prompt runs once."""
     was_training = policy.training
     policy.eval()
     out = []
     for i in range(0, len(items), micro_batch_size):
-        ids, attn, loss, prompt_len = pair_rows(items[i:i + micro_batch_size], pad_id)
+        ids, attn, loss, prompt_len = pair_rows(items[i:i + micro_batch_size], pad_id, multiple)
         with autocast(device, precision):
             sums, _ = sequence_logps(policy, ids.to(device), attn.to(device), loss.to(device),
                                      prompt_len=prompt_len, share_prompts=True)  # (2b,)
@@ -73,7 +73,9 @@ def kto_kl(policy: CausalLMLogps, batches: list[PreferenceBatch], device, precis
         B = b.num_pairs
         with autocast(device, precision):
             sums, _ = sequence_logps(policy, *trim(b.input_ids[B:], b.attention_mask[B:],
-                                                   b.loss_mask[B:]), prompt_len=b.prompt_len)
+                                                   b.loss_mask[B:], prompt_len=b.prompt_len,
+                                                   multiple=b.multiple),
+                                     prompt_len=b.prompt_len)
         total += (sums.float() - b.ref_logps[B:].to(sums.device)).sum().item()
         count += B
     return (dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp(min=1)).float().cpu()

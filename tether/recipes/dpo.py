@@ -115,7 +115,8 @@ def preference_loss(policy: CausalLMLogps, batch: PreferenceBatch, *, objective:
     B, kto = batch.num_pairs, batch.kl is not None
     rows = slice(0, B) if kto else slice(None)
     sums, counts = sequence_logps(policy, *trim(batch.input_ids[rows], batch.attention_mask[rows],
-                                                batch.loss_mask[rows]),
+                                                batch.loss_mask[rows], prompt_len=batch.prompt_len,
+                                                multiple=batch.multiple),
                                   prompt_len=batch.prompt_len,
                                   share_prompts=not kto)  # (2B,) or (B,)
     counts = counts.clamp(min=1)
@@ -162,7 +163,8 @@ def score_reference(cfg: DPOConfig, policy: CausalLMLogps, items: list, needed: 
     policy itself before any update)."""
     score = lambda missing: on_reference(cfg, policy, partial(  # noqa: E731
         reference_logps, items=[items[i] for i in missing], pad_id=pad_id,
-        micro_batch_size=cfg.train.micro_batch_size, device=device, precision=precision),
+        micro_batch_size=cfg.train.micro_batch_size, device=device, precision=precision,
+        multiple=cfg.data.pad_to_multiple_of),
         initial=True)
     return cached_pair_logps(len(items), needed, path, use_cache=cfg.dpo.cache_reference,
                              score=score)
@@ -237,6 +239,9 @@ def run(cfg: DPOConfig) -> dict:
     tc.precision = resolve_precision(tc.precision, device)
     micro_steps = check_batch_sizes(cfg)
     objective = build_objective(dc)
+    if cfg.data.pad_to_multiple_of < 0:
+        raise ConfigError(f"data.pad_to_multiple_of must be >= 0 (0: off), got "
+                          f"{cfg.data.pad_to_multiple_of}")
     unpaired = dc.loss == "kto"
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
@@ -271,7 +276,9 @@ def run(cfg: DPOConfig) -> dict:
         ref_cfg = ModelConfig(name_or_path=dc.ref_model) if dc.ref_model else cfg.model
         path = reference_cache_path(resolve_model_dir(ref_cfg), data_hash, cfg.data.max_length,
                                     cfg.data.truncation, tokenizer.name_or_path, tc.precision,
-                                    "unpaired" if unpaired else "paired")
+                                    "unpaired" if unpaired else "paired",
+                                    *([cfg.data.pad_to_multiple_of]
+                                      if cfg.data.pad_to_multiple_of > 1 else []))
         needed = items_used(len(train_items), len(eval_items), total_steps, tc.batch_size,
                             tc.seed)
         logps, ref_note = score_reference(cfg, policy, train_items + eval_items, needed, path,
@@ -306,7 +313,8 @@ def run(cfg: DPOConfig) -> dict:
                            start_step=start_step)
     logger.print(ref_note)
 
-    collate = lambda items: collate_preference(items, pad_id, groups)  # noqa: E731
+    collate = lambda items: collate_preference(  # noqa: E731
+        items, pad_id, groups, cfg.data.pad_to_multiple_of)
     eval_share = eval_items[:len(eval_items) - len(eval_items) % dist.world_size()][
         dist.rank()::dist.world_size()]  # equal shares: the same number of forwards per rank
     eval_batches = [collate(eval_share[i:i + tc.micro_batch_size])
