@@ -12,18 +12,30 @@ PAGES = 16384  # a 64 MB block in 4 KB pages
 CYCLES = 10
 
 # Allocates, writes and frees a 64 MB block CYCLES times, then CYCLES times more, and prints the
-# minor page faults of the second CYCLES. glibc's default maps a block that size fresh each time (every
-# page faults when first written); a heap that keeps freed memory serves the block again.
+# minor page faults of the second CYCLES. The block is requested as torch's CPU allocator does
+# (posix_memalign, 64-byte alignment), straight from libc so that no other allocation (torch's
+# worker threads, Python objects) lands between two cycles. glibc's default maps a block that
+# size fresh each time (every page faults when first written); a heap that keeps freed memory
+# serves the block again.
 _PROBE = f"""
-import resource, sys, torch
+import ctypes, resource, sys
 from tether.engine.dist import keep_freed_host_memory
 if sys.argv[1] == "keep":
     assert keep_freed_host_memory()
-for i in range({CYCLES}):  # warm-up: the heap settles which holes fit a block
-    block = torch.empty({PAGES} * 1024); block.fill_(0.0); del block
+libc = ctypes.CDLL("libc.so.6")
+size = {PAGES} * 4096
+
+def cycle():
+    block = ctypes.c_void_p()
+    assert libc.posix_memalign(ctypes.byref(block), 64, ctypes.c_size_t(size)) == 0
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+
+for i in range({CYCLES}):  # warm-up
+    cycle()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for i in range({CYCLES}):
-    block = torch.empty({PAGES} * 1024); block.fill_(float(i)); del block
+    cycle()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -38,11 +50,11 @@ def _faults(mode: str) -> int:
 def test_freed_host_memory_is_reused_not_faulted_in_again():
     """In a fresh process (as `dist.init()` runs at the start of a recipe), cycles of allocating
     and writing a 64 MB block. With the thresholds raised the heap serves the block from freed
-    memory once it has settled (in the first cycles a freed block may sit behind a small
-    allocation, and torch's 64-byte-aligned request does not fit the exact freed chunk, so a few
-    blocks are placed fresh): fewer than half of the 10 measured cycles fault their pages in
-    (0 in most runs here; 3 once, in a clean-clone CI run). With glibc's defaults nearly every
-    cycle does (the premise; skipped where THP or another allocator already avoids it)."""
+    memory: fewer than half of the 10 measured cycles fault their pages in (none here). With
+    glibc's defaults nearly every cycle does (the premise; skipped where THP or another
+    allocator already avoids it). The earlier probe allocated through torch, whose worker
+    threads' allocations could land in the freed block between cycles: one clean-clone run
+    saw every cycle fault with the thresholds raised."""
     kept = _faults("keep")
     assert kept < CYCLES // 2 * PAGES, f"{kept} page faults over {CYCLES} reused 64 MB blocks"
     default = _faults("default")
