@@ -187,18 +187,23 @@ def test_group_robust_weights_move_to_worse_group(tiny_model_dir, tmp_path):
     assert logged[6] == pytest.approx(weights["tie"])
 
 
+def _uneven_pairs(tokenizer) -> list:
+    """Two tokenised pairs: the first with a longer chosen, the second with a longer prompt."""
+    from tether.data.preference import tokenize_pair
+
+    rows = [dict(ROWS[0], chosen=" a much longer chosen answer here"),
+            dict(ROWS[1], prompt=ROWS[1]["prompt"] + " and a longer prompt than the first")]
+    return [tokenize_pair(r, tokenizer, max_length=64, truncation=False, source="t", row_index=i)
+            for i, r in enumerate(rows, 1)]
+
+
 def test_single_forward_equals_two_forwards(tiny_model_dir, default_tokenizer):
     """Stacking chosen and rejected with their prompt run once (left-padded prompts of different
     lengths, completions right-padded, lm_head on the completion columns only) gives each
     sequence the log-probs of plain right-padded forwards of the chosen and the rejected apart;
     the reference pass (same layout) agrees with them too."""
-    from tether.data.preference import tokenize_pair
-
     policy = CausalLMLogps(load_causal_lm(ModelConfig(name_or_path=str(tiny_model_dir)))).eval()
-    rows = [dict(ROWS[0], chosen=" a much longer chosen answer here"),
-            dict(ROWS[1], prompt=ROWS[1]["prompt"] + " and a longer prompt than the first")]
-    pairs = [tokenize_pair(r, default_tokenizer, max_length=64, truncation=False, source="t",
-                           row_index=i) for i, r in enumerate(rows, 1)]
+    pairs = _uneven_pairs(default_tokenizer)
     pad = default_tokenizer.pad_token_id
     batch = dpo.collate_preference(pairs, pad, ["easy"])
     prompt_lens = [sum(1 for m in p.chosen.loss_mask if not m) for p in pairs]
@@ -222,13 +227,10 @@ def test_padding_to_a_multiple_keeps_the_log_probs(tiny_model_dir, default_token
     (more left padding), the completion columns a multiple of 8 (more right padding), and trim
     keeps that multiple; the extra columns are masked padding, so log-probs equal those of the
     unpadded layout (fp32, to rounding), the reference pass's too."""
-    from tether.data.preference import tokenize_pair, trim
+    from tether.data.preference import trim
 
     policy = CausalLMLogps(load_causal_lm(ModelConfig(name_or_path=str(tiny_model_dir)))).eval()
-    rows = [dict(ROWS[0], chosen=" a much longer chosen answer here"),
-            dict(ROWS[1], prompt=ROWS[1]["prompt"] + " and a longer prompt than the first")]
-    pairs = [tokenize_pair(r, default_tokenizer, max_length=64, truncation=False, source="t",
-                           row_index=i) for i, r in enumerate(rows, 1)]
+    pairs = _uneven_pairs(default_tokenizer)
     pad = default_tokenizer.pad_token_id
     plain = dpo.collate_preference(pairs, pad, ["easy"])
     padded = dpo.collate_preference(pairs, pad, ["easy"], multiple=8)
