@@ -30,7 +30,7 @@ from tether.config import DataConfig
 from tether.data.collate import Example, pad_collate
 from tether.data.formats import Rows, _ids, _render, _suffix, read_rows, validate_row
 from tether.data.tasks import arithmetic, sentiment
-from tether.errors import DataError
+from tether.errors import ConfigError, DataError
 
 PREFERENCE_FORMATS = ("preference", "unpaired_preference")
 
@@ -80,6 +80,12 @@ class PreferenceBatch:
     @property
     def num_pairs(self) -> int:
         return self.group_ids.shape[0]
+
+    def trimmed(self, rows: slice = slice(None)) -> tuple[torch.Tensor, ...]:
+        """(input_ids, attention_mask, loss_mask) of `rows` without the trailing padding
+        columns none of them uses (see `trim`)."""
+        return trim(self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows],
+                    prompt_len=self.prompt_len, multiple=self.multiple)
 
     def to(self, device) -> "PreferenceBatch":
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -268,6 +274,9 @@ def load_preference_data(cfg: DataConfig, tokenizer, *, unpaired: bool = False,
     """(train items, eval items, content hash) from cfg.path (or `rows`); eval from cfg.eval_path
     or a seeded `eval_fraction` hold-out of whole rows. The hash covers the train rows then the
     eval rows in order, so it identifies the items' order too (the reference cache relies on it)."""
+    if cfg.pad_to_multiple_of < 0:
+        raise ConfigError(f"data.pad_to_multiple_of must be >= 0 (0: off), got "
+                          f"{cfg.pad_to_multiple_of}")
     if rows is None:
         if cfg.path is None:
             raise DataError("no data: set data.path")

@@ -1,5 +1,6 @@
-"""One optimizer step over micro-batches: accumulation normalised globally, clipping, AdamW,
-warmup + cosine schedule, bf16 autocast with fp32 master weights.
+"""One optimizer step over micro-batches: the items it sees (`step_items`, seeded per epoch, so
+a resumed run sees the same data), accumulation normalised globally, clipping, AdamW, warmup +
+cosine schedule, bf16 autocast with fp32 master weights.
 
 Normalisation: a loss function returns a *sum* over its loss units (tokens for SFT, pairs for
 DPO) and the number of units is known up front. Each micro-batch's sum is divided by the global
@@ -73,6 +74,15 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return min_ratio + (1 - min_ratio) * shape
+
+
+def step_items(items: list, step: int, batch_size: int, seed: int) -> list:
+    """The global batch of optimizer step `step`: a pure function of (step, seed), so a resumed
+    run sees exactly the data an uninterrupted one would. Each epoch is a fresh permutation."""
+    per_epoch = len(items) // batch_size
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return [items[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

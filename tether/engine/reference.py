@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tether.config import ModelConfig
-from tether.data.preference import PreferenceBatch, pair_rows, trim
+from tether.data.preference import PreferenceBatch, pair_rows
 from tether.engine import dist
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.models import cache_dir, load_causal_lm
-from tether.engine.optimize import autocast
+from tether.engine.optimize import autocast, step_items
 
 
 def sequence_logps(policy: CausalLMLogps, input_ids, attention_mask, loss_mask, *,
@@ -72,13 +72,23 @@ def kto_kl(policy: CausalLMLogps, batches: list[PreferenceBatch], device, precis
     for b in batches:
         B = b.num_pairs
         with autocast(device, precision):
-            sums, _ = sequence_logps(policy, *trim(b.input_ids[B:], b.attention_mask[B:],
-                                                   b.loss_mask[B:], prompt_len=b.prompt_len,
-                                                   multiple=b.multiple),
-                                     prompt_len=b.prompt_len)
+            sums, _ = sequence_logps(policy, *b.trimmed(slice(B, None)),
+                                     prompt_len=b.prompt_len)  # (B,) mismatched rows
         total += (sums.float() - b.ref_logps[B:].to(sums.device)).sum().item()
         count += B
     return (dist.all_reduce_sum(total) / dist.all_reduce_sum(count).clamp(min=1)).float().cpu()
+
+
+def items_used(n_train: int, n_eval: int, total_steps: int, batch_size: int, seed: int) -> list:
+    """Indices into train + eval items of those the run will see: every eval item, and the train
+    items of steps [0, total_steps), all of them once the run reaches a second epoch. Within the
+    first epoch, `step_items` with a batch of total_steps * batch_size is exactly the union of the
+    first total_steps batches (the same seeded permutation, cut once)."""
+    if total_steps >= n_train // batch_size:
+        train = range(n_train)
+    else:
+        train = step_items(list(range(n_train)), 0, total_steps * batch_size, seed)
+    return sorted(train) + list(range(n_train, n_train + n_eval))
 
 
 def reference_cache_path(model_dir: Path, *key_parts) -> Path:

@@ -29,7 +29,7 @@ import torch
 
 from tether.config import DPOConfig, ModelConfig, PreferenceConfig, save_config
 from tether.data.preference import (PreferenceBatch, builtin_sentiment_rows, collate_preference,
-                                    load_preference_data, trim)
+                                    load_preference_data)
 from tether.data.tasks import sentiment
 from tether.engine import checkpoint, dist
 from tether.engine import score as completion_scores
@@ -38,13 +38,13 @@ from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer, resolve_model_dir
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
-                                   train_step)
-from tether.engine.reference import (cached_pair_logps, kto_kl, reference_cache_path,
+                                   step_items, train_step)
+from tether.engine.reference import (cached_pair_logps, items_used, kto_kl, reference_cache_path,
                                      reference_logps, sequence_logps, with_reference)
 from tether.errors import ConfigError
 from tether.losses import (PAIRED_LOSSES, group_robust_weights, kto_loss, masked_mean, orpo_loss,
                            simpo_loss)
-from tether.recipes.sft import check_batch_sizes, step_items
+from tether.recipes.sft import check_batch_sizes
 
 
 # --- objectives: (seq, batch) -> (per-pair loss (B,), metrics, per-pair reward margin (B,)) -----
@@ -114,10 +114,7 @@ def preference_loss(policy: CausalLMLogps, batch: PreferenceBatch, *, objective:
     A pair's prompt runs once for both of its sequences."""
     B, kto = batch.num_pairs, batch.kl is not None
     rows = slice(0, B) if kto else slice(None)
-    sums, counts = sequence_logps(policy, *trim(batch.input_ids[rows], batch.attention_mask[rows],
-                                                batch.loss_mask[rows], prompt_len=batch.prompt_len,
-                                                multiple=batch.multiple),
-                                  prompt_len=batch.prompt_len,
+    sums, counts = sequence_logps(policy, *batch.trimmed(rows), prompt_len=batch.prompt_len,
                                   share_prompts=not kto)  # (2B,) or (B,)
     counts = counts.clamp(min=1)
     seq = {"pc": sums[:B], "pr": sums[B:], "ac": sums[:B] / counts[:B], "ar": sums[B:] / counts[B:],
@@ -168,18 +165,6 @@ def score_reference(cfg: DPOConfig, policy: CausalLMLogps, items: list, needed: 
         initial=True)
     return cached_pair_logps(len(items), needed, path, use_cache=cfg.dpo.cache_reference,
                              score=score)
-
-
-def items_used(n_train: int, n_eval: int, total_steps: int, batch_size: int, seed: int) -> list:
-    """Indices into train + eval items of those the run will see: every eval item, and the train
-    items of steps [0, total_steps), all of them once the run reaches a second epoch. Within the
-    first epoch, `step_items` with a batch of total_steps * batch_size is exactly the union of the
-    first total_steps batches (the same seeded permutation, cut once)."""
-    if total_steps >= n_train // batch_size:
-        train = range(n_train)
-    else:
-        train = step_items(list(range(n_train)), 0, total_steps * batch_size, seed)
-    return sorted(train) + list(range(n_train, n_train + n_eval))
 
 
 @torch.no_grad()
@@ -239,9 +224,6 @@ def run(cfg: DPOConfig) -> dict:
     tc.precision = resolve_precision(tc.precision, device)
     micro_steps = check_batch_sizes(cfg)
     objective = build_objective(dc)
-    if cfg.data.pad_to_multiple_of < 0:
-        raise ConfigError(f"data.pad_to_multiple_of must be >= 0 (0: off), got "
-                          f"{cfg.data.pad_to_multiple_of}")
     unpaired = dc.loss == "kto"
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)

@@ -33,12 +33,12 @@ from tether.engine.generate import SamplingParams, TorchBackend
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer
-from tether.engine.optimize import build_optimizer, build_scheduler, resolve_precision, train_step
+from tether.engine.optimize import (build_optimizer, build_scheduler, resolve_precision, step_items,
+                                   train_step)
 from tether.engine.rollout_batches import GRPOBatch, micro_batches
 from tether.engine.score import score_logps
 from tether.errors import ConfigError
 from tether.losses import aggregate_sum, clipped_surrogate, kl_penalty, masked_sum
-from tether.recipes.sft import step_items
 from tether.rewards import WeightedSum, load_reward
 
 

@@ -36,12 +36,11 @@ from tether.engine.generate import SamplingParams, TorchBackend, seeded
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer, load_value_model
-from tether.engine.optimize import build_scheduler, resolve_precision, train_step
+from tether.engine.optimize import build_scheduler, resolve_precision, step_items, train_step
 from tether.engine.rollout_batches import PPOBatch
 from tether.engine.score import TokenValues, evaluate_greedy, score_rollout
 from tether.errors import ConfigError
 from tether.losses import adaptive_kl_coef, aggregate_sum, clipped_surrogate, kl_penalty, value_loss
-from tether.recipes.sft import step_items
 from tether.rewards import RewardModelScorer, WeightedSum, load_reward
 
 # ------------------------------------------------------------------------------ data

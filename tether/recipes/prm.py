@@ -30,10 +30,10 @@ from tether.engine import checkpoint, dist
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_tokenizer, load_value_model, unwrap
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
-                                   train_step)
+                                   step_items, train_step)
 from tether.errors import ConfigError
 from tether.losses import process_reward_loss
-from tether.recipes.sft import check_batch_sizes, step_items
+from tether.recipes.sft import check_batch_sizes
 from tether.rewards.process import AGGREGATES, aggregate_steps, step_logits_at
 
 # ------------------------------------------------------------------------------ data

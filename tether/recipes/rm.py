@@ -31,10 +31,10 @@ from tether.engine import checkpoint, dist
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_reward_model, load_tokenizer, unwrap
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
-                                   train_step)
+                                   step_items, train_step)
 from tether.errors import ConfigError, DataError
 from tether.losses import bradley_terry_loss
-from tether.recipes.sft import check_batch_sizes, step_items
+from tether.recipes.sft import check_batch_sizes
 
 ECE_BINS = 5
 

@@ -23,7 +23,7 @@ from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
-                                   train_step)
+                                   step_items, train_step)
 from tether.errors import ConfigError
 from tether.losses import nll_loss
 
@@ -44,15 +44,6 @@ def check_batch_sizes(cfg: SFTConfig) -> int:
             f"train.batch_size ({tc.batch_size}) must be a multiple of train.micro_batch_size "
             f"({tc.micro_batch_size}) x world size ({world})")
     return tc.batch_size // (tc.micro_batch_size * world)
-
-
-def step_items(items: list, step: int, batch_size: int, seed: int) -> list:
-    """The global batch of optimizer step `step`: a pure function of (step, seed), so a resumed
-    run sees exactly the data an uninterrupted one would. Each epoch is a fresh permutation."""
-    per_epoch = len(items) // batch_size
-    epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-    return [items[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
 
 
 @torch.no_grad()
