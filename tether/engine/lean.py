@@ -16,6 +16,8 @@ The three functions here save less and recompute the cheap rest in backward:
   instead of keeping a cast for the whole step;
 - `swiglu_mlp` keeps its input's bf16 cast, gate and up (2H + 2 x 2I bytes) and recomputes
   silu(gate) * up.
+- `attention` runs SDPA's CPU flash kernel forward (keeping what it keeps) and its own backward:
+  the kernel's backward, tiled for long sequences, was 80% of attention time on these short rows.
 Each forward runs the same operations as transformers' code, so outputs are bit-identical; the
 gradients are the same formulas, equal to rounding. Under bf16 autocast the matmuls run in bf16
 and every element-wise gradient in the same dtype as autograd's own, with inputs' gradients
@@ -23,7 +25,9 @@ returned in the inputs' dtype (fp32 accumulation where transformers has it).
 
 `use_lean_layers(model)` swaps these in for the norms, projections and MLPs inside the decoder
 layers of Llama-architecture models (SmolLM2, Llama); other models are left alone. They only take
-over when autograd records (training); no-grad passes run transformers' own code.
+over when autograd records (training); no-grad passes run transformers' own code. Attention is
+registered with transformers as the attention implementation `tether_lean_sdpa` (SDPA's mask
+function, SDPA itself whenever the lean path does not apply).
 """
 
 from __future__ import annotations
@@ -169,6 +173,67 @@ class _SwiGLUMLP(torch.autograd.Function):
         return grad_x, grad_w_gate, grad_w_up, grad_w_down
 
 
+class _Attention(torch.autograd.Function):
+    """softmax(scale * q k^T + mask) v with grouped-query heads: the forward is the CPU flash
+    kernel that SDPA runs, the backward five batched matmuls over whole rows.
+
+    With P = softmax(S), S = scale * q k^T + mask, O = P v and dO the output's gradient, the
+    flash-attention backward (Dao et al. 2022, eq. in sec. B.2):
+        dv = P^T dO,  dP = dO v^T,  dS = P * (dP - rowsum(dO * O)),
+        dq = scale * dS k,  dk = scale * dS^T q,
+    with P = exp(S - lse) rebuilt from the forward's log-sum-exp. The query heads that share a
+    key/value head (q head h reads kv head h // G) are stacked into one (G * T)-row block, so dk
+    and dv sum over them in the matmul. S and dP are formed in fp32 from the bf16 inputs (the
+    kernel's own accumulation), P and dS are cast to the compute dtype for the other three
+    matmuls, as the kernel does. The kernel's backward tiles for long sequences; for the short
+    rows of post-training batches it took 14 ms of a 17 ms forward + backward per layer here
+    (benchmarks/README.md), this 4-6 ms.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        # q: (B, Hq, T, d); k, v: (B, Hkv, S, d); mask: (B or 1, 1, T, S) bool (True = attend)
+        compute = compute_dtype(q)
+        qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+        additive = torch.zeros(mask.shape, dtype=compute).masked_fill_(~mask, float("-inf"))
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qc, kc, vc, 0.0, False, attn_mask=additive, scale=scale)[:2]  # (B, Hq, T, d), (B, Hq, T)
+        ctx.save_for_backward(qc, kc, vc, out, lse, mask)
+        ctx.scale, ctx.dtypes = scale, (q.dtype, k.dtype, v.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qc, kc, vc, out, lse, mask = ctx.saved_tensors
+        B, Hq, T, d = qc.shape
+        Hkv, S = kc.shape[1], kc.shape[2]
+        G = Hq // Hkv
+
+        def stacked(x):  # (B, Hq, T, e) -> (B, Hkv, G * T, e)
+            return x.reshape(B, Hkv, G * T, x.shape[-1])
+
+        qg, og, gog = stacked(qc), stacked(out), stacked(grad_out.to(qc.dtype))
+        s = torch.matmul(qg.float(), kc.float().transpose(-1, -2)).mul_(ctx.scale)  # (B, Hkv, GT, S)
+        s.view(B, Hkv, G, T, S).masked_fill_(~mask.unsqueeze(2), float("-inf"))
+        lse = lse.masked_fill(lse == float("-inf"), 0.0)  # a row that sees no key: P = 0
+        p = s.sub_(stacked(lse.unsqueeze(-1))).exp_()  # (B, Hkv, GT, S) fp32
+        grad_v = torch.matmul(p.to(vc.dtype).transpose(-1, -2), gog)  # (B, Hkv, S, d)
+        dp = torch.matmul(gog.float(), vc.float().transpose(-1, -2))  # (B, Hkv, GT, S)
+        rowsum = (gog.float() * og.float()).sum(-1, keepdim=True)  # (B, Hkv, GT, 1)
+        ds = p.mul_(dp.sub_(rowsum)).mul_(ctx.scale).to(qc.dtype)
+        del p, dp, s
+        grad_q = torch.matmul(ds, kc).reshape(B, Hq, T, d)
+        grad_k = torch.matmul(ds.transpose(-1, -2), qg)  # (B, Hkv, S, d)
+        q_dtype, k_dtype, v_dtype = ctx.dtypes
+        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+              scale: float) -> torch.Tensor:
+    return _Attention.apply(q, k, v, mask, scale)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
@@ -208,6 +273,37 @@ def _mlp_forward(self, x):
     return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
+LEAN_ATTENTION = "tether_lean_sdpa"
+
+
+def _lean_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
+                            scaling=None, is_causal=None, **kwargs):
+    """transformers' attention interface: `attention` while training on CPU with a boolean
+    (B or 1, 1, T, S) mask (what SDPA's mask function builds), transformers' SDPA otherwise."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    mask = attention_mask
+    if not (torch.is_grad_enabled() and query.device.type == "cpu" and dropout == 0.0
+            and mask is not None and mask.dtype == torch.bool and mask.dim() == 4
+            and mask.shape[1] == 1 and mask.shape[0] in (1, query.shape[0])
+            and tuple(mask.shape[2:]) == (query.shape[2], key.shape[2])
+            and query.shape[1] % key.shape[1] == 0 and kwargs.get("position_bias") is None
+            and kwargs.get("softcap") is None and not kwargs.get("output_attentions")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = attention(query, key, value, mask.expand(query.shape[0], -1, -1, -1), scale)
+    return out.transpose(1, 2).contiguous(), None  # (B, T, Hq, d), as SDPA's interface returns
+
+
+def _register_lean_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(LEAN_ATTENTION, _lean_attention_forward)
+    AttentionMaskInterface.register(LEAN_ATTENTION, sdpa_mask)
+
+
 def use_lean_layers(model: nn.Module) -> int:
     """Swap the lean functions into every Llama decoder layer of `model`, in place.
 
@@ -237,4 +333,7 @@ def use_lean_layers(model: nn.Module) -> int:
         changed += 1
     if changed and not torch.cuda.is_available():
         os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+        if model.config._attn_implementation == "sdpa":
+            _register_lean_attention()
+            model.config._attn_implementation = LEAN_ATTENTION
     return changed
