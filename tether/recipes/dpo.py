@@ -373,8 +373,9 @@ def run(cfg: DPOConfig) -> dict:
     gen_after = heldout_generations(cfg, policy, tokenizer, heldout, initial=False)
     logger.log(total_steps, {"eval/loss": eval_after[0], "eval/rewards/accuracy": eval_after[1],
                              **gen_after})
-    logger.print(f"held-out loss per pair: {eval_before[0]:.4f} -> {eval_after[0]:.4f}; reward "
-                 f"accuracy {eval_before[1]:.1%} -> {eval_after[1]:.1%}")
+    if eval_batches:
+        logger.print(f"held-out loss per pair: {eval_before[0]:.4f} -> {eval_after[0]:.4f}; "
+                     f"reward accuracy {eval_before[1]:.1%} -> {eval_after[1]:.1%}")
     if gen_after:
         logger.print(f"held-out sentiment ({len(heldout)} sampled completions, VADER compound): "
                      f"{gen_before['eval/sentiment']:+.3f} -> {gen_after['eval/sentiment']:+.3f}; "
