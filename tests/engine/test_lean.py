@@ -204,3 +204,30 @@ def test_a_layer_keeps_one_cast_of_each_norm_output():
         CausalLMLogps(model)(ids, mask)
     dtypes = list(saved.values())
     assert dtypes.count(torch.float32) == 2 and dtypes.count(torch.bfloat16) == 3, dtypes
+
+
+def _graph_names(t: torch.Tensor) -> set:
+    names, stack, seen = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_training_attention_is_lean_in_bf16_only():
+    """The model's attention goes through `attention` when training under bf16 autocast; in
+    fp32 (where SDPA's own backward is the faster) and without grad it stays transformers'."""
+    model = tiny_llama(61, hidden_size=32, layers=1, heads=4, kv_heads=2, intermediate=48, seed=6)
+    use_lean_layers(model)
+    assert model.config._attn_implementation == "tether_lean_sdpa"
+    ids, mask = _batch(seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model(input_ids=ids, attention_mask=mask).logits
+    fp32 = model(input_ids=ids, attention_mask=mask).logits
+    assert "_AttentionBackward" in _graph_names(bf16)
+    assert "_AttentionBackward" not in _graph_names(fp32)
+    assert any("Attention" in n or "Sdpa" in n or "Flash" in n for n in _graph_names(fp32))

@@ -17,7 +17,8 @@ The three functions here save less and recompute the cheap rest in backward:
 - `swiglu_mlp` keeps its input's bf16 cast, gate and up (2H + 2 x 2I bytes) and recomputes
   silu(gate) * up.
 - `attention` runs SDPA's CPU flash kernel forward (keeping what it keeps) and its own backward:
-  the kernel's backward, tiled for long sequences, was 80% of attention time on these short rows.
+  in bf16 the kernel's backward, tiled for long sequences, was 80% of attention time on the short
+  rows of post-training batches (in fp32 the kernel's backward is kept).
 Each forward runs the same operations as transformers' code, so outputs are bit-identical; the
 gradients are the same formulas, equal to rounding. Under bf16 autocast the matmuls run in bf16
 and every element-wise gradient in the same dtype as autograd's own, with inputs' gradients
@@ -178,7 +179,7 @@ class _Attention(torch.autograd.Function):
     kernel that SDPA runs, the backward five batched matmuls over whole rows.
 
     With P = softmax(S), S = scale * q k^T + mask, O = P v and dO the output's gradient, the
-    flash-attention backward (Dao et al. 2022, eq. in sec. B.2):
+    flash-attention backward (Dao et al. 2022, appendix B.2):
         dv = P^T dO,  dP = dO v^T,  dS = P * (dP - rowsum(dO * O)),
         dq = scale * dS k,  dk = scale * dS^T q,
     with P = exp(S - lse) rebuilt from the forward's log-sum-exp. The query heads that share a
@@ -186,8 +187,8 @@ class _Attention(torch.autograd.Function):
     and dv sum over them in the matmul. S and dP are formed in fp32 from the bf16 inputs (the
     kernel's own accumulation), P and dS are cast to the compute dtype for the other three
     matmuls, as the kernel does. The kernel's backward tiles for long sequences; for the short
-    rows of post-training batches it took 14 ms of a 17 ms forward + backward per layer here
-    (benchmarks/README.md), this 4-6 ms.
+    rows of post-training batches it took 14 ms of a 17 ms forward + backward per layer here,
+    this 4-10 ms (benchmarks/README.md).
     """
 
     @staticmethod
@@ -278,13 +279,15 @@ LEAN_ATTENTION = "tether_lean_sdpa"
 
 def _lean_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
                             scaling=None, is_causal=None, **kwargs):
-    """transformers' attention interface: `attention` while training on CPU with a boolean
-    (B or 1, 1, T, S) mask (what SDPA's mask function builds), transformers' SDPA otherwise."""
+    """transformers' attention interface: `attention` while training on CPU in bf16 (or fp16)
+    with a boolean (B or 1, 1, T, S) mask (what SDPA's mask function builds), transformers' SDPA
+    otherwise. In fp32 the kernel's own backward is the faster (8.5 against 10.8 ms per
+    completion layer of the DPO benchmark)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     mask = attention_mask
     if not (torch.is_grad_enabled() and query.device.type == "cpu" and dropout == 0.0
-            and mask is not None and mask.dtype == torch.bool and mask.dim() == 4
+            and compute_dtype(query) != torch.float32 and mask is not None and mask.dtype == torch.bool and mask.dim() == 4
             and mask.shape[1] == 1 and mask.shape[0] in (1, query.shape[0])
             and tuple(mask.shape[2:]) == (query.shape[2], key.shape[2])
             and query.shape[1] % key.shape[1] == 0 and kwargs.get("position_bias") is None
