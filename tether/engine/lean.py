@@ -198,8 +198,9 @@ class _Attention(torch.autograd.Function):
         qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
         additive = torch.zeros(mask.shape, dtype=compute).masked_fill_(~mask, float("-inf"))
         with torch.autocast(q.device.type, enabled=False):
+            # out (B, Hq, T, d), lse (B, Hq, T)
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                qc, kc, vc, 0.0, False, attn_mask=additive, scale=scale)[:2]  # (B, Hq, T, d), (B, Hq, T)
+                qc, kc, vc, 0.0, False, attn_mask=additive, scale=scale)[:2]
         ctx.save_for_backward(qc, kc, vc, out, lse, mask)
         ctx.scale, ctx.dtypes = scale, (q.dtype, k.dtype, v.dtype)
         return out
@@ -215,7 +216,8 @@ class _Attention(torch.autograd.Function):
             return x.reshape(B, Hkv, G * T, x.shape[-1])
 
         qg, og, gog = stacked(qc), stacked(out), stacked(grad_out.to(qc.dtype))
-        s = torch.matmul(qg.float(), kc.float().transpose(-1, -2)).mul_(ctx.scale)  # (B, Hkv, GT, S)
+        s = torch.matmul(qg.float(), kc.float().transpose(-1, -2))  # (B, Hkv, GT, S)
+        s.mul_(ctx.scale)
         s.view(B, Hkv, G, T, S).masked_fill_(~mask.unsqueeze(2), float("-inf"))
         lse = lse.masked_fill(lse == float("-inf"), 0.0)  # a row that sees no key: P = 0
         p = s.sub_(stacked(lse.unsqueeze(-1))).exp_()  # (B, Hkv, GT, S) fp32
@@ -277,25 +279,35 @@ def _mlp_forward(self, x):
 LEAN_ATTENTION = "tether_lean_sdpa"
 
 
+def _lean_attention_applies(query, key, mask, dropout, kwargs) -> bool:
+    """Training on CPU in bf16 (or fp16), no dropout, a boolean (B or 1, 1, T, S) mask (what
+    SDPA's mask function builds) and none of the options `attention` lacks. In fp32 the
+    kernel's own backward is the faster (8.5 against 10.8 ms per completion layer of the DPO
+    benchmark)."""
+    if not (torch.is_grad_enabled() and query.device.type == "cpu" and dropout == 0.0
+            and compute_dtype(query) != torch.float32):
+        return False
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return False
+    B, Hq, T = query.shape[:3]
+    Hkv, S = key.shape[1:3]
+    return (mask.shape[0] in (1, B) and tuple(mask.shape[2:]) == (T, S) and Hq % Hkv == 0
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+            and not kwargs.get("output_attentions"))
+
+
 def _lean_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
                             scaling=None, is_causal=None, **kwargs):
-    """transformers' attention interface: `attention` while training on CPU in bf16 (or fp16)
-    with a boolean (B or 1, 1, T, S) mask (what SDPA's mask function builds), transformers' SDPA
-    otherwise. In fp32 the kernel's own backward is the faster (8.5 against 10.8 ms per
-    completion layer of the DPO benchmark)."""
+    """transformers' attention interface: `attention` where `_lean_attention_applies`,
+    transformers' SDPA otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    mask = attention_mask
-    if not (torch.is_grad_enabled() and query.device.type == "cpu" and dropout == 0.0
-            and compute_dtype(query) != torch.float32 and mask is not None and mask.dtype == torch.bool and mask.dim() == 4
-            and mask.shape[1] == 1 and mask.shape[0] in (1, query.shape[0])
-            and tuple(mask.shape[2:]) == (query.shape[2], key.shape[2])
-            and query.shape[1] % key.shape[1] == 0 and kwargs.get("position_bias") is None
-            and kwargs.get("softcap") is None and not kwargs.get("output_attentions")):
+    if not _lean_attention_applies(query, key, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = attention(query, key, value, mask.expand(query.shape[0], -1, -1, -1), scale)
+    mask = attention_mask.expand(query.shape[0], -1, -1, -1)
+    out = attention(query, key, value, mask, scale)
     return out.transpose(1, 2).contiguous(), None  # (B, T, Hq, d), as SDPA's interface returns
 
 
