@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tether.config import LoraConfig
-from tether.engine.lean import attention, rms_norm, swiglu_mlp, use_lean_layers
+from tether.engine.lean import (_cast_stacked, _cast_weight, attention, rms_norm, swiglu_mlp,
+                               use_lean_layers)
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.models import apply_lora, tiny_llama
 
@@ -42,6 +43,24 @@ def test_swiglu_hand_worked():
     for got, want in ((wd.grad, 3 * silu), (x.grad, 2 * da + 3 * du), (wg.grad, da),
                       (wu.grad, du)):
         torch.testing.assert_close(got, torch.tensor([[want]]))
+
+
+def test_weight_casts_reuse_one_buffer_per_shape():
+    """Two (2, 3) weights cast to bf16 land in the same buffer, the second overwriting the first
+    (each cast feeds one matmul before the next is made); a (3, 2) weight gets its own. Values are
+    those of .to(); a weight already in the dtype is returned itself; the stacked cast of a (2, 3)
+    and a (1, 3) weight is their (3, 3) concatenation, again in one reused buffer."""
+    a, b, c = torch.randn(2, 3), torch.randn(2, 3), torch.randn(3, 2)
+    first = _cast_weight(a, torch.bfloat16)
+    assert torch.equal(first, a.to(torch.bfloat16))
+    second = _cast_weight(b, torch.bfloat16)
+    assert second.data_ptr() == first.data_ptr() and torch.equal(first, b.to(torch.bfloat16))
+    assert _cast_weight(c, torch.bfloat16).data_ptr() != first.data_ptr()
+    assert _cast_weight(a, torch.float32) is a
+    d = torch.randn(1, 3)
+    stacked = _cast_stacked(a, d, torch.bfloat16)
+    assert torch.equal(stacked, torch.cat([a, d]).to(torch.bfloat16))
+    assert _cast_stacked(b, d, torch.bfloat16).data_ptr() == stacked.data_ptr()
 
 
 def test_attention_hand_worked():
