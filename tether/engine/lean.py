@@ -14,9 +14,9 @@ The three functions here save less and recompute the cheap rest in backward:
 - `linear` keeps its input's bf16 cast, made once for q, k and v, which read the same norm
   output (2H), and the fp32 weight it already holds, and casts the weight again in backward
   instead of keeping a cast for the whole step;
-- `swiglu_mlp` keeps its input's bf16 cast and [gate | up] (2H + 2 x 2I bytes), computed in one
-  matmul against the two weights stacked (the same dot products, bit-identical outputs), and
-  recomputes silu(gate) * up;
+- `swiglu_mlp` keeps its input's bf16 cast and [gate | up] (2H + 2 x 2I bytes), in bf16 computed
+  in one matmul against the two weights stacked (the same dot products, bit-identical outputs),
+  and recomputes silu(gate) * up;
 - `attention` runs SDPA's CPU flash kernel forward (keeping what it keeps) and its own backward:
   in bf16 the kernel's backward, tiled for long sequences, was 80% of attention time on the short
   rows of post-training batches (in fp32 the kernel's backward is kept).
@@ -166,9 +166,11 @@ class _SwiGLUMLP(torch.autograd.Function):
     With h = silu(a) * u, a = x Wg^T, u = x Wu^T, out = h Wd^T and gh = g Wd:
         dWd = g^T h,  du = gh * silu(a),  da = silu'(a) * (gh * u),
         dWg = da^T x, dWu = du^T x,       dx = da Wg + du Wu = [da | du] [Wg ; Wu].
-    a and u come from one matmul against [Wg ; Wu] (2I, H), and [da | du] goes back through it
-    in one matmul too: dx then sums both halves inside the matmul's accumulation, rounded once
-    (autograd through two matmuls rounds each to the compute dtype before adding them).
+    Under autocast, a and u come from one matmul against [Wg ; Wu] (2I, H), cast into one
+    buffer, and [da | du] goes back through it in one matmul too: dx then sums both halves in
+    the matmul's fp32 accumulation, rounded to bf16 once (autograd through two matmuls rounds
+    each before adding them). In fp32, where no cast is made, gate and up stay two matmuls
+    (stacking would copy both weights at every call: ~9% slower in paired fp32 runs).
     """
 
     @staticmethod
@@ -176,39 +178,54 @@ class _SwiGLUMLP(torch.autograd.Function):
         # x: (..., H); w_gate, w_up: (I, H); w_down: (H, I) -> (..., H) in the compute dtype
         compute = compute_dtype(x)
         xc = _cast_once(x, compute)  # (..., H)
-        I = w_gate.shape[0]
+        ctx.stacked = compute != w_gate.dtype  # the weights are cast: into one stacked buffer
         with torch.autocast(x.device.type, enabled=False):
-            gate_up = F.linear(xc, _cast_stacked(w_gate, w_up, compute))  # (..., 2I)
-            gate, up = gate_up[..., :I], gate_up[..., I:]
+            if ctx.stacked:
+                I = w_gate.shape[0]
+                gate_up = F.linear(xc, _cast_stacked(w_gate, w_up, compute))  # (..., 2I)
+                gate, up = gate_up[..., :I], gate_up[..., I:]
+                ctx.save_for_backward(xc, gate_up, w_gate, w_up, w_down)
+            else:
+                gate, up = F.linear(xc, w_gate), F.linear(xc, w_up)  # (..., I) each
+                ctx.save_for_backward(xc, gate, up, w_gate, w_up, w_down)
             out = F.linear(F.silu(gate) * up, _cast_weight(w_down, compute))
-        ctx.save_for_backward(xc, gate_up, w_gate, w_up, w_down)
         ctx.compute, ctx.x_dtype = compute, x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xc, gate_up, w_gate, w_up, w_down = ctx.saved_tensors
         compute = ctx.compute
-        I = w_gate.shape[0]
-        gate, up = gate_up[..., :I], gate_up[..., I:]
+        if ctx.stacked:
+            xc, gate_up, w_gate, w_up, w_down = ctx.saved_tensors
+            I = w_gate.shape[0]
+            gate, up = gate_up[..., :I], gate_up[..., I:]
+        else:
+            xc, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
         g = grad_out.to(compute)  # (..., H)
         silu = F.silu(gate)  # (..., I)
         grad_w_down = None
         if ctx.needs_input_grad[3]:
             grad_w_down = (_rows(g).T @ _rows(silu * up)).to(w_down.dtype)  # (H, I)
         grad_h = g @ _cast_weight(w_down, compute)  # (..., I)
-        grad_gate_up = torch.empty_like(gate_up)  # (..., 2I)
-        torch.mul(grad_h, silu, out=grad_gate_up[..., I:])
-        grad_gate_up[..., :I] = torch.ops.aten.silu_backward(grad_h * up, gate)
+        if ctx.stacked:  # [da | du] in one tensor, for one matmul back through [Wg ; Wu]
+            grad_gate_up = torch.empty_like(gate_up)  # (..., 2I)
+            grad_gate, grad_up = grad_gate_up[..., :I], grad_gate_up[..., I:]
+            torch.mul(grad_h, silu, out=grad_up)
+            grad_gate.copy_(torch.ops.aten.silu_backward(grad_h * up, gate))
+        else:
+            grad_up = grad_h * silu
+            grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
         del grad_h, silu
         grad_x = grad_w_gate = grad_w_up = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_gate_up @ _cast_stacked(w_gate, w_up, compute)).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_w = _rows(grad_gate_up).T @ _rows(xc)  # (2I, H) in the compute dtype
-            # separate tensors (copies even in fp32), so that each accumulates in place
-            grad_w_gate = grad_w[:I].to(w_gate.dtype, copy=True)  # (I, H)
-            grad_w_up = grad_w[I:].to(w_up.dtype, copy=True)  # (I, H)
+            if ctx.stacked:
+                grad_x = (grad_gate_up @ _cast_stacked(w_gate, w_up, compute)).to(ctx.x_dtype)
+            else:
+                grad_x = grad_gate @ w_gate + grad_up @ w_up
+        if ctx.needs_input_grad[1]:
+            grad_w_gate = (_rows(grad_gate).T @ _rows(xc)).to(w_gate.dtype)  # (I, H)
+        if ctx.needs_input_grad[2]:
+            grad_w_up = (_rows(grad_up).T @ _rows(xc)).to(w_up.dtype)  # (I, H)
         return grad_x, grad_w_gate, grad_w_up, grad_w_down
 
 
