@@ -44,6 +44,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,6 +115,7 @@ def child_tether(data: str, model_dir: str, steps: int, precision: str) -> dict:
     grpo.run(cfg)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    shutil.rmtree(out)  # its final checkpoint (weights and AdamW moments) is 1.5 GB
     steps_ = [r for r in rows if "reward/mean" in r]
     seconds = [r["timing/generate"] + r["timing/score"] + r["timing/update"] for r in steps_]
     completions = [PROMPTS * GROUP] * len(steps_)
