@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from tether.config import LoraConfig
-from tether.engine.lean import (_cast_stacked, _cast_weight, attention, rms_norm, swiglu_mlp,
-                               use_lean_layers)
+from tether.engine.lean import _cast_weights, attention, rms_norm, swiglu_mlp, use_lean_layers
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.models import apply_lora, tiny_llama
 
@@ -51,16 +50,16 @@ def test_weight_casts_reuse_one_buffer_per_shape():
     those of .to(); a weight already in the dtype is returned itself; the stacked cast of a (2, 3)
     and a (1, 3) weight is their (3, 3) concatenation, again in one reused buffer."""
     a, b, c = torch.randn(2, 3), torch.randn(2, 3), torch.randn(3, 2)
-    first = _cast_weight(a, torch.bfloat16)
+    first = _cast_weights(torch.bfloat16, a)
     assert torch.equal(first, a.to(torch.bfloat16))
-    second = _cast_weight(b, torch.bfloat16)
+    second = _cast_weights(torch.bfloat16, b)
     assert second.data_ptr() == first.data_ptr() and torch.equal(first, b.to(torch.bfloat16))
-    assert _cast_weight(c, torch.bfloat16).data_ptr() != first.data_ptr()
-    assert _cast_weight(a, torch.float32) is a
+    assert _cast_weights(torch.bfloat16, c).data_ptr() != first.data_ptr()
+    assert _cast_weights(torch.float32, a) is a
     d = torch.randn(1, 3)
-    stacked = _cast_stacked(a, d, torch.bfloat16)
+    stacked = _cast_weights(torch.bfloat16, a, d)
     assert torch.equal(stacked, torch.cat([a, d]).to(torch.bfloat16))
-    assert _cast_stacked(b, d, torch.bfloat16).data_ptr() == stacked.data_ptr()
+    assert _cast_weights(torch.bfloat16, b, d).data_ptr() == stacked.data_ptr()
 
 
 def test_attention_hand_worked():

@@ -71,31 +71,27 @@ def _cast_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return xc
 
 
-_weight_casts: dict = {}  # (kind, shapes, dtype, device) -> the one buffer every call reuses
+_weight_casts: dict = {}  # (shapes, dtype, device) -> the one buffer every call reuses
 
 
-def _cast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """w in `dtype` (w itself if it already is), written into the buffer kept for its shape.
-    The result is only valid until the next call for the same shape: each use here is one
-    matmul, made before anything else casts a weight."""
-    if w.dtype == dtype:
-        return w
-    key = ("one", tuple(w.shape), dtype, w.device)
+def _cast_weights(dtype: torch.dtype, *weights: torch.Tensor) -> torch.Tensor:
+    """torch.cat(weights) in `dtype` ((n1 + n2 + ..., ...)), written into the buffer kept for
+    these shapes; one weight already in `dtype` is returned itself. The result is only valid
+    until the next call for the same shapes: each use here is one matmul, made before anything
+    else casts a weight."""
+    if len(weights) == 1 and weights[0].dtype == dtype:
+        return weights[0]
+    first = weights[0]
+    key = (tuple(tuple(w.shape) for w in weights), dtype, first.device)
     buf = _weight_casts.get(key)
     if buf is None:
-        buf = _weight_casts[key] = torch.empty(w.shape, dtype=dtype, device=w.device)
-    return buf.copy_(w)
-
-
-def _cast_stacked(w1: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """torch.cat([w1, w2]) in `dtype`: (n1 + n2, ...), in a reused buffer as `_cast_weight`."""
-    key = ("stacked", tuple(w1.shape), tuple(w2.shape), dtype, w1.device)
-    buf = _weight_casts.get(key)
-    if buf is None:
-        buf = _weight_casts[key] = torch.empty((w1.shape[0] + w2.shape[0], *w1.shape[1:]),
-                                               dtype=dtype, device=w1.device)
-    buf[:w1.shape[0]].copy_(w1)
-    buf[w1.shape[0]:].copy_(w2)
+        rows = sum(w.shape[0] for w in weights)
+        buf = _weight_casts[key] = torch.empty((rows, *first.shape[1:]), dtype=dtype,
+                                               device=first.device)
+    row = 0
+    for w in weights:
+        buf[row:row + w.shape[0]].copy_(w)
+        row += w.shape[0]
     return buf
 
 
@@ -141,7 +137,7 @@ class _Linear(torch.autograd.Function):
         xc = _cast_once(x, compute)  # (..., in)
         with torch.autocast(x.device.type, enabled=False):
             bias_c = None if bias is None else bias.to(compute)
-            y = F.linear(xc, _cast_weight(weight, compute), bias_c)
+            y = F.linear(xc, _cast_weights(compute, weight), bias_c)
         ctx.save_for_backward(xc, weight)
         ctx.compute, ctx.x_dtype, ctx.has_bias = compute, x.dtype, bias is not None
         return y
@@ -152,7 +148,7 @@ class _Linear(torch.autograd.Function):
         grad_y = grad_y.to(ctx.compute)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_y @ _cast_weight(weight, ctx.compute)).to(ctx.x_dtype)  # (..., in)
+            grad_x = (grad_y @ _cast_weights(ctx.compute, weight)).to(ctx.x_dtype)  # (..., in)
         if ctx.needs_input_grad[1]:
             grad_weight = (_rows(grad_y).T @ _rows(xc)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -182,13 +178,13 @@ class _SwiGLUMLP(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             if ctx.stacked:
                 I = w_gate.shape[0]
-                gate_up = F.linear(xc, _cast_stacked(w_gate, w_up, compute))  # (..., 2I)
+                gate_up = F.linear(xc, _cast_weights(compute, w_gate, w_up))  # (..., 2I)
                 gate, up = gate_up[..., :I], gate_up[..., I:]
                 ctx.save_for_backward(xc, gate_up, w_gate, w_up, w_down)
             else:
                 gate, up = F.linear(xc, w_gate), F.linear(xc, w_up)  # (..., I) each
                 ctx.save_for_backward(xc, gate, up, w_gate, w_up, w_down)
-            out = F.linear(F.silu(gate) * up, _cast_weight(w_down, compute))
+            out = F.linear(F.silu(gate) * up, _cast_weights(compute, w_down))
         ctx.compute, ctx.x_dtype = compute, x.dtype
         return out
 
@@ -206,7 +202,7 @@ class _SwiGLUMLP(torch.autograd.Function):
         grad_w_down = None
         if ctx.needs_input_grad[3]:
             grad_w_down = (_rows(g).T @ _rows(silu * up)).to(w_down.dtype)  # (H, I)
-        grad_h = g @ _cast_weight(w_down, compute)  # (..., I)
+        grad_h = g @ _cast_weights(compute, w_down)  # (..., I)
         if ctx.stacked:  # [da | du] in one tensor, for one matmul back through [Wg ; Wu]
             grad_gate_up = torch.empty_like(gate_up)  # (..., 2I)
             grad_gate, grad_up = grad_gate_up[..., :I], grad_gate_up[..., I:]
@@ -219,9 +215,11 @@ class _SwiGLUMLP(torch.autograd.Function):
         grad_x = grad_w_gate = grad_w_up = None
         if ctx.needs_input_grad[0]:
             if ctx.stacked:
-                grad_x = (grad_gate_up @ _cast_stacked(w_gate, w_up, compute)).to(ctx.x_dtype)
-            else:
-                grad_x = grad_gate @ w_gate + grad_up @ w_up
+                grad_x = (grad_gate_up @ _cast_weights(compute, w_gate, w_up)).to(ctx.x_dtype)
+            else:  # each matmul's result in x's dtype before the sum, as autograd adds the
+                # gradients of autocast's two casts of x
+                grad_x = (grad_gate @ w_gate).to(ctx.x_dtype)
+                grad_x += (grad_up @ w_up).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_w_gate = (_rows(grad_gate).T @ _rows(xc)).to(w_gate.dtype)  # (I, H)
         if ctx.needs_input_grad[2]:
