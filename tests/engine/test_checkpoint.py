@@ -43,8 +43,11 @@ def test_round_trip_restores_model_optimizer_scheduler_and_rng(tmp_path):
     after_two = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     model2, opt2, sched2 = _setup(seed=1)  # different init: everything must come from disk
+    buffers = {id(p): st["exp_avg"].data_ptr() for p, st in opt2.state.items()}
     state = checkpoint.load(checkpoint.latest(tmp_path), model=model2, optimizer=opt2,
                             scheduler=sched2)
+    # the moments are loaded into the buffers allocated with the optimizer, not new ones
+    assert {id(p): st["exp_avg"].data_ptr() for p, st in opt2.state.items()} == buffers
     assert state == {"step": 1, "note": "x"}
     torch.testing.assert_close(torch.rand(3), expected_next, atol=0, rtol=0)
     assert sched2.last_epoch == 1

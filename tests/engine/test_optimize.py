@@ -83,3 +83,36 @@ def test_lr_schedule_hand_values():
     assert f(6, schedule="linear") == pytest.approx(0.5)
     assert f(9, schedule="constant") == 1.0
     assert math.isclose(f(9, schedule="linear"), 1 / 8)
+
+
+def test_adam_state_allocated_up_front_steps_like_the_lazy_one():
+    """build_optimizer creates AdamW's state before any step (zero moments, step 0), which
+    torch would otherwise create inside the first step. Three steps with the same gradients
+    must then leave bit-identical parameters and state: only where the buffers live differs."""
+    from tether.config import TrainConfig
+    from tether.engine.optimize import build_optimizer
+
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    eager_model, lazy_model = tiny_llama(32, seed=0), tiny_llama(32, seed=0)
+    eager = build_optimizer(eager_model, cfg)
+    lazy = torch.optim.AdamW([
+        {"params": [p for p in lazy_model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in lazy_model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+        lr=1e-2, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True)
+    assert len(eager.state) == sum(1 for p in eager_model.parameters() if p.requires_grad)
+    assert not lazy.state
+    first = next(iter(eager.state.values()))
+    assert float(first["step"]) == 0 and not first["exp_avg"].any()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for pe, pl in zip(eager_model.parameters(), lazy_model.parameters()):
+            grad = torch.randn(pe.shape, generator=g)
+            pe.grad, pl.grad = grad.clone(), grad.clone()
+        eager.step()
+        lazy.step()
+    for pe, pl in zip(eager_model.parameters(), lazy_model.parameters()):
+        assert torch.equal(pe, pl)
+        se, sl = eager.state[pe], lazy.state[pl]
+        assert se.keys() == sl.keys()
+        for k in se:
+            assert torch.equal(se[k], sl[k]), k

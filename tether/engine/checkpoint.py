@@ -81,11 +81,21 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
     for name, p in model.named_parameters():
         keys = [k for k in tensors if k.startswith(f"{name}::")]
         if keys:
-            optimizer.state[p] = {
-                k.split("::", 1)[1]: (_place_like(tensors[k], p) if tensors[k].dim()
-                                      else tensors[k].clone()) for k in keys}
+            optimizer.state[p] = {k.split("::", 1)[1]: _load_into(
+                optimizer.state.get(p, {}).get(k.split("::", 1)[1]), tensors[k], p)
+                for k in keys}
     for group, saved in zip(optimizer.param_groups, groups):
         group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+def _load_into(current, saved: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The saved state tensor, copied into the one the optimizer already holds when it has the
+    same shape and dtype (`allocate_adam_state` placed it before any step; it stays there), else
+    placed like the parameter (moments) or cloned (the `step` scalar)."""
+    if (isinstance(current, torch.Tensor) and not hasattr(current, "device_mesh")
+            and current.shape == saved.shape and current.dtype == saved.dtype):
+        return current.copy_(saved)
+    return _place_like(saved, p) if saved.dim() else saved.clone()
 
 
 def _fsync_write(path: Path, data: bytes) -> None:

@@ -89,14 +89,41 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     """AdamW on trainable parameters; no weight decay on biases and norms (1-D tensors).
 
     The fused kernel: measured 6x faster than the per-tensor loop for a 135M model on CPU.
+    Its state is allocated here, before the first forward (`allocate_adam_state`).
     """
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_eps, fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_eps, fused=True)
+    allocate_adam_state(optimizer)
+    return optimizer
+
+
+def allocate_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the state AdamW would create in its first step (step 0, zero moments), now.
+
+    The same values, so the steps are bit-identical (tested). What changes is where the moments
+    land in host memory: made lazily, inside the first step, they fill the holes that step's
+    activations and gradients left and then the heap's top, and every later step's buffers fit
+    around them worse. Made before any forward, they sit below everything a step allocates: the
+    DPO benchmark's peak RSS fell by 32 MiB on average (8 paired 10-step probes: 2967-3101
+    against 3053-3074 MiB; benchmarks/README.md). Out-of-memory also shows before the first step.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state:
+                continue
+            scalar_on_device = group.get("fused") or group.get("capturable")
+            state["step"] = torch.zeros((), dtype=torch.float32,
+                                        device=p.device if scalar_on_device else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
