@@ -79,11 +79,11 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                          tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
     for name, p in model.named_parameters():
-        keys = [k for k in tensors if k.startswith(f"{name}::")]
+        keys = [k.split("::", 1)[1] for k in tensors if k.startswith(f"{name}::")]
         if keys:
-            optimizer.state[p] = {k.split("::", 1)[1]: _load_into(
-                optimizer.state.get(p, {}).get(k.split("::", 1)[1]), tensors[k], p)
-                for k in keys}
+            current = optimizer.state.get(p, {})
+            optimizer.state[p] = {key: _load_into(current.get(key), tensors[f"{name}::{key}"], p)
+                                  for key in keys}
     for group, saved in zip(optimizer.param_groups, groups):
         group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 

@@ -103,7 +103,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def allocate_adam_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create the state AdamW would create in its first step (step 0, zero moments), now.
+    """Create the state the fused AdamW of `build_optimizer` (no amsgrad) would create in its
+    first step (step 0, zero moments), now.
 
     The same values, so the steps are bit-identical (tested). What changes is where the moments
     land in host memory: made lazily, inside the first step, they fill the holes that step's
@@ -117,13 +118,10 @@ def allocate_adam_state(optimizer: torch.optim.Optimizer) -> None:
             state = optimizer.state[p]
             if state:
                 continue
-            scalar_on_device = group.get("fused") or group.get("capturable")
-            state["step"] = torch.zeros((), dtype=torch.float32,
-                                        device=p.device if scalar_on_device else "cpu")
+            # the fused kernel keeps `step` on the parameter's device, as an fp32 scalar
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group.get("amsgrad"):
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
