@@ -111,7 +111,7 @@ def build_data(path: Path, n_pairs: int, target_tokens: int) -> tuple[str, float
 # ------------------------------------------------------------------------------ children
 
 
-def child_tether(data: str, model_dir: str, steps: int, precision: str,
+def child_tether(data: str, model_dir: str, steps: int, precision: str, max_grad_norm: float,
                  checkpointing: bool = False, pad_to_multiple_of: int = 16) -> dict:
     from tether.config import DPOConfig, load_config
     from tether.recipes import dpo
@@ -122,7 +122,8 @@ def child_tether(data: str, model_dir: str, steps: int, precision: str,
         "--data.max_length=1024", f"--train.max_steps={steps}",
         f"--train.batch_size={PAIRS_PER_STEP}", f"--train.micro_batch_size={PAIRS_PER_STEP}",
         f"--train.lr={LR}", "--train.schedule=constant", "--train.warmup_ratio=0",
-        f"--train.precision={precision}", "--train.weight_decay=0", "--dpo.loss=dpo", f"--dpo.beta={BETA}",
+        f"--train.precision={precision}", f"--train.max_grad_norm={max_grad_norm}",
+        "--train.weight_decay=0", "--dpo.loss=dpo", f"--dpo.beta={BETA}",
         "--dpo.cache_reference=false", f"--run.output_dir={out}", "--run.progress=false",
         "--run.tensorboard=false", "--run.eval_generations=0",
         f"--train.gradient_checkpointing={str(checkpointing).lower()}",
@@ -142,7 +143,8 @@ def child_tether(data: str, model_dir: str, steps: int, precision: str,
             "peak_rss_mb": peak_rss_mb(), "final_loss": steps_[-1]["loss/dpo"]}
 
 
-def child_trl(data: str, model_dir: str, steps: int, precision: str) -> dict:
+def child_trl(data: str, model_dir: str, steps: int, precision: str,
+              max_grad_norm: float) -> dict:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -178,7 +180,7 @@ def child_trl(data: str, model_dir: str, steps: int, precision: str) -> dict:
     args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="dpo-bench-trl-"), max_steps=steps,
                      per_device_train_batch_size=PAIRS_PER_STEP, gradient_accumulation_steps=1,
                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-                     weight_decay=0.0, beta=BETA, loss_type=["sigmoid"], max_length=1024,
+                     weight_decay=0.0, max_grad_norm=max_grad_norm, beta=BETA, loss_type=["sigmoid"], max_length=1024,
                      use_cpu=True, bf16=precision == "bf16", fp16=False, logging_steps=1,
                      save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0, disable_tqdm=True)
     timer = StepTimer()
@@ -199,7 +201,7 @@ def child_trl(data: str, model_dir: str, steps: int, precision: str) -> dict:
 
 
 def run_child(python: str, name: str, data: str, model_dir: str, steps: int, threads: int,
-              precision: str) -> dict:
+              precision: str, max_grad_norm: float) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "TETHER_CACHE": os.environ.get("TETHER_CACHE", str(Path.home() / ".cache/tether"))}
     if name == "trl-alloc":  # TRL under the glibc thresholds tether sets for itself
@@ -207,7 +209,8 @@ def run_child(python: str, name: str, data: str, model_dir: str, steps: int, thr
         env.update(MALLOC_MMAP_THRESHOLD_=str(HOST_MMAP_THRESHOLD),
                    MALLOC_TRIM_THRESHOLD_=str(HOST_TRIM_THRESHOLD))
     cmd = [python, __file__, "--child", name, "--data", data, "--model-dir", model_dir,
-           "--steps", str(steps), "--threads", str(threads), "--precision", precision]
+           "--steps", str(steps), "--threads", str(threads), "--precision", precision,
+           "--max-grad-norm", str(max_grad_norm)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -223,6 +226,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                         help="both trainers: bf16 autocast over fp32 weights (both trainers' "
                              "default on a CPU with native bf16), or fp32")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0,
+                        help="both trainers' gradient clipping (0: none; tether then steps each "
+                             "parameter in backward, as soon as its gradient is complete)")
     parser.add_argument("--only", choices=CHILDREN, help="run one trainer only")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -235,7 +241,8 @@ def main() -> None:
         child = {"tether": child_tether, "tether-gc": partial(child_tether, checkpointing=True),
                  "tether-pad0": partial(child_tether, pad_to_multiple_of=0),
                  "trl": child_trl, "trl-alloc": child_trl}[args.child]
-        result = child(args.data, args.model_dir, args.steps, args.precision)
+        result = child(args.data, args.model_dir, args.steps, args.precision,
+                       args.max_grad_norm)
         print(json.dumps(result))
         return
     if args.only in (None, "trl", "trl-alloc") and not args.trl_python:
@@ -251,7 +258,7 @@ def main() -> None:
                          ("trl-alloc", args.trl_python)):
         if args.only in (None, name):
             results[name] = run_child(python, name, str(data), model_dir, args.steps,
-                                      args.threads, args.precision)
+                                      args.threads, args.precision, args.max_grad_norm)
             r = results[name]
             incl = r["tokens_per_step"] * r["steps"] / (r["step_s"] * r["steps"] +
                                                         (r["reference_s"] or 0.0))

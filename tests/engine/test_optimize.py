@@ -113,3 +113,55 @@ def test_adam_state_allocated_up_front_steps_like_the_lazy_one():
         assert se.keys() == sl.keys()
         for k in se:
             assert torch.equal(se[k], sl[k]), k
+
+
+def test_steps_in_backward_equal_a_step_after_backward(monkeypatch):
+    """Without clipping and with one micro-batch, train_step steps each parameter in its
+    gradient's hook. Three steps (warmup: the lr changes, weight decay on) must leave parameters
+    and AdamW state bit-identical to optimizer.step() after backward, the same losses, the same
+    gradient norm up to summation order, and no gradient behind."""
+    from tether.config import TrainConfig
+    from tether.engine import optimize
+
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1, warmup_ratio=0.5, max_grad_norm=0.0)
+    models = [CausalLMLogps(tiny_llama(32, seed=0, tie=True)) for _ in range(2)]
+    opts = [optimize.build_optimizer(m, cfg) for m in models]
+    scheds = [optimize.build_scheduler(o, cfg, total_steps=4) for o in opts]
+    batches = [_batch([9, 6, 7], vocab=32, seed=s) for s in range(3)]
+    assert optimize.steps_in_backward_apply(opts[0], batches[:1], 0.0)
+    assert not optimize.steps_in_backward_apply(opts[0], batches[:1], 1.0)
+    assert not optimize.steps_in_backward_apply(opts[0], batches[:2], 0.0)
+
+    def steps(i):
+        return [optimize.train_step(models[i], [b], loss_fn=_loss_fn,
+                                    count_units=lambda mb: int(mb["loss_mask"].sum()),
+                                    optimizer=opts[i], scheduler=scheds[i],
+                                    device=torch.device("cpu"), precision="fp32",
+                                    max_grad_norm=0.0) for b in batches]
+
+    in_backward = steps(0)
+    monkeypatch.setattr(optimize, "steps_in_backward_apply", lambda *a: False)
+    after_backward = steps(1)
+    for a, b in zip(in_backward, after_backward):
+        assert a["loss"] == b["loss"] and a["lr"] == b["lr"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+    for pa, pb in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(pa, pb) and pa.grad is None
+        sa, sb = opts[0].state[pa], opts[1].state[pb]
+        for k in sb:
+            assert torch.equal(sa[k], sb[k]), k
+    assert float(next(iter(opts[0].state.values()))["step"]) == 3
+
+
+def test_steps_in_backward_refuse_a_non_finite_gradient():
+    """A NaN gradient raises before its parameter steps (the one that holds it stays put)."""
+    from tether.config import TrainConfig
+    from tether.engine.optimize import build_optimizer, steps_in_backward
+
+    model = torch.nn.Linear(3, 1)
+    opt = build_optimizer(model, TrainConfig(lr=1.0, max_grad_norm=0.0))
+    before = model.weight.detach().clone()
+    with pytest.raises(FloatingPointError, match="nan"):
+        with steps_in_backward(opt):
+            (model(torch.tensor([[float("nan"), 1.0, 1.0]])).sum()).backward()
+    assert torch.equal(model.weight.detach(), before)

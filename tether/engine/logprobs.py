@@ -250,10 +250,16 @@ class CausalLMLogps(nn.Module):
         first = torch.zeros(int(rows_of.max()) + 1, dtype=torch.long, device=input_ids.device)
         first.scatter_(0, rows_of.flip(0), torch.arange(len(rows_of) - 1, -1, -1,
                                                          device=input_ids.device))  # (N,)
-        cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters \
-            else "past_key_values"
         # one embedding lookup for both passes: one (V, H) embedding gradient in backward, not two
         embeds = embed_tokens(lm, input_ids)  # (B, T, H)
+        if _interleavable(lm.model):
+            hidden = _interleaved_prefix_forward(lm.model, embeds, attention_mask, position_ids,
+                                                 start, first, rows_of)
+            if temperature != 1.0:
+                hidden = hidden / temperature
+            return chunked_token_logps(hidden, lm.get_output_embeddings().weight,
+                                       input_ids[:, start:], chunk_size=self.chunk_size)
+        cache_arg = _cache_arg(lm.model.forward)
         prefix = lm.model(inputs_embeds=embeds[first, :start],
                           attention_mask=attention_mask[first, :start].long(),
                           position_ids=position_ids[first, :start], use_cache=True)  # N rows
@@ -268,3 +274,64 @@ class CausalLMLogps(nn.Module):
         weight = lm.get_output_embeddings().weight  # (V, H)
         return chunked_token_logps(hidden, weight, input_ids[:, start:],
                                    chunk_size=self.chunk_size)  # (B, T - start)
+
+
+def _cache_arg(forward) -> str:
+    """The name transformers gives the KV cache argument ("past_key_values" before 5.x)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _interleavable(base: nn.Module) -> bool:
+    """True for a Llama decoder stack, whose forward `_interleaved_prefix_forward` repeats."""
+    return getattr(base.config, "model_type", None) == "llama" and all(
+        hasattr(base, a) for a in ("layers", "norm", "rotary_emb"))
+
+
+def _interleaved_prefix_forward(base: nn.Module, embeds: torch.Tensor,
+                                attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                                start: int, first: torch.Tensor,
+                                rows_of: torch.Tensor) -> torch.Tensor:
+    """The hidden states (B, T - start, H) that predict tokens start..T-1: what
+    `_forward_shared_prefix`'s two model calls give, with the same operations, but layer by
+    layer: prefix layer l (N distinct prefixes), its keys and values gathered for the B rows,
+    then the rest's layer l (B rows, attending to them).
+
+    Why: autograd's backward runs the most recently recorded nodes first. With the prefix run
+    in a call of its own before the rest, every layer's prefix backward waits until the rest's
+    backward has gone through all layers, and each weight's gradient waits with it (the
+    gradients of the two uses add up before they reach `.grad`). Interleaved, layer l's weight
+    gradients are complete as soon as both of its halves have gone back, so a step taken in
+    backward (`engine/optimize.steps_in_backward`) frees them one layer at a time.
+
+    embeds: (B, T, H); attention_mask: (B, T); position_ids: (B, T); first: (N,) one row of
+    each prefix; rows_of: (B,) the prefix of each row.
+    """
+    from transformers import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    config = base.config
+    prefix_cache, rest_cache = DynamicCache(config=config), DynamicCache(config=config)
+    prefix_h = embeds[first, :start]  # (N, start, H)
+    rest_h = embeds[:, start:]  # (B, T - start, H)
+    prefix_pos, rest_pos = position_ids[first, :start], position_ids[:, start:]
+    prefix_mask = create_causal_mask(config=config, inputs_embeds=prefix_h,
+                                     attention_mask=attention_mask[first, :start].long(),
+                                     cache=prefix_cache, position_ids=prefix_pos)
+    prefix_rope = base.rotary_emb(prefix_h, position_ids=prefix_pos)
+    rest_rope = base.rotary_emb(rest_h, position_ids=rest_pos)
+    rest_mask = None
+    layers = base.layers[: config.num_hidden_layers]
+    cache_arg = _cache_arg(layers[0].forward)
+    for index, layer in enumerate(layers):
+        prefix_h = layer(prefix_h, attention_mask=prefix_mask, position_embeddings=prefix_rope,
+                         position_ids=prefix_pos, use_cache=True, **{cache_arg: prefix_cache})
+        cached = prefix_cache.layers[index]
+        rest_cache.update(cached.keys[rows_of], cached.values[rows_of], index)  # (B, Hkv, start, e)
+        if index == 0:  # sized against the cache, which now holds the prefix
+            rest_mask = create_causal_mask(config=config, inputs_embeds=rest_h,
+                                           attention_mask=attention_mask.long(),
+                                           cache=rest_cache, position_ids=rest_pos)
+        rest_h = layer(rest_h, attention_mask=rest_mask, position_embeddings=rest_rope,
+                       position_ids=rest_pos, use_cache=True, **{cache_arg: rest_cache})
+    last_prefix = base.norm(prefix_h[:, -1:])[rows_of]  # (B, 1, H)
+    return torch.cat([last_prefix, base.norm(rest_h[:, :-1])], dim=1)  # (B, T - start, H)

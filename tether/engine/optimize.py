@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw as adamw_step
 
 from tether.config import TrainConfig
 from tether.engine import dist
@@ -171,20 +172,84 @@ def train_step(model: nn.Module, micro_batches: Sequence[Any], *, loss_fn: LossF
                scheduler, device: torch.device, precision: str = "bf16",
                max_grad_norm: float = 1.0) -> dict[str, float]:
     """One optimizer step: accumulate gradients, clip, step, advance the schedule, zero grads.
+    Without clipping, one micro-batch and one process, each parameter steps in backward instead
+    (`steps_in_backward`: the same step, fewer gradients alive at once).
 
     Returns `accumulate_gradients`' metrics plus grad_norm (before clipping), lr (used for this
     step) and time/step in seconds.
     """
     t0 = time.perf_counter()
-    out = accumulate_gradients(model, micro_batches, loss_fn=loss_fn, count_units=count_units,
-                               device=device, precision=precision)
-    out["grad_norm"] = clip_grad_norm(model, max_grad_norm)
-    out["lr"] = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    out = {"lr": optimizer.param_groups[0]["lr"]}
+    in_backward = steps_in_backward_apply(optimizer, micro_batches, max_grad_norm)
+    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    with (steps_in_backward(optimizer, late=embeddings) if in_backward
+          else contextlib.nullcontext([])) as norms:
+        out.update(accumulate_gradients(model, micro_batches, loss_fn=loss_fn,
+                                        count_units=count_units, device=device,
+                                        precision=precision))
+    out["grad_norm"] = (math.sqrt(sum(n * n for n in norms)) if in_backward
+                        else clip_grad_norm(model, max_grad_norm))
+    optimizer.step()  # after steps in backward no gradient is left: a no-op, kept for the scheduler
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     out["time/step"] = time.perf_counter() - t0
     return out
+
+
+def steps_in_backward_apply(optimizer: torch.optim.Optimizer, micro_batches: Sequence[Any],
+                            max_grad_norm: float) -> bool:
+    """Whether `train_step` can step each parameter as soon as its gradient is complete: one
+    micro-batch (nothing to accumulate), no clipping (which needs every gradient's norm first),
+    one process, and the fused AdamW of `build_optimizer` with its state made."""
+    return (len(micro_batches) == 1 and max_grad_norm <= 0 and not dist.is_distributed()
+            and isinstance(optimizer, torch.optim.AdamW) and all(
+                g.get("fused") and not g.get("amsgrad") for g in optimizer.param_groups)
+            and all(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"]))
+
+
+@contextlib.contextmanager
+def steps_in_backward(optimizer: torch.optim.Optimizer, late: Sequence[torch.Tensor] = ()):
+    """While open, each parameter takes its AdamW step in backward, the moment autograd writes
+    its gradient, which is then dropped; yields the list that collects each gradient's L2 norm.
+    The parameters in `late` step when the block ends instead: an embedding matrix tied to the
+    lm_head gets its lookup's rows added to `.grad` by `logprobs.embed_tokens`'s hook after
+    autograd has written the lm_head's part.
+
+    The same kernel and values as `optimizer.step()` after backward (the fused kernel updates
+    each element alone, whatever the grouping), so the steps are bit-identical (tested); the
+    scheduler still steps after. What it saves: gradients live one layer at a time instead of
+    all together at the end of backward (540 MB in fp32 for SmolLM2-135M). Only without clipping
+    (`steps_in_backward_apply`). A non-finite gradient raises before its parameter steps; the
+    parameters stepped before it in this backward keep their step (the run stops either way).
+    """
+    norms: list[float] = []
+    late_ids = {id(p) for p in late}
+    handles = [p.register_post_accumulate_grad_hook(
+        lambda p, group=group: _step_one(optimizer, group, p, norms))
+        for group in optimizer.param_groups for p in group["params"] if id(p) not in late_ids]
+    try:
+        yield norms
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in late_ids and p.grad is not None:
+                    _step_one(optimizer, group, p, norms)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _step_one(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor,
+              norms: list[float]) -> None:
+    norm = float(torch.linalg.vector_norm(p.grad))
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"a gradient norm is {norm}: the loss or a gradient went NaN/inf")
+    norms.append(norm)
+    state = optimizer.state[p]
+    beta1, beta2 = group["betas"]
+    adamw_step([p], [p.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
+               fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+               weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+    p.grad = None
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
