@@ -16,7 +16,9 @@ Check that both halves start (1 step each, a few minutes on 2 cores):
 Setting (issue 3): the default model (SmolLM2-135M-Instruct, the fp32 safetensors directory tether
 converts once into its cache), full fine-tune, `--precision` (bf16 autocast over fp32 weights by
 default, the default of both trainers on a CPU with native bf16; or fp32), sigmoid DPO with
-beta 0.1, 4 pairs per optimizer step in one micro-batch, constant lr 1e-6, no evaluation, no checkpoints. The data are
+beta 0.1, 4 pairs per optimizer step in one micro-batch, constant lr 1e-6, gradient clipping at
+`--max-grad-norm` (1.0, both trainers' default; 0 turns it off in both, and tether then steps each
+parameter in backward), no evaluation, no checkpoints. The data are
 `steps x 4` conversational pairs built from tether's built-in sentiment set: each completion is
 lengthened with other completions of the set and cut so that prompt + completion is about
 `--tokens` (115) tokens, the pairs written once to a JSONL file that both trainers read.
