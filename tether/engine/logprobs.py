@@ -252,23 +252,10 @@ class CausalLMLogps(nn.Module):
                                                          device=input_ids.device))  # (N,)
         # one embedding lookup for both passes: one (V, H) embedding gradient in backward, not two
         embeds = embed_tokens(lm, input_ids)  # (B, T, H)
-        if _interleavable(lm.model):
-            hidden = _interleaved_prefix_forward(lm.model, embeds, attention_mask, position_ids,
-                                                 start, first, rows_of)
-            if temperature != 1.0:
-                hidden = hidden / temperature
-            return chunked_token_logps(hidden, lm.get_output_embeddings().weight,
-                                       input_ids[:, start:], chunk_size=self.chunk_size)
-        cache_arg = _cache_arg(lm.model.forward)
-        prefix = lm.model(inputs_embeds=embeds[first, :start],
-                          attention_mask=attention_mask[first, :start].long(),
-                          position_ids=position_ids[first, :start], use_cache=True)  # N rows
-        cache = getattr(prefix, cache_arg)
-        cache.batch_select_indices(rows_of)  # each row gets its prefix's keys and values
-        rest = lm.model(inputs_embeds=embeds[:, start:], attention_mask=attention_mask.long(),
-                        position_ids=position_ids[:, start:], use_cache=True,
-                        **{cache_arg: cache}).last_hidden_state  # (B, T - start, H)
-        hidden = torch.cat([prefix.last_hidden_state[rows_of, -1:], rest[:, :-1]], dim=1)
+        prefix_forward = (_interleaved_prefix_forward if _interleavable(lm.model)
+                          else _two_call_prefix_forward)
+        hidden = prefix_forward(lm.model, embeds, attention_mask, position_ids, start, first,
+                                rows_of)  # (B, T - start, H)
         if temperature != 1.0:
             hidden = hidden / temperature
         weight = lm.get_output_embeddings().weight  # (V, H)
@@ -279,6 +266,25 @@ class CausalLMLogps(nn.Module):
 def _cache_arg(forward) -> str:
     """The name transformers gives the KV cache argument ("past_key_values" before 5.x)."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _two_call_prefix_forward(base: nn.Module, embeds: torch.Tensor,
+                             attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                             start: int, first: torch.Tensor,
+                             rows_of: torch.Tensor) -> torch.Tensor:
+    """The hidden states (B, T - start, H) that predict tokens start..T-1, from two calls of the
+    decoder stack `base`: the N distinct prefixes, then the B rows' rest on their prefix's KV
+    cache. Arguments as `_interleaved_prefix_forward`'s; any model with a KV cache."""
+    cache_arg = _cache_arg(base.forward)
+    prefix = base(inputs_embeds=embeds[first, :start],
+                  attention_mask=attention_mask[first, :start].long(),
+                  position_ids=position_ids[first, :start], use_cache=True)  # N rows
+    cache = getattr(prefix, cache_arg)
+    cache.batch_select_indices(rows_of)  # each row gets its prefix's keys and values
+    rest = base(inputs_embeds=embeds[:, start:], attention_mask=attention_mask.long(),
+                position_ids=position_ids[:, start:], use_cache=True,
+                **{cache_arg: cache}).last_hidden_state  # (B, T - start, H)
+    return torch.cat([prefix.last_hidden_state[rows_of, -1:], rest[:, :-1]], dim=1)
 
 
 def _interleavable(base: nn.Module) -> bool:
@@ -292,7 +298,7 @@ def _interleaved_prefix_forward(base: nn.Module, embeds: torch.Tensor,
                                 start: int, first: torch.Tensor,
                                 rows_of: torch.Tensor) -> torch.Tensor:
     """The hidden states (B, T - start, H) that predict tokens start..T-1: what
-    `_forward_shared_prefix`'s two model calls give, with the same operations, but layer by
+    `_two_call_prefix_forward` gives, with the same operations, but layer by
     layer: prefix layer l (N distinct prefixes), its keys and values gathered for the B rows,
     then the rest's layer l (B rows, attending to them).
 

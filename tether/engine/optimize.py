@@ -181,9 +181,9 @@ def train_step(model: nn.Module, micro_batches: Sequence[Any], *, loss_fn: LossF
     t0 = time.perf_counter()
     out = {"lr": optimizer.param_groups[0]["lr"]}
     in_backward = steps_in_backward_apply(optimizer, micro_batches, max_grad_norm)
-    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
-    with (steps_in_backward(optimizer, late=embeddings) if in_backward
-          else contextlib.nullcontext([])) as norms:
+    with (steps_in_backward(optimizer, late=[
+            m.weight for m in model.modules() if isinstance(m, nn.Embedding)])
+          if in_backward else contextlib.nullcontext([])) as norms:
         out.update(accumulate_gradients(model, micro_batches, loss_fn=loss_fn,
                                         count_units=count_units, device=device,
                                         precision=precision))
@@ -240,10 +240,7 @@ def steps_in_backward(optimizer: torch.optim.Optimizer, late: Sequence[torch.Ten
 
 def _step_one(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor,
               norms: list[float]) -> None:
-    norm = float(torch.linalg.vector_norm(p.grad))
-    if not math.isfinite(norm):
-        raise FloatingPointError(f"a gradient norm is {norm}: the loss or a gradient went NaN/inf")
-    norms.append(norm)
+    norms.append(_finite(float(torch.linalg.vector_norm(p.grad))))
     state = optimizer.state[p]
     beta1, beta2 = group["betas"]
     adamw_step([p], [p.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
@@ -260,7 +257,12 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
         norm = norm.full_tensor()
-    value = float(norm)
-    if not math.isfinite(value):
-        raise FloatingPointError(f"gradient norm is {value}: the loss or a gradient went NaN/inf")
-    return value
+    return _finite(float(norm))
+
+
+def _finite(grad_norm: float) -> float:
+    """`grad_norm`, or FloatingPointError if it is NaN or inf (the run must stop)."""
+    if not math.isfinite(grad_norm):
+        raise FloatingPointError(f"gradient norm is {grad_norm}: the loss or a gradient went "
+                                 "NaN/inf")
+    return grad_norm
