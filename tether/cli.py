@@ -135,6 +135,9 @@ other commands:
   export RUN_DIR OUT_DIR   write a run's latest weights as a plain HF model directory
                            (LoRA adapters merged) that from_pretrained loads
   keys RECIPE              list every config key of a recipe with its default
+  report RUN_DIR [--out FILE]
+                           one self-contained HTML file of a run: curves, warnings, the
+                           eval table and samples before vs after (RUN_DIR/report.html)
 
 examples:
   tether sft                                   # built-in data, default model
@@ -203,6 +206,28 @@ def cmd_export(args: list[str]) -> int:
     return 0
 
 
+def cmd_report(args: list[str]) -> int:
+    usage_line = "usage: tether report RUN_DIR [--out FILE]"
+    run_dirs, out, rest = [], None, list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--out" and rest:
+            out = rest.pop(0)
+        elif arg.startswith("--out="):
+            out = arg.partition("=")[2]
+        elif arg.startswith("-"):
+            raise TetherError(f"unknown option '{arg}'; {usage_line}")
+        else:
+            run_dirs.append(arg)
+    if len(run_dirs) != 1 or out == "":
+        raise TetherError(usage_line)
+    from tether.eval.report import write_report
+
+    path = write_report(Path(run_dirs[0]), Path(out) if out else None)
+    print(f"report written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -220,9 +245,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(rest)
         if command == "keys":
             return cmd_keys(rest)
+        if command == "report":
+            return cmd_report(rest)
         import difflib
 
-        near = difflib.get_close_matches(command, [*RECIPES, "export", "keys"], n=1)
+        near = difflib.get_close_matches(command, [*RECIPES, "export", "keys", "report"], n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise TetherError(f"unknown command '{command}'{hint} (see `tether --help`)")
     except TetherError as err:
