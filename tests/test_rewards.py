@@ -130,3 +130,25 @@ def test_process_reward_aggregates_by_hand():
     assert aggregate_steps(probs, mask, "prod").tolist() == pytest.approx([0.36, 0.7, 0.0])
     with pytest.raises(TetherError, match="min, prod"):
         aggregate_steps(probs, mask, "mean")
+
+
+def test_load_reward_takes_a_reward_model_directory(tiny_model_dir, default_tokenizer, tmp_path):
+    """A name that is a directory with config.json is a reward model (as GRPO's `grpo.rewards`
+    takes it): the same scores as RewardModelScorer; a directory without one is an error naming
+    it."""
+    from tether.config import ModelConfig
+    from tether.engine.checkpoint import export
+    from tether.engine.models import load_reward_model
+    from tether.errors import ConfigError
+    from tether.rewards import RewardModelScorer, load_reward
+
+    model = load_reward_model(ModelConfig(name_or_path=str(tiny_model_dir)),
+                              default_tokenizer.pad_token_id)
+    out = export(model.eval(), default_tokenizer, tmp_path / "reward_model")
+    fn = load_reward(str(out))
+    assert isinstance(fn, RewardModelScorer)
+    prompts, texts = ["Say hi."] * 2, ["Hi there!", "No."]
+    assert call_reward(str(out), fn, prompts, texts) == RewardModelScorer(out)(prompts, texts)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_reward(str(tmp_path / "empty"))

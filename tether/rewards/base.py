@@ -6,6 +6,7 @@ import importlib
 import math
 import numbers
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from tether.errors import TetherError
@@ -104,10 +105,16 @@ def builtin_rewards() -> dict[str, type]:
 
 def load_reward(name: str) -> RewardFn:
     """A reward function named in config: a built-in name (`builtin_rewards()`: "arithmetic",
-    "format", "sentiment") or "module:function" (imported now, only because it is named)."""
+    "format", "sentiment"), a reward-model directory (one with config.json, e.g. the
+    RUN_DIR/reward_model that `tether rm` writes: a `RewardModelScorer`), or "module:function"
+    (imported now, only because it is named)."""
     builtin = builtin_rewards()
     if name in builtin:
         return builtin[name]()
+    if Path(name).is_dir():  # a directory that is not a model is an error naming it
+        from tether.rewards.model import RewardModelScorer
+
+        return RewardModelScorer(name)
     if ":" not in name:
         import difflib
 
