@@ -99,6 +99,30 @@ class RunConfig:
 
 
 @dataclass
+class RewardsConfig:
+    """The `rewards` section of ppo, grpo and dpo: a gold reward logged beside the proxy
+    (docs/diagnostics.md). Not part of the training reward."""
+    # a reward function (`tether.rewards.load_reward`): arithmetic | format | worked | sentiment |
+    # module:function; null = none
+    gold: str | None = None
+    gold_every: int = 1  # steps between gold scorings; 0 = only at the held-out evaluations
+
+
+@dataclass
+class DiagnosticsConfig:
+    """The `diagnostics` section of ppo, grpo and dpo: warnings, each printed once, when the
+    logged metrics show a known failure (docs/diagnostics.md)."""
+    window: int = 4  # gold evaluations over which proxy-up / gold-down counts as reward hacking
+    kl_max: float = 0.0  # warn when kl/k1 or kl/k3 (nats per completion) passes this; 0 = off
+    entropy_drop: float = 0.3  # warn when policy/entropy < this x its first logged value
+    distinct2_min: float = 0.5  # warn when completions/distinct_2 < this x its first value
+    # GRPO with LoRA and beta 0: steps between the extra no-grad reference forward (adapter
+    # disabled) that gives kl/k1 and kl/k3, ~11% of a `make demo` step; 0 = never
+    kl_every: int = 4
+    warn: bool = True  # false: no warnings at all
+
+
+@dataclass
 class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,6 +156,9 @@ class DPOConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/dpo",
                                                              eval_generations=96))
     dpo: PreferenceConfig = field(default_factory=PreferenceConfig)
+    # DPO samples only for evaluations by default: gold_every 0 (about a minute per sampling)
+    rewards: RewardsConfig = field(default_factory=lambda: RewardsConfig(gold_every=0))
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 @dataclass
@@ -211,6 +238,8 @@ class PPOConfig:
         micro_batch_size=4))
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/ppo"))
     ppo: PPOParams = field(default_factory=PPOParams)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 @dataclass
@@ -285,6 +314,8 @@ class GRPOConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/grpo",
                                                              eval_generations=64))
     grpo: GRPOParams = field(default_factory=GRPOParams)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -428,13 +428,13 @@ def test_heldout_generations_score_and_kl(tiny_model_dir, default_tokenizer, mon
     policy = CausalLMLogps(load_causal_lm(cfg.model))
     prompts = [p["prompt"] for p in sentiment.heldout_prompts(3)]
     rng = torch.get_rng_state()
-    assert dpo.heldout_generations(cfg, policy, tok, prompts, initial=True)["eval/kl"] == 0.0
+    assert dpo.heldout_generations(cfg, policy, tok, prompts, initial=True)[0]["eval/kl"] == 0.0
     assert torch.equal(torch.get_rng_state(), rng)  # sampling forked the RNG: resume stays exact
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # "train" the policy: it drifts away from the reference
         for p in policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    got = dpo.heldout_generations(cfg, policy, tok, prompts, initial=False)
+    got = dpo.heldout_generations(cfg, policy, tok, prompts, initial=False)[0]
     rollout = sample_complete(policy, tok, prompts, max_new_tokens=sentiment.MAX_NEW_TOKENS,
                               seed=cfg.train.seed + 7919, precision="fp32")
     ref = load_causal_lm(cfg.model).eval()
@@ -477,3 +477,38 @@ def test_builtin_set_run_logs_heldout_sentiment_and_kl(tiny_model_dir, tmp_path,
     assert -1 <= before["eval/sentiment"] <= 1 and -1 <= after["eval/sentiment"] <= 1
     logged = _metrics(tmp_path / "run", "eval/kl")
     assert logged == {0: 0.0, 2: pytest.approx(after["eval/kl"])}
+
+
+def word_count(prompts, completions, **columns):
+    """A gold reward for the tests: words per completion / 10."""
+    return [len(c.split()) / 10 for c in completions]
+
+
+def test_online_diagnostics_with_gold(tiny_model_dir, tmp_path, monkeypatch):
+    """rewards.gold with user pairs: completions sampled for the held-out pairs' prompts before,
+    every rewards.gold_every steps and after, with gold/mean, kl/k1 (= eval/kl; 0 before any
+    update), kl/k3, policy/entropy, completions/*; samples.jsonl before and after; the watcher's
+    proxy is rewards/margin."""
+    from tether.data.tasks import sentiment
+
+    monkeypatch.setattr(sentiment, "MAX_NEW_TOKENS", 6)
+    data = _write(tmp_path / "pref.jsonl", ROWS)
+    _run(tiny_model_dir, tmp_path / "run", data, "--train.max_steps=2",
+         f"--rewards.gold={__name__}:word_count", "--rewards.gold_every=1",
+         "--run.eval_generations=2")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    gold = [x for x in lines if "gold/mean" in x]
+    assert [x["step"] for x in gold] == [0, 1, 2, 2]  # before, each step, after
+    for x in gold:
+        for key in ("kl/k1", "kl/k3", "policy/entropy", "completions/mean_length",
+                    "completions/distinct_2", "eval/kl"):
+            assert key in x, key
+        assert 1 <= x["completions/mean_length"] <= 6 and "eval/sentiment" not in x
+        assert x["eval/kl"] == x["kl/k1"]
+    assert gold[0]["kl/k1"] == 0.0 and gold[0]["kl/k3"] == 0.0 and gold[-1]["kl/k3"] > 0
+    assert "rewards/margin" in gold[1]
+    samples = [json.loads(s) for s in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 2]
+    assert all(set(s) == {"step", "prompt", "completion", "gold"} for s in samples)
+    assert any(r["prompt"] in samples[0]["prompt"] for r in ROWS)
+    assert samples[0]["gold"] == len(samples[0]["completion"].split()) / 10

@@ -192,6 +192,7 @@ def test_reference_only_when_beta_positive(peaked_model_dir, tmp_path, monkeypat
     assert not any(p.requires_grad for p in out["reference"].parameters())
     assert out["history"][0]["kl/k3"] == 0.0  # before any update the policy is the reference
     assert out["history"][1]["kl/k3"] > 0
+    assert out["history"][0]["kl/k1"] == 0.0 and out["history"][1]["kl/k1"] != 0.0
 
     calls.clear()
     out = _run(peaked_model_dir, tmp_path / "lora", "--train.max_steps=2", "--grpo.beta=0.1",
@@ -235,3 +236,25 @@ def test_prompt_rows_errors_name_the_row(default_tokenizer, tmp_path):
                                                                     "content": "hi"}])]
     assert first.columns == {"k": 1} and first.ids[-3:] == default_tokenizer(
         "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"][-3:]
+
+
+def test_online_diagnostics_lora_kl_without_beta(peaked_model_dir, tmp_path):
+    """LoRA with beta 0: kl/k1 and kl/k3 every diagnostics.kl_every steps, from one reference
+    forward with the adapter disabled (the policy has moved by step 2); policy/clipfrac is
+    the sum of the two sides; gold/mean (here the proxy itself), completions/distinct_2 and
+    samples.jsonl. A full fine-tune with beta 0 has no reference: no kl/* at all."""
+    out = _run(peaked_model_dir, tmp_path / "run", "--train.max_steps=3", "--model.lora.r=4",
+               f"--rewards.gold={__name__}:space_fraction", "--run.eval_generations=2",
+               "--diagnostics.kl_every=2")
+    h1, h2, h3 = out["history"]
+    assert "kl/k1" not in h1 and "kl/k1" not in h3  # every 2 steps: step 2 only
+    assert h2["kl/k3"] > 1e-3 and h2["kl/k1"] != 0.0
+    for h in (h1, h2, h3):
+        assert h["gold/mean"] == pytest.approx(h["reward/space_fraction/mean"])
+        assert h["policy/clipfrac"] == h["policy/clipfrac_low"] + h["policy/clipfrac_high"]
+        assert 0.0 < h["completions/distinct_2"] <= 1.0
+    samples = [json.loads(s) for s in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 0, 3, 3]
+    assert all(s["gold"] == pytest.approx(s["reward"]) for s in samples)
+    full = _run(peaked_model_dir, tmp_path / "full", "--train.max_steps=1")
+    assert not any(k.startswith("kl/") for k in full["history"][0])

@@ -257,3 +257,40 @@ def test_config_and_data_errors(tiny_model_dir, tmp_path, default_tokenizer):
     assert len(train[0].ids) == 8 and train[0].columns == {"answer": 1}
     with pytest.raises(ConfigError, match="reward_weights has 2 entries for 1"):
         ppo.build_reward(PPOParams(rewards=["format"], reward_weights=[1.0, 2.0]), "cpu")
+
+
+# ------------------------------------------------------------------------------ diagnostics
+
+
+def e_negated(prompts, completions, **columns):
+    """A gold reward that disagrees with the proxy `e_count`: minus it."""
+    return [-x for x in e_count(prompts, completions)]
+
+
+def test_online_diagnostics_gold_kl_k3_distinct_and_samples(e_model_dir, tmp_path):
+    """rewards.gold: gold/mean (here minus the proxy) beside reward/mean on every step; kl/k3
+    (0 while the policy is the reference, >= 0 after); completions/distinct_2; the warnings the
+    logged values call for (window 2: gold falls exactly when the proxy rises), each once;
+    samples.jsonl with the held-out greedy completions before and after."""
+    from tether.eval.online import Watcher
+
+    out = run_ppo(e_model_dir, tmp_path / "run", "--train.max_steps=4", "--train.batch_size=4",
+                  "--train.micro_batch_size=4", f"--rewards.gold={__name__}:e_negated",
+                  "--diagnostics.window=2", "--run.eval_generations=2")
+    lines = metric_lines(out["run_dir"])
+    steps = [x for x in lines if "reward/mean" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4]
+    for x in steps:
+        assert x["gold/mean"] == pytest.approx(-x["reward/e_count/mean"])
+        assert 0.0 <= x["completions/distinct_2"] <= 1.0 and x["kl/k3"] >= 0.0
+    assert steps[0]["kl/k3"] == 0.0 and steps[-1]["kl/k3"] > 0.0
+    assert "eval/gold" in lines[0] and "eval/gold" in lines[-1]
+    replayed = Watcher(load_config(PPOConfig, None, ["--diagnostics.window=2"]).diagnostics)
+    expected = {x["step"]: [w.name for w in replayed.observe(x["step"], x)] for x in lines}
+    assert {x["step"]: x.get("warnings", []) for x in lines} == expected
+    names = [n for x in lines for n in x.get("warnings", [])]
+    assert len(names) == len(set(names))
+    samples = [json.loads(s) for s in (out["run_dir"] / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 0, 4, 4]
+    assert all(set(s) == {"step", "prompt", "completion", "reward", "gold"} for s in samples)
+    assert samples[0]["prompt"].startswith("What is") and samples[0]["gold"] == -samples[0]["reward"]

@@ -12,7 +12,8 @@ step (all micro-batches and ranks), from a no-grad forward over the mismatched s
 
 Without `data.path` the run trains on the built-in sentiment pairs and, before and after,
 samples completions for held-out prompts: their VADER score (the ground truth) and the KL of the
-policy to the reference on them (docs/dpo.md).
+policy to the reference on them (docs/dpo.md); with `rewards.gold` also every `gold_every` steps,
+with the gold score and the warnings of docs/diagnostics.md (`tether.eval.online`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from tether.data.preference import (PreferenceBatch, builtin_sentiment_rows, col
                                     load_preference_data)
 from tether.data.tasks import sentiment
 from tether.engine import checkpoint, dist
-from tether.engine import score as completion_scores
-from tether.engine.generate import sample_complete
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer, resolve_model_dir
@@ -42,9 +41,11 @@ from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, 
 from tether.engine.reference import (cached_pair_logps, items_used, kto_kl, reference_cache_path,
                                      reference_logps, sequence_logps, with_reference)
 from tether.errors import ConfigError
+from tether.eval import online
 from tether.losses import (PAIRED_LOSSES, group_robust_weights, kto_loss, masked_mean, orpo_loss,
                            simpo_loss)
 from tether.recipes.sft import check_batch_sizes
+from tether.rewards import SentimentReward
 
 
 # --- objectives: (seq, batch) -> (per-pair loss (B,), metrics, per-pair reward margin (B,)) -----
@@ -187,34 +188,24 @@ def evaluate(policy, batches: list[PreferenceBatch], loss_fn, device, precision,
     return (total / pairs, correct / pairs) if pairs else (float("nan"), float("nan"))
 
 
-# --- held-out generations (built-in set): ground-truth score and KL to the reference ----------
+# --- held-out generations: ground-truth score, KL to the reference, online diagnostics ------
 
 
 def heldout_generations(cfg: DPOConfig, policy: CausalLMLogps, tokenizer, prompts: list, *,
-                        initial: bool) -> dict[str, float]:
-    """`eval/sentiment`: mean VADER compound of completions sampled from the policy on held-out
-    prompts; `eval/kl`: mean over them of log pi(y|x) - log ref(y|x), summed over the completion's
-    tokens (a sampled estimate of the sequence-level KL(policy || reference); 0 while the policy
-    is the reference)."""
-    prompts = prompts[:len(prompts) - len(prompts) % dist.world_size()]  # equal shares
-    if not prompts:
-        return {}
-    tc = cfg.train
-    rollout = sample_complete(policy, tokenizer, prompts[dist.rank()::dist.world_size()],
-                              max_new_tokens=sentiment.MAX_NEW_TOKENS,
-                              seed=tc.seed + 7919 * (dist.rank() + 1), precision=tc.precision)
-
-    def score(model):  # (n,) summed completion log-probs, teacher-forced
-        with autocast(dist.device(), tc.precision):
-            return completion_scores.completion_logps(
-                model, rollout, micro_batch_size=tc.micro_batch_size).sum(-1)
-
-    logps = score(policy)  # (n,)
-    ref = logps if initial and not cfg.dpo.ref_model else on_reference(cfg, policy, score,
-                                                                        initial=initial)
-    total = sum(sentiment.sentiment_score(text) for text in rollout.texts)
-    return {"eval/sentiment": dist.all_reduce_sum(total).item() / len(prompts),
-            "eval/kl": dist.all_reduce_sum((logps - ref).sum()).item() / len(prompts)}
+                        initial: bool, gold=None) -> tuple[dict[str, float], list[dict]]:
+    """Completions sampled from the policy on held-out prompts (`online.sampled_diagnostics`):
+    kl/k1, also as `eval/kl` (the mean of log pi(y|x) - log ref(y|x) summed over the completion:
+    a sampled estimate of the sequence-level KL(policy || reference), 0 while the policy is the
+    reference), kl/k3, policy/entropy, completions/*, gold/mean with a gold function, and on the
+    built-in set `eval/sentiment` (mean VADER compound); and the samples.jsonl rows."""
+    reference = None if initial and not cfg.dpo.ref_model else \
+        partial(on_reference, cfg, policy, initial=initial)
+    metrics, samples = online.sampled_diagnostics(
+        policy, tokenizer, prompts, reference=reference, max_new_tokens=sentiment.MAX_NEW_TOKENS,
+        seed=cfg.train.seed + 7919 * (dist.rank() + 1), precision=cfg.train.precision,
+        micro_batch_size=cfg.train.micro_batch_size, gold=gold,
+        scores={"eval/sentiment": SentimentReward()} if cfg.data.path is None else None)
+    return ({**metrics, "eval/kl": metrics["kl/k1"]} if metrics else {}), samples
 
 
 def run(cfg: DPOConfig) -> dict:
@@ -234,8 +225,10 @@ def run(cfg: DPOConfig) -> dict:
     train_items, eval_items, data_hash = load_preference_data(
         cfg.data, tokenizer, unpaired=unpaired, rows=builtin,
         source="built-in sentiment preference set" if builtin else None)
-    n_gen = cfg.run.eval_generations if builtin else 0  # held-out prompts, cycled if n_gen > 48
-    heldout = [sentiment.heldout_prompts()[i % sentiment.N_HELDOUT]["prompt"] for i in range(n_gen)]
+    n_gen = cfg.run.eval_generations if builtin or cfg.rewards.gold else 0  # held-out prompts
+    heldout = [sentiment.heldout_prompts()[i % sentiment.N_HELDOUT]["prompt"]  # cycled past 48
+               for i in range(n_gen)] if builtin else \
+        online.item_prompts(eval_items, tokenizer)[:n_gen]
     if len(train_items) < tc.batch_size:
         raise ConfigError(f"train.batch_size ({tc.batch_size}) exceeds the {len(train_items)} "
                           "training items; lower it or add data")
@@ -294,6 +287,8 @@ def run(cfg: DPOConfig) -> dict:
                            tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
                            start_step=start_step)
     logger.print(ref_note)
+    diag = online.Diagnostics(cfg.rewards, cfg.diagnostics, run_dir, start_step=start_step,
+                              proxy="rewards/margin")
 
     collate = lambda items: collate_preference(  # noqa: E731
         items, pad_id, groups, cfg.data.pad_to_multiple_of)
@@ -307,9 +302,11 @@ def run(cfg: DPOConfig) -> dict:
                  f"{tc.batch_size}, {n_params / 1e6:.1f}M trainable parameters, {tc.precision} "
                  f"on {device}")
     eval_before = evaluate(policy, eval_batches, loss_fn, device, tc.precision, kto=unpaired)
-    gen_before = heldout_generations(cfg, policy, tokenizer, heldout, initial=start_step == 0)
-    logger.log(start_step, {"eval/loss": eval_before[0], "eval/rewards/accuracy": eval_before[1],
-                            **gen_before, "time/reference": t_ref})
+    gen_before, samples = heldout_generations(cfg, policy, tokenizer, heldout,
+                                              initial=start_step == 0, gold=diag.gold)
+    diag.log(logger, start_step, {"eval/loss": eval_before[0],
+                                  "eval/rewards/accuracy": eval_before[1], **gen_before,
+                                  "time/reference": t_ref}, samples)
 
     # --- train ----------------------------------------------------------------------------------
     history, margins = [], []
@@ -356,8 +353,11 @@ def run(cfg: DPOConfig) -> dict:
         if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
             metrics["eval/loss"], metrics["eval/rewards/accuracy"] = evaluate(
                 policy, eval_batches, loss_fn, device, tc.precision, kto=unpaired)
+        if diag.gold_due(step + 1):  # gold and the sampled diagnostics on the held-out prompts
+            metrics.update(heldout_generations(cfg, policy, tokenizer, heldout, initial=False,
+                                               gold=diag.gold)[0])
         if (step + 1) % cfg.run.log_every == 0 or step + 1 == total_steps:
-            logger.log(step + 1, metrics)
+            diag.log(logger, step + 1, metrics)
         history.append(m["loss"])
         margins.append(metrics["rewards/margin"])
         logger.advance(step + 1, f"loss {m['loss']:.4f} acc {metrics['rewards/accuracy']:.2f}")
@@ -370,13 +370,14 @@ def run(cfg: DPOConfig) -> dict:
     logger.close()
 
     eval_after = evaluate(policy, eval_batches, loss_fn, device, tc.precision, kto=unpaired)
-    gen_after = heldout_generations(cfg, policy, tokenizer, heldout, initial=False)
-    logger.log(total_steps, {"eval/loss": eval_after[0], "eval/rewards/accuracy": eval_after[1],
-                             **gen_after})
+    gen_after, samples = heldout_generations(cfg, policy, tokenizer, heldout, initial=False,
+                                             gold=diag.gold)
+    diag.log(logger, total_steps, {"eval/loss": eval_after[0],
+                                   "eval/rewards/accuracy": eval_after[1], **gen_after}, samples)
     if eval_batches:
         logger.print(f"held-out loss per pair: {eval_before[0]:.4f} -> {eval_after[0]:.4f}; "
                      f"reward accuracy {eval_before[1]:.1%} -> {eval_after[1]:.1%}")
-    if gen_after:
+    if "eval/sentiment" in gen_after:
         logger.print(f"held-out sentiment ({len(heldout)} sampled completions, VADER compound): "
                      f"{gen_before['eval/sentiment']:+.3f} -> {gen_after['eval/sentiment']:+.3f}; "
                      f"KL(policy || reference) {gen_before['eval/kl']:.2f} -> "

@@ -4,7 +4,8 @@ Stages per step: generate (G samples for each of the step's prompts, one prefill
 score (reward functions; reference log-probs if beta > 0; old log-probs if num_iterations > 1) ->
 advantages (relative to the group, per the loss type) -> update (num_iterations optimizer steps
 over the rollout, micro-batched, normalised over the whole step) -> log -> checkpoint.
-Held-out accuracy (greedy) before and after training.
+Held-out accuracy (greedy) before and after training; KL, diversity, the gold reward and the
+warnings of docs/diagnostics.md through `tether.eval.online`.
 
 The loss variants differ only in the row of `LOSS_TYPES` they pick: how advantages are computed,
 how per-token losses are reduced, whether the importance ratio is per token or per sequence, the
@@ -25,7 +26,7 @@ import torch
 
 from tether.advantages import group_advantages, rloo_advantages
 from tether.config import GRPOConfig, GRPOParams, ModelConfig, save_config
-from tether.data.prompts import SHOTS, PromptExample, load_rl_prompts
+from tether.data.prompts import SHOTS, load_rl_prompts
 from tether.data.tasks.arithmetic import DIFFICULTIES
 from tether.engine import checkpoint, dist
 from tether.engine.dist import global_mean, same_count_on_ranks
@@ -38,6 +39,7 @@ from tether.engine.optimize import (build_optimizer, build_scheduler, resolve_pr
 from tether.engine.rollout_batches import GRPOBatch, micro_batches
 from tether.engine.score import score_logps
 from tether.errors import ConfigError
+from tether.eval import online
 from tether.losses import aggregate_sum, clipped_surrogate, kl_penalty, masked_sum
 from tether.rewards import WeightedSum, load_reward
 
@@ -143,35 +145,12 @@ def grpo_loss(policy: CausalLMLogps, b: GRPOBatch, *, obj: Objective) -> tuple[t
     if b.ref_logps is not None:
         kl = kl_penalty(logps, b.ref_logps, kind="k3")  # (b, C)
         per_token = per_token + obj.beta * torch.where(mask, kl, torch.zeros_like(kl))
-        out["kl"] = masked_sum(kl.detach(), mask).item()
+        out["kl"] = masked_sum(kl.detach(), mask).item()  # summed k3; per sequence in the log
+        out["kl_k1"] = masked_sum(logps.detach() - b.ref_logps, mask).item()
+        out["_seqs"] = mask.any(dim=1).sum().item()
     numerator, _ = aggregate_sum(per_token, mask, mode=obj.kind.aggregation,
                                  normalizer=obj.normalizer)
     return numerator, out
-
-
-# --- evaluation: greedy completions of held-out prompts ----------------------------------------
-
-
-def evaluate(backend: TorchBackend, rewards: WeightedSum, prompts: list[PromptExample],
-             max_new_tokens: int) -> dict[str, float]:
-    """Mean reward of greedy completions (eval/reward, eval/reward/<name>); eval/accuracy = the
-    fraction verified correct when the prompts carry an exact `answer`."""
-    prompts = prompts[:len(prompts) - len(prompts) % dist.world_size()]  # equal shares
-    if not prompts:
-        return {}
-    share = prompts[dist.rank()::dist.world_size()]
-    texts = backend.generate([p.ids for p in share], SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=0.0)).texts
-    columns = {k: [p.columns.get(k) for p in share] for k in share[0].columns}
-    scores = rewards.score([p.prompt for p in share], texts, **columns)
-    sums = {"eval/reward": sum(scores.total)}
-    sums.update({f"eval/reward/{k}": sum(v) for k, v in scores.components.items()})
-    if "answer" in columns:
-        from tether.data.tasks import arithmetic
-
-        sums["eval/accuracy"] = sum(arithmetic.verify(t, int(a))
-                                    for t, a in zip(texts, columns["answer"]))
-    return {k: dist.all_reduce_sum(v).item() / len(prompts) for k, v in sums.items()}
 
 
 def load_reference(cfg: GRPOConfig, device) -> CausalLMLogps:
@@ -241,14 +220,17 @@ def run(cfg: GRPOConfig) -> dict:
     logger = MetricsLogger(run_dir, total_steps=total_steps,
                            description=f"grpo ({gc_.loss_type})", tensorboard=cfg.run.tensorboard,
                            progress=cfg.run.progress, start_step=start_step)
+    diag = online.Diagnostics(cfg.rewards, cfg.diagnostics, run_dir, start_step=start_step)
     n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     logger.print(f"grpo ({gc_.loss_type}): {len(train_prompts)} train prompts, {total_steps} "
                  f"steps of {gc_.prompts_per_step} prompts x {gc_.group_size} samples, rewards "
                  f"{', '.join(n for n, _, _ in rewards.components)}, "
                  f"{'reference (k3, beta=%g)' % obj.beta if obj.beta > 0 else 'no reference'}, "
                  f"{n_params / 1e6:.1f}M trainable parameters, {tc.precision} on {device}")
-    before = evaluate(backend, rewards, eval_prompts, gc_.max_new_tokens)
-    logger.log(start_step, before)
+    evaluate = lambda: online.heldout_greedy(backend, rewards, eval_prompts,  # noqa: E731
+                                             max_new_tokens=gc_.max_new_tokens, gold=diag.gold)
+    before, samples = evaluate()
+    diag.log(logger, start_step, before, samples)
 
     params = SamplingParams(max_new_tokens=gc_.max_new_tokens, temperature=gc_.temperature,
                             top_p=gc_.top_p, top_k=gc_.top_k, stop=tuple(gc_.stop),
@@ -268,8 +250,8 @@ def run(cfg: GRPOConfig) -> dict:
         # --- score: rewards; reference and old log-probs of the rows the update runs -------
         columns = {k: [prompts[i // G].columns.get(k) for i in range(B)]
                    for k in prompts[0].columns}
-        scores = rewards.score([prompts[i // G].prompt for i in range(B)], rollout.texts,
-                               **columns)
+        asked = [prompts[i // G].prompt for i in range(B)]  # (B,) the prompt of each row
+        scores = rewards.score(asked, rollout.texts, **columns)
         reward = torch.tensor(scores.total, dtype=torch.float32)  # (B,)
         equal = reward.view(-1, G).std(dim=1) == 0  # (n_prompts,) groups with one reward value
         keep = ~equal if obj.dynamic_sampling else torch.ones_like(equal)  # (n_prompts,)
@@ -300,6 +282,14 @@ def run(cfg: GRPOConfig) -> dict:
                 score_logps(policy, batches, "ref_logps", gc_.temperature, tc.precision)
         if gc_.num_iterations > 1:  # the sampling policy, for the importance ratios
             score_logps(policy, batches, "old_logps", gc_.temperature, tc.precision)
+        kl_seen = {}  # beta = 0 with LoRA: KL to the adapter-disabled policy (one more forward)
+        if obj.beta == 0 and cfg.model.lora.r > 0 and cfg.diagnostics.kl_every > 0 \
+                and (step + 1) % cfg.diagnostics.kl_every == 0:
+            all_rows = [b.to(device) for b in micro_batches(
+                rollout, torch.zeros(B), tc.micro_batch_size, torch.arange(B) // G)]
+            with policy.model.disable_adapter():
+                score_logps(policy, all_rows, "ref_logps", gc_.temperature, tc.precision)
+            kl_seen = online.rollout_kl(rollout, all_rows)
         t2 = time.perf_counter()
 
         # --- update: num_iterations optimizer steps over the rows ------------------------------
@@ -315,7 +305,8 @@ def run(cfg: GRPOConfig) -> dict:
                                    max_grad_norm=tc.max_grad_norm)
                 except FloatingPointError as err:
                     raise FloatingPointError(f"step {step + 1}: {err}") from None
-                for k in ("_tokens", "clipfrac_low", "clipfrac_high", "approx_kl", "kl"):
+                for k in ("_tokens", "_seqs", "clipfrac_low", "clipfrac_high", "approx_kl", "kl",
+                          "kl_k1"):
                     sums[k] = sums.get(k, 0.0) + m.get(k, 0.0)
             else:  # every group was dropped: no update, the schedule still advances
                 scheduler.step()
@@ -335,21 +326,26 @@ def run(cfg: GRPOConfig) -> dict:
             else float("nan"),
             "policy/clipfrac_low": sums.get("clipfrac_low", 0.0) / tokens,
             "policy/clipfrac_high": sums.get("clipfrac_high", 0.0) / tokens,
+            "policy/clipfrac": (sums.get("clipfrac_low", 0.0) + sums.get("clipfrac_high", 0.0))
+            / tokens,
             "policy/approx_kl": sums.get("approx_kl", 0.0) / tokens,
             "completions/mean_length": global_mean(mask.sum().item(), B),
             "completions/truncated_frac": global_mean(rollout.truncated.sum().item(), B),
+            **diag.rollout_metrics(step + 1, asked, rollout.texts, columns), **kl_seen,
             "groups/zero_std_frac": global_mean(equal.sum().item(), len(equal)),
             "groups/kept": dist.all_reduce_sum(keep.sum().item()).item(),
             "optim/lr": m["lr"], "optim/grad_norm": m["grad_norm"],
             "timing/generate": t1 - t0, "timing/score": t2 - t1, "timing/update": t3 - t2,
             "memory/peak_mb": peak_memory_mb(),
         }
-        if obj.beta > 0:
-            metrics["kl/k3"] = sums.get("kl", 0.0) / tokens
+        if obj.beta > 0:  # per sequence: summed over each completion, mean over the rows
+            seqs = max(1.0, sums.get("_seqs", 0.0))
+            metrics["kl/k1"] = sums.get("kl_k1", 0.0) / seqs
+            metrics["kl/k3"] = sums.get("kl", 0.0) / seqs
         if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
-            metrics.update(evaluate(backend, rewards, eval_prompts, gc_.max_new_tokens))
+            metrics.update(evaluate()[0])
         if (step + 1) % cfg.run.log_every == 0 or step + 1 == total_steps:
-            logger.log(step + 1, metrics)
+            diag.log(logger, step + 1, metrics)
         history.append(metrics)
         logger.advance(step + 1, f"reward {metrics['reward/mean']:.3f} "
                                  f"len {metrics['completions/mean_length']:.1f}")
@@ -361,8 +357,8 @@ def run(cfg: GRPOConfig) -> dict:
                             keep_last=cfg.run.keep_last)
     logger.close()
 
-    after = evaluate(backend, rewards, eval_prompts, gc_.max_new_tokens)
-    logger.log(total_steps, after)
+    after, samples = evaluate()
+    diag.log(logger, total_steps, after, samples)
     if "eval/accuracy" in before:
         logger.print(f"held-out accuracy ({len(eval_prompts)} problems, greedy): "
                      f"{before['eval/accuracy']:.1%} -> {after['eval/accuracy']:.1%}")

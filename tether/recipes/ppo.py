@@ -10,6 +10,7 @@ Stages of every step (verl's order): generate -> score -> advantages -> update -
               steps each (micro-batched): clipped surrogate + vf_coef * clipped value loss, both
               token means over the mini-batch; policy and critic share one AdamW and one clip
   kl control  fixed kl_coef, or the adaptive controller updated from the batch's mean KL
+  log         metrics, the gold reward and warnings (`tether.eval.online`, docs/diagnostics.md)
 The reference is the initial policy: with LoRA the base model with the adapter switched off,
 otherwise a frozen copy (or `ppo.ref_model`). docs/ppo.md has the maths and every knob.
 """
@@ -38,8 +39,9 @@ from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer, load_value_model
 from tether.engine.optimize import build_scheduler, resolve_precision, step_items, train_step
 from tether.engine.rollout_batches import PPOBatch
-from tether.engine.score import TokenValues, evaluate_greedy, score_rollout
+from tether.engine.score import TokenValues, score_rollout
 from tether.errors import ConfigError
+from tether.eval import online
 from tether.losses import adaptive_kl_coef, aggregate_sum, clipped_surrogate, kl_penalty, value_loss
 from tether.rewards import RewardModelScorer, WeightedSum, load_reward
 
@@ -236,6 +238,7 @@ def run(cfg: PPOConfig) -> dict:
     logger = MetricsLogger(run_dir, total_steps=total_steps, description="ppo",
                            tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
                            start_step=start_step)
+    diag = online.Diagnostics(cfg.rewards, cfg.diagnostics, run_dir, start_step=start_step)
     n_params = sum(p.numel() for p in models.parameters() if p.requires_grad)
     logger.print(f"ppo: {len(prompts)} train / {len(eval_prompts)} held-out prompts, "
                  f"{total_steps} steps of {tc.batch_size} prompts x {G} samples, "
@@ -244,10 +247,10 @@ def run(cfg: PPOConfig) -> dict:
                  f"{'+'.join(n for n, _, _ in reward_fn.components)}, reference "
                  f"{'adapter-disabled base' if reference is None else 'frozen copy'}, "
                  f"{tc.precision} on {device}, world size {dist.world_size()}")
-    evaluate = lambda: evaluate_greedy(backend, reward_fn, eval_prompts,  # noqa: E731
-                                       max_new_tokens=pc.max_new_tokens)
-    eval_before = evaluate()
-    logger.log(start_step, eval_before)
+    evaluate = lambda: online.heldout_greedy(backend, reward_fn, eval_prompts,  # noqa: E731
+                                             max_new_tokens=pc.max_new_tokens, gold=diag.gold)
+    eval_before, samples = evaluate()
+    diag.log(logger, start_step, eval_before, samples)
 
     history = []
     for step in range(start_step, total_steps):
@@ -263,7 +266,8 @@ def run(cfg: PPOConfig) -> dict:
         # --- score: old log-probs + entropy, reference log-probs, values, rewards ---------------
         t0 = time.perf_counter()
         columns = {k: [r.columns.get(k) for r in rows for _ in range(G)] for k in rows[0].columns}
-        sc = score_rollout(rollout, [r.prompt for r in rows for _ in range(G)], columns,
+        asked = [r.prompt for r in rows for _ in range(G)]  # (B,) the prompt of each row
+        sc = score_rollout(rollout, asked, columns,
                            policy=policy, reference=reference, critic=critic, reward_fn=reward_fn,
                            micro_batch_size=tc.micro_batch_size)
         t_score = time.perf_counter() - t0
@@ -314,12 +318,14 @@ def run(cfg: PPOConfig) -> dict:
             "reward/std": math.sqrt(max(0.0, reward_sq - reward_mean ** 2)),
             **{f"reward/{name}/mean": global_mean(sum(s), len(s))
                for name, s in sc.components.items()},
-            "kl/k1": mean_kl, "kl/coef": kl_coef,
+            "kl/k1": mean_kl, "kl/k3": online.sequence_kl(sc.logps, sc.ref_logps, mask, "k3"),
+            "kl/coef": kl_coef,
             "policy/entropy": global_mean(sc.entropy[mask].sum().item(), mask.sum().item()),
             **sums,
             "value/explained_variance": explained_variance(sc.values, returns, mask).item(),
             "completions/mean_length": global_mean(lengths.sum().item(), B),
             "completions/truncated_frac": global_mean(rollout.truncated.sum().item(), B),
+            **diag.rollout_metrics(step + 1, asked, rollout.texts, columns),
             "optim/lr": lr, "timing/generate": t_generate, "timing/score": t_score,
             "timing/update": t_update, "memory/peak_mb": peak_memory_mb(),
             "epoch": (step + 1) / steps_per_epoch}
@@ -328,9 +334,9 @@ def run(cfg: PPOConfig) -> dict:
                                        horizon=pc.kl_horizon,
                                        n_steps=int(dist.all_reduce_sum(B).item()))
         if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
-            metrics.update(evaluate())
+            metrics.update(evaluate()[0])
         if (step + 1) % cfg.run.log_every == 0 or step + 1 == total_steps:
-            logger.log(step + 1, metrics)
+            diag.log(logger, step + 1, metrics)
         history.append(metrics)
         logger.advance(step + 1, f"reward {reward_mean:.3f} kl {mean_kl:.3f}")
         if step + 1 == total_steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
@@ -339,8 +345,8 @@ def run(cfg: PPOConfig) -> dict:
                             trainer_state={"total_steps": total_steps, "kl_coef": kl_coef})
     logger.close()
 
-    eval_after = evaluate()
-    logger.log(total_steps, eval_after)
+    eval_after, samples = evaluate()
+    diag.log(logger, total_steps, eval_after, samples)
     if "eval/reward" in eval_before:
         logger.print(f"held-out reward ({len(eval_prompts)} prompts, greedy): "
                      f"{eval_before['eval/reward']:.3f} -> {eval_after['eval/reward']:.3f}")

@@ -90,14 +90,16 @@ def stage_configs(cfg: RLHFConfig, dirs: dict[str, Path]) -> dict:
     outputs = stage_outputs(dirs)
     rm_cfg = replace(cfg.rm, model=replace(
         cfg.rm.model, name_or_path=cfg.rm.model.name_or_path or str(outputs["sft"])))
-    pc, data = cfg.ppo.ppo, cfg.ppo.data
+    pc, data, rewards = cfg.ppo.ppo, cfg.ppo.data, cfg.ppo.rewards
     pc = replace(pc, reward_model=pc.reward_model or str(outputs["rm"]))
     if cfg.rm.data.path is None and data.path is None:
         train, held = builtin_ppo_prompts(Path(cfg.pipeline.output_dir))
         data = replace(data, path=str(train), eval_path=str(held))
         if pc.rewards is None:  # the gold reward beside the proxy, weight 0: logged only
             pc = replace(pc, rewards=[f"{__name__}:positive_tone"], reward_weights=[0.0])
-    ppo_cfg = replace(cfg.ppo, data=data, ppo=pc, model=replace(
+        # and as `rewards.gold`: gold/mean beside reward/mean, watched for reward hacking
+        rewards = replace(rewards, gold=rewards.gold or "sentiment")
+    ppo_cfg = replace(cfg.ppo, data=data, ppo=pc, rewards=rewards, model=replace(
         cfg.ppo.model, name_or_path=cfg.ppo.model.name_or_path or str(outputs["sft"])))
     return {"sft": cfg.sft, "rm": rm_cfg, "ppo": ppo_cfg}
 
@@ -160,6 +162,7 @@ def summary(name: str, out: dict) -> dict:
     history = out["history"]
     first, last = (history[0], history[-1]) if history else ({}, {})
     return {"reward_mean": [first.get("reward/mean"), last.get("reward/mean")],
+            "gold_mean": [first.get("gold/mean"), last.get("gold/mean")],
             "kl_k1": [first.get("kl/k1"), last.get("kl/k1")],
             "eval": {k: [out["eval_before"].get(k), out["eval_after"].get(k)]
                      for k in out["eval_before"]}}
@@ -177,5 +180,7 @@ def describe(name: str, record: dict) -> str:
     if name == "rm":
         return f"held-out pair accuracy {pair(record.get('eval_accuracy'), '{:.1%}')}"
     held = ", ".join(f"{k} {pair(v)}" for k, v in (record.get("eval") or {}).items())
+    gold = record.get("gold_mean") or [None]
     return (f"reward {pair(record.get('reward_mean'))}, KL {pair(record.get('kl_k1'))}"
+            + (f", gold {pair(gold)}" if gold[-1] is not None else "")
             + (f"; held-out greedy: {held}" if held else ""))
