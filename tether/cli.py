@@ -106,6 +106,30 @@ def _grpo_run():
     return run
 
 
+def _compare_config():
+    from tether.config import CompareConfig
+
+    return CompareConfig
+
+
+def _compare_run():
+    from tether.recipes.compare import run
+
+    return run
+
+
+def _goodhart_config():
+    from tether.config import GoodhartConfig
+
+    return GoodhartConfig
+
+
+def _goodhart_run():
+    from tether.recipes.goodhart import run
+
+    return run
+
+
 RECIPES: dict[str, Recipe] = {
     "sft": Recipe("supervised fine-tuning on demonstrations (prompt-completion, messages, text)",
                   _sft_config, _sft_run),
@@ -121,6 +145,12 @@ RECIPES: dict[str, Recipe] = {
                    _rlhf_config, _rlhf_run),
     "grpo": Recipe("group-relative RL with reward functions: grpo, dr_grpo, dapo, gspo, rloo",
                    _grpo_config, _grpo_run),
+    "goodhart": Recipe("reward-model over-optimisation: best-of-n and GRPO vs a small proxy RM, "
+                       "gold and proxy over sqrt(KL), fits",
+                       _goodhart_config, _goodhart_run),
+    "compare": Recipe("DPO (beta sweep), PPO-RLHF, GRPO and best-of-n from one policy on the "
+                      "sentiment task, each evaluated: table + gold-vs-KL plot",
+                      _compare_config, _compare_run),
 }
 
 USAGE = """usage: tether <command> [CONFIG.yaml] [--section.key=value ...]
@@ -132,6 +162,10 @@ recipes:
 {recipes}
 
 other commands:
+  eval MODEL_OR_RUN [CONFIG.yaml] [--task sentiment|arithmetic|PATH.jsonl] [--reference MODEL]
+                           sample held-out prompts with the model and its reference: gold and
+                           proxy reward, KL (k1, k3), entropy, distinct-n, self-BLEU, length,
+                           alignment tax; writes eval.json (RUN_DIR/eval.json for a run)
   export RUN_DIR OUT_DIR   write a run's latest weights as a plain HF model directory
                            (LoRA adapters merged) that from_pretrained loads
   keys RECIPE              list every config key of a recipe with its default
@@ -144,6 +178,7 @@ examples:
   tether sft my.yaml --train.lr=1e-5 --data.path=rows.jsonl
   torchrun --nproc_per_node 2 -m tether sft --train.batch_size=8
   tether export runs/sft runs/sft-model
+  tether eval runs/dpo --task sentiment        # the DPO run against the model it started from
 
 Config keys and data formats: docs/config.md, docs/data.md. Metrics: docs/metrics.md.
 """
@@ -206,6 +241,34 @@ def cmd_export(args: list[str]) -> int:
     return 0
 
 
+def cmd_eval(args: list[str]) -> int:
+    """`tether eval MODEL_OR_RUN [CONFIG.yaml] [--key=value ...]`: the keys of EvalConfig."""
+    from tether.config import EvalConfig, load_config
+
+    models = [a for a in args if not a.startswith("--") and not a.endswith((".yaml", ".yml"))
+              and not _is_option_value(args, a)]
+    if len(models) != 1:
+        raise TetherError("usage: tether eval MODEL_OR_RUN [CONFIG.yaml] [--task=...] "
+                          "[--reference=MODEL] [--key=value ...] (docs/diagnostics.md)")
+    config_path, overrides = split_args([a for a in args if a is not models[0]])
+    cfg = load_config(EvalConfig, config_path, [*overrides, f"--model={models[0]}"])
+    from tether.eval.evaluate import run
+
+    report = run(cfg)
+    run_dir = Path(report["path"]).parent
+    if (run_dir / "metrics.jsonl").is_file():  # a run: its report now holds the eval table
+        from tether.eval.report import write_report
+
+        print(f"report: {write_report(run_dir)}")
+    return 0
+
+
+def _is_option_value(args: list[str], arg: str) -> bool:
+    """`arg` is the value of a preceding `--key value` option."""
+    i = args.index(arg)
+    return i > 0 and args[i - 1].startswith("--") and "=" not in args[i - 1]
+
+
 def cmd_report(args: list[str]) -> int:
     usage_line = "usage: tether report RUN_DIR [--out FILE]"
     run_dirs, out, rest = [], None, list(args)
@@ -228,6 +291,10 @@ def cmd_report(args: list[str]) -> int:
     return 0
 
 
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "eval": cmd_eval, "export": cmd_export, "keys": cmd_keys, "report": cmd_report}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -241,15 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in RECIPES:
             return cmd_recipe(command, rest)
-        if command == "export":
-            return cmd_export(rest)
-        if command == "keys":
-            return cmd_keys(rest)
-        if command == "report":
-            return cmd_report(rest)
+        if command in COMMANDS:
+            return COMMANDS[command](rest)
         import difflib
 
-        near = difflib.get_close_matches(command, [*RECIPES, "export", "keys", "report"], n=1)
+        near = difflib.get_close_matches(command, [*RECIPES, *COMMANDS], n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise TetherError(f"unknown command '{command}'{hint} (see `tether --help`)")
     except TetherError as err:

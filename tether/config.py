@@ -476,3 +476,91 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
     return value
+
+
+@dataclass
+class EvalConfig:
+    """`tether eval MODEL_OR_RUN [CONFIG.yaml] [--key=value ...]` (docs/diagnostics.md)."""
+    model: str = "default"  # a run directory, a model directory, a .gguf file or "default"
+    reference: str | None = None  # null: the model a run started from, else "default"
+    task: str = "sentiment"  # sentiment | arithmetic | PATH.jsonl (held-out prompt rows)
+    gold: str | None = None  # gold reward function; null: VADER (sentiment), verifier (arithmetic)
+    reward_model: str | None = None  # proxy reward: a `tether rm` reward_model directory
+    num_prompts: int = 48  # held-out prompts (the sentiment task holds out 48)
+    samples_per_prompt: int = 2  # completions sampled per prompt
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # 1.0: samples from the policy itself, so the KL estimates hold
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 16  # prompts per generation batch (and rows per scoring forward)
+    precision: str = "auto"  # auto | bf16 | fp32 (as train.precision)
+    # the arithmetic task's (and the tax's) problems: by default the GRPO demo's 1-digit task
+    # with one worked example, which the default model answers ~70% right (0 shots: ~0%)
+    arithmetic_difficulty: str = "single"
+    arithmetic_shots: int = 1
+    tax: bool = True  # alignment tax: general-demonstration NLL and the other task's score
+    tax_problems: int = 64  # held-out arithmetic problems for the tax (greedy)
+    output: str | None = None  # eval.json path; null: RUN_DIR/eval.json, else runs/eval/eval.json
+    progress: bool = True
+
+
+@dataclass
+class CompareConfig:
+    """`tether compare`: DPO (a beta sweep), PPO-RLHF, GRPO and best-of-n on the sentiment task
+    from one starting policy, each evaluated by `tether eval` (docs/diagnostics.md)."""
+    output_dir: str = "runs/compare"
+    model: str = "default"  # the starting policy of every method, and the reference of the KL
+    methods: list[str] = field(default_factory=lambda: ["dpo", "ppo", "grpo", "bon"])
+    dpo_betas: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    bon_n: list[int] = field(default_factory=lambda: [4, 16])  # best-of-n against the proxy
+    reward_model: str | None = None  # PPO's and GRPO's reward; null: `tether rm` on the pairs
+    # extra `--key=value` overrides of each method's own recipe defaults (none: the defaults)
+    rm_args: list[str] = field(default_factory=list)
+    dpo_args: list[str] = field(default_factory=list)
+    ppo_args: list[str] = field(default_factory=list)
+    grpo_args: list[str] = field(default_factory=list)
+    num_prompts: int = 48  # held-out sentiment prompts of every evaluation
+    samples_per_prompt: int = 2
+    max_new_tokens: int = 48
+    seed: int = 0
+    progress: bool = True
+
+
+def _goodhart_rm() -> RMConfig:
+    return RMConfig(model=ModelConfig(name_or_path=""), run=RunConfig(output_dir=""),
+                    train=TrainConfig(lr=2e-5, epochs=1.0))
+
+
+def _goodhart_grpo() -> GRPOConfig:
+    return GRPOConfig(
+        model=ModelConfig(name_or_path="", lora=LoraConfig(r=16, alpha=32.0)),
+        train=TrainConfig(lr=3e-4, schedule="constant", warmup_ratio=0.0, max_steps=24,
+                          micro_batch_size=8),
+        run=RunConfig(output_dir="", save_every=6, keep_last=1000, eval_generations=0),
+        grpo=GRPOParams(rewards=[]))
+
+
+@dataclass
+class GoodhartConfig:
+    """`tether goodhart [CONFIG.yaml] [--key=value ...]`: reward-model over-optimisation in
+    miniature (Gao et al. 2022; docs/diagnostics.md). `rm` and `grpo` are those recipes' whole
+    configs: an empty `model.name_or_path` means `model`, an empty `run.output_dir`
+    <output_dir>/proxy and <output_dir>/rl, an empty `grpo.grpo.rewards` the proxy alone."""
+    output_dir: str = "runs/goodhart"
+    model: str = "default"  # the initial policy (and the reference of every KL)
+    # the proxy: a reward-model directory, or null = train one (`rm` section) on the first
+    # proxy_pairs pairs of the built-in sentiment set (VADER = gold labels); its last 40 pairs
+    # are always held out to measure the proxy's accuracy
+    reward_model: str | None = None
+    proxy_pairs: int = 200
+    gold: str = "sentiment"  # the gold reward (tether.rewards.load_reward): VADER by default
+    num_prompts: int = 24  # held-out sentiment prompts for best-of-n and the RL evaluations
+    n_max: int = 64  # best-of-n: n_max samples per prompt give every n = 1..n_max
+    max_new_tokens: int = 32  # every sample (best-of-n, RL evaluations; set grpo's apart)
+    rl_samples: int = 4  # samples per held-out prompt at each RL checkpoint
+    batch_rows: int = 64  # completions per generation batch
+    seed: int = 0  # sampling seed of best-of-n and the RL evaluations
+    precision: str = "auto"  # auto | bf16 | fp32 (as train.precision)
+    progress: bool = True  # rich progress bars (false: also the stages')
+    rm: RMConfig = field(default_factory=_goodhart_rm)
+    grpo: GRPOConfig = field(default_factory=_goodhart_grpo)

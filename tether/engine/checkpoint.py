@@ -228,8 +228,7 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     import yaml
 
     from tether.config import ModelConfig, from_dict
-    from tether.engine.logprobs import CausalLMLogps
-    from tether.engine.models import load_causal_lm, load_tokenizer
+    from tether.engine.models import load_tokenizer
     from tether.errors import TetherError
 
     config_path = run_dir / "config.yaml"
@@ -259,11 +258,23 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
         process_model.config.tether_prm = {"step_separator": prm.get("step_separator", "\n"),
                                            "aggregate": prm.get("aggregate", "min")}
         return export(process_model, tokenizer, out_dir)
+    model, tokenizer = run_policy(sections, ckpt)
+    return export(model, tokenizer, out_dir)
+
+
+def run_policy(sections: dict, ckpt: Path):
+    """(causal LM with the checkpoint's weights, tokenizer) of a policy run (sft, dpo, grpo, ppo:
+    `sections` is its config.yaml); LoRA adapters stay unmerged (peft model)."""
+    from tether.config import ModelConfig, from_dict
+    from tether.engine.logprobs import CausalLMLogps
+    from tether.engine.models import load_causal_lm, load_tokenizer
+
+    model_cfg = from_dict(ModelConfig, sections.get("model", {}), prefix="model.")
     wrapped = CausalLMLogps(load_causal_lm(model_cfg))
     if "ppo" in sections:  # a `tether ppo` run: policy and critic share one checkpoint
         state = load_file(ckpt / "model.safetensors")
         load_trainable_state(wrapped, {k[len("policy."):]: v for k, v in state.items()
                                        if k.startswith("policy.")})
-        return export(wrapped.model, load_tokenizer(model_cfg), out_dir)
-    load(ckpt, model=wrapped, restore_rng=False)
-    return export(wrapped.model, load_tokenizer(model_cfg), out_dir)
+    else:
+        load(ckpt, model=wrapped, restore_rng=False)
+    return wrapped.model, load_tokenizer(model_cfg)

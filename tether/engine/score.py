@@ -1,7 +1,7 @@
 """Score a rollout without gradients: the policy's own log-probs and entropy, the reference's
 log-probs, the critic's values, the reward (`score_rollout` does all of them: the score stage of
 RLHF-PPO); `score_logps`, the same log-probs for the micro-batches of the group-relative
-recipes; and `evaluate_greedy`, the held-out reward of greedy completions.
+recipes.
 
 Every per-token tensor is aligned with the completion tokens of the `Rollout`: column t belongs
 to completion token t (`rollout.completion_mask` selects the real ones). The models see the
@@ -196,30 +196,3 @@ def score_rollout(rollout, prompts: list, columns: dict[str, list[Any]], *, poli
     values = completion_values(critic, rollout, micro_batch_size=mbs)
     rewards, components = sequence_rewards(reward_fn, prompts, rollout.texts, columns)
     return Scored(logps, entropy, ref_logps, values, rewards, components)
-
-
-@torch.no_grad()
-def evaluate_greedy(backend, reward_fn, prompts: list, *, max_new_tokens: int) -> dict[str, float]:
-    """Greedy completions of held-out prompts (`tether.data.prompts.PromptExample`s), scored:
-    eval/reward (the weighted total), eval/reward/<name> per component and, when the prompts
-    carry an exact `answer` (the built-in arithmetic task), eval/accuracy. Each rank answers an
-    equal share; {} without prompts."""
-    from tether.engine import dist
-    from tether.engine.generate import SamplingParams
-
-    prompts = prompts[:len(prompts) - len(prompts) % dist.world_size()]  # equal shares
-    if not prompts:
-        return {}
-    share = prompts[dist.rank()::dist.world_size()]
-    texts = backend.generate([p.ids for p in share], SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=0.0)).texts
-    columns = {k: [p.columns.get(k) for p in share] for k in share[0].columns}
-    total, components = sequence_rewards(reward_fn, [p.prompt for p in share], texts, columns)
-    sums = {"eval/reward": total.sum().item(),
-            **{f"eval/reward/{k}": sum(v) for k, v in components.items()}}
-    if "answer" in columns:
-        from tether.data.tasks import arithmetic
-
-        sums["eval/accuracy"] = sum(arithmetic.verify(t, int(a))
-                                    for t, a in zip(texts, columns["answer"]))
-    return {k: dist.all_reduce_sum(v).item() / len(prompts) for k, v in sums.items()}
