@@ -266,6 +266,10 @@ def fit_curves(points: dict[str, list[dict]], baseline: dict) -> dict:
     return fits
 
 
+def show_d(d: float) -> str:
+    return f"{d:.2f}" if d < 1e3 else f"{d:.2e}"  # a peak far out: exp(a / b - 1) can be huge
+
+
 def verdict(method: str, pts: list[dict], fit: dict) -> str:
     """Whether gold turned down inside the measured range, by the fit and by the points."""
     if "error" in fit:
@@ -277,7 +281,7 @@ def verdict(method: str, pts: list[dict], fit: dict) -> str:
     if fit["peak_in_range"]:
         return (f"{method}: gold peaks at d = {fit['peak_d']:.2f}, inside the measured range "
                 f"(d <= {fit['d_max']:.2f}): gold diverges from proxy; {seen}")
-    where = "no peak" if fit["peak_d"] is None else f"fitted peak at d = {fit['peak_d']:.2f}"
+    where = "no peak" if fit["peak_d"] is None else f"fitted peak at d = {show_d(fit['peak_d'])}"
     return (f"{method}: gold still rising at d = {fit['d_max']:.2f} ({where}, beyond the "
             f"measured range): no divergence measured; {seen}")
 
@@ -328,7 +332,7 @@ def print_table(result: dict) -> None:
             if "error" in f:
                 table.add_row(method, reward, "-", "-", "-", "-", f["error"][:40])
                 continue
-            peak = "none (rising)" if f["peak_d"] is None else f"{f['peak_d']:.3f}"
+            peak = "none (rising)" if f["peak_d"] is None else show_d(f["peak_d"])
             err = lambda k: "" if f[k] is None else f" ± {f[k]:.4f}"  # noqa: E731
             table.add_row(method, reward, f"{f['a']:.4f}{err('a_stderr')}",
                           f"{f['b']:.4f}{err('b_stderr')}", str(f["points"]),
@@ -351,7 +355,6 @@ def run(cfg: GoodhartConfig) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root / "config.yaml")
     precision = resolve_precision(cfg.precision, torch.device("cpu"))
-    torch.manual_seed(cfg.seed)
     task = build_task("sentiment", n=cfg.num_prompts, gold=cfg.gold)
     seconds = {}
 
