@@ -96,6 +96,7 @@ class RunConfig:
     eval_generations: int = 32  # built-in task: held-out problems answered greedily (0 = skip)
     tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
     progress: bool = True  # rich progress bar
+    report: bool = True  # write RUN_DIR/report.html at the end of the run (`tether report`)
 
 
 @dataclass

@@ -9,7 +9,8 @@ from tether.cli import main
 from tether.config import EvalConfig, SFTConfig, load_config
 from tether.data.tasks import builtin_sft_rows, sentiment
 from tether.eval.evaluate import evaluate
-from tether.eval.tasks import arithmetic_rows, build_task, prompt_key
+from tether.eval.online import prompt_text
+from tether.eval.tasks import arithmetic_rows, build_task
 from tether.errors import ConfigError
 
 SMALL = ["--num_prompts=4", "--samples_per_prompt=2", "--max_new_tokens=6", "--batch_size=4",
@@ -35,20 +36,20 @@ def other_tiny_dir(tmp_path_factory, default_tokenizer):
 def test_heldout_prompts_are_never_training_prompts():
     from tether.data.prompts import builtin_prompt_rows, split_task_rows
 
-    held = {prompt_key(r["prompt"]) for r in arithmetic_rows(64)}
+    held = {prompt_text(r["prompt"]) for r in arithmetic_rows(64)}
     assert len(held) == 64
     for train in (builtin_sft_rows(), builtin_prompt_rows(200, seed=1),
                   split_task_rows(1000, 64)[0]):
-        assert not held & {prompt_key(r["prompt"]) for r in train}
+        assert not held & {prompt_text(r["prompt"]) for r in train}
     # the GRPO demo's 1-digit task: its held-out problems, less the 3 ("3 + 4", "4 - 4",
     # "3 - 1") that the SFT or PPO prompts also hold
-    single = {prompt_key(r["prompt"]) for r in arithmetic_rows(64, difficulty="single")}
+    single = {prompt_text(r["prompt"]) for r in arithmetic_rows(64, difficulty="single")}
     grpo_train, grpo_held = split_task_rows(1000, 64, difficulty="single")
-    assert not single & {prompt_key(r["prompt"]) for r in grpo_train}
-    assert len({prompt_key(r["prompt"]) for r in grpo_held} - single) == 3
-    pairs = {prompt_key(r["prompt"]) for r in sentiment.preference_rows()}
+    assert not single & {prompt_text(r["prompt"]) for r in grpo_train}
+    assert len({prompt_text(r["prompt"]) for r in grpo_held} - single) == 3
+    pairs = {prompt_text(r["prompt"]) for r in sentiment.preference_rows()}
     task = build_task("sentiment", n=48, gold=None)
-    assert len(task.rows) == 48 and not pairs & {prompt_key(r["prompt"]) for r in task.rows}
+    assert len(task.rows) == 48 and not pairs & {prompt_text(r["prompt"]) for r in task.rows}
 
 
 def test_task_errors_name_what_to_fix(tmp_path):
@@ -98,6 +99,7 @@ def test_eval_of_a_run_directory_defaults_to_its_start(tiny_model_dir, tmp_path,
 
     run_dir = tmp_path / "sft"
     sft.run(load_config(SFTConfig, None, tiny_sft_overrides(tiny_model_dir, run_dir)))
+    assert "loss/sft" in (run_dir / "report.html").read_text()  # every recipe writes its report
     code = main(["eval", str(run_dir), *[a.replace("--", "--", 1) for a in SMALL],
                  "--tax", "false"])
     assert code == 0
@@ -105,6 +107,7 @@ def test_eval_of_a_run_directory_defaults_to_its_start(tiny_model_dir, tmp_path,
     assert saved["reference_path"] == str(tiny_model_dir)
     assert saved["results"]["policy"]["metrics"]["kl/k3"] > 0  # SFT moved it
     assert "gold/mean" in capsys.readouterr().out  # the table
+    assert "kl/k3" in (run_dir / "report.html").read_text()  # rewritten with the eval table
 
 
 def test_eval_cli_errors_are_one_line(tmp_path, capsys):

@@ -42,6 +42,7 @@ from tether.engine.reference import (cached_pair_logps, items_used, kto_kl, refe
                                      reference_logps, sequence_logps, with_reference)
 from tether.errors import ConfigError
 from tether.eval import online
+from tether.eval.report import finish_run
 from tether.losses import (PAIRED_LOSSES, group_robust_weights, kto_loss, masked_mean, orpo_loss,
                            simpo_loss)
 from tether.recipes.sft import check_batch_sizes
@@ -383,6 +384,7 @@ def run(cfg: DPOConfig) -> dict:
                      f"KL(policy || reference) {gen_before['eval/kl']:.2f} -> "
                      f"{gen_after['eval/kl']:.2f} nats per completion")
     logger.print(f"run directory: {run_dir} (export with `tether export {run_dir} OUT_DIR`)")
+    finish_run(run_dir, logger, cfg.run.report)
     return {"losses": history, "margins": margins, "eval_before": eval_before,
             "eval_after": eval_after, "generations_before": gen_before,
             "generations_after": gen_after, "group_weights": group_weights, "groups": groups,

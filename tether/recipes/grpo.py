@@ -40,6 +40,7 @@ from tether.engine.rollout_batches import GRPOBatch, micro_batches
 from tether.engine.score import score_logps
 from tether.errors import ConfigError
 from tether.eval import online
+from tether.eval.report import finish_run
 from tether.losses import aggregate_sum, clipped_surrogate, kl_penalty, masked_sum
 from tether.rewards import WeightedSum, load_reward
 
@@ -366,5 +367,6 @@ def run(cfg: GRPOConfig) -> dict:
         logger.print(f"held-out reward (greedy): {before['eval/reward']:.3f} -> "
                      f"{after['eval/reward']:.3f}")
     logger.print(f"run directory: {run_dir} (export with `tether export {run_dir} OUT_DIR`)")
+    finish_run(run_dir, logger, cfg.run.report)
     return {"history": history, "eval_before": before, "eval_after": after, "policy": policy,
             "reference": reference, "tokenizer": tokenizer, "run_dir": run_dir}

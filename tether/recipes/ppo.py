@@ -42,6 +42,7 @@ from tether.engine.rollout_batches import PPOBatch
 from tether.engine.score import TokenValues, score_rollout
 from tether.errors import ConfigError
 from tether.eval import online
+from tether.eval.report import finish_run
 from tether.losses import adaptive_kl_coef, aggregate_sum, clipped_surrogate, kl_penalty, value_loss
 from tether.rewards import RewardModelScorer, WeightedSum, load_reward
 
@@ -360,6 +361,7 @@ def run(cfg: PPOConfig) -> dict:
         checkpoint.export(policy.model, tokenizer, out_dir)
     dist.barrier()
     logger.print(f"policy: {out_dir} (AutoModelForCausalLM.from_pretrained)")
+    finish_run(run_dir, logger, cfg.run.report)
     return {"history": history, "eval_before": eval_before, "eval_after": eval_after,
             "accuracy_before": eval_before.get("eval/accuracy"),
             "accuracy_after": eval_after.get("eval/accuracy"), "models": models,

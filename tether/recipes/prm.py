@@ -32,6 +32,7 @@ from tether.engine.models import load_tokenizer, load_value_model, unwrap
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
                                    step_items, train_step)
 from tether.errors import ConfigError
+from tether.eval.report import finish_run
 from tether.losses import process_reward_loss
 from tether.recipes.sft import check_batch_sizes
 from tether.rewards.process import AGGREGATES, aggregate_steps, step_logits_at
@@ -254,6 +255,7 @@ def run(cfg: PRMConfig) -> dict:
                  f"{fmt('eval/first_error_accuracy')}")
     logger.print(f"process reward model: {out_dir} (tether.rewards.ProcessRewardScorer, or "
                  "AutoModelForTokenClassification.from_pretrained)")
+    finish_run(run_dir, logger, cfg.run.report)
     return {"losses": history, "eval_before": eval_before, "eval_after": eval_after,
             "model": model, "tokenizer": tokenizer, "run_dir": run_dir,
             "process_reward_model": out_dir, "eval_examples": eval_examples,

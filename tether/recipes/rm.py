@@ -33,6 +33,7 @@ from tether.engine.models import load_reward_model, load_tokenizer, unwrap
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
                                    step_items, train_step)
 from tether.errors import ConfigError, DataError
+from tether.eval.report import finish_run
 from tether.losses import bradley_terry_loss
 from tether.recipes.sft import check_batch_sizes
 
@@ -293,6 +294,7 @@ def run(cfg: RMConfig) -> dict:
                  f" -> {eval_after['eval/margin']:.3f}, ECE {eval_before['eval/ece']:.3f} -> "
                  f"{eval_after['eval/ece']:.3f}")
     logger.print(f"reward model: {out_dir} (AutoModelForSequenceClassification.from_pretrained)")
+    finish_run(run_dir, logger, cfg.run.report)
     return {"losses": history, "eval_before": eval_before, "eval_after": eval_after,
             "model": model, "tokenizer": tokenizer, "run_dir": run_dir, "reward_model": out_dir,
             "eval_pairs": eval_pairs, "train_pairs": len(train_pairs), "trainable": trainable}

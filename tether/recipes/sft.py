@@ -25,6 +25,7 @@ from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
                                    step_items, train_step)
 from tether.errors import ConfigError
+from tether.eval.report import finish_run
 from tether.losses import nll_loss
 
 
@@ -177,6 +178,7 @@ def run(cfg: SFTConfig) -> dict:
         logger.print(f"held-out arithmetic accuracy ({len(problems)} problems, greedy): "
                      f"{acc_before['eval/accuracy']:.1%} -> {acc_after['eval/accuracy']:.1%}")
     logger.print(f"run directory: {run_dir} (export with `tether export {run_dir} OUT_DIR`)")
+    finish_run(run_dir, logger, cfg.run.report)
     return {"losses": history, "eval_before": eval_before, "eval_after": eval_after,
             "accuracy_before": acc_before.get("eval/accuracy"),
             "accuracy_after": acc_after.get("eval/accuracy"),
