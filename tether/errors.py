@@ -9,6 +9,11 @@ class ConfigError(TetherError):
     """A bad config file, key or value."""
 
 
+class RewardError(TetherError):
+    """A reward function failed, or returned something other than one finite number per
+    completion; the message names the function."""
+
+
 class DataError(TetherError):
     """A malformed data file or row; the message names the file, the row and the field."""
 

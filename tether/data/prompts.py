@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from tether.config import DataConfig
 from tether.data.formats import read_rows, split_indices, validate_row
 from tether.data.tasks import arithmetic
-from tether.engine.generate import encode_prompt
 from tether.errors import DataError
 
 PROMPT_FORMATS = ("prompt_only", "prompt_completion")  # a `completion` field is just a column
@@ -23,6 +22,14 @@ class PromptExample:
     prompt: str | list  # the row's prompt, as the reward functions receive it
     ids: list[int]  # its tokens (messages: chat template + assistant header)
     columns: dict = field(default_factory=dict)  # the row's other fields, for reward functions
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """A prompt's token ids: chat messages through the chat template with the generation prompt
+    (the assistant header), a plain string as it is. No special tokens are added."""
+    if isinstance(prompt, list):
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 SHOTS = (("23 + 45", 68), ("17 - 52", -35))  # worked examples shown before a problem

@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from tether.data.prompts import encode_prompt
 from tether.engine import dist
 from tether.engine.optimize import autocast
 
@@ -175,14 +176,6 @@ def seeded(seed: int, *parts: int, device="cpu") -> torch.Generator:
 
 # ---------------------------------------------------------------------------------------------
 # The PyTorch backend
-
-
-def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
-    """A prompt's token ids: chat messages through the chat template with the generation prompt
-    (the assistant header), a plain string as it is. No special tokens are added."""
-    if isinstance(prompt, list):
-        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

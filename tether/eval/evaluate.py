@@ -30,9 +30,9 @@ from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import autocast, resolve_precision
 from tether.engine.score import completion_logps
 from tether.errors import ConfigError
-from tether.eval.online import distinct_n
+from tether.eval.online import distinct_n, prompt_text
 from tether.eval.stats import mean_and_stderr, self_bleu, sequence_kl
-from tether.eval.tasks import EvalTask, arithmetic_rows, build_task, prompt_key, sentiment_rows
+from tether.eval.tasks import EvalTask, arithmetic_rows, build_task, sentiment_rows
 from tether.rewards import RewardModelScorer, call_reward
 
 GENERAL_DEMOS = Path(__file__).parent / "data" / "general_demos.jsonl"
@@ -190,7 +190,7 @@ def kept_samples(samples: SampleSet, gold: list[float], proxy: list[float] | Non
                  per_prompt: int) -> list[dict]:
     """The completions of the first SAMPLES_KEPT prompts, for eval.json and the report."""
     keep = min(len(samples.texts), SAMPLES_KEPT * per_prompt)
-    return [{"prompt": prompt_key(samples.prompts[i]), "completion": samples.texts[i],
+    return [{"prompt": prompt_text(samples.prompts[i]), "completion": samples.texts[i],
              "gold": gold[i], "proxy": None if proxy is None else proxy[i]}
             for i in range(keep)]
 

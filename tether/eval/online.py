@@ -200,13 +200,12 @@ def all_gather(items: list) -> list:
 
 def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
                 kind: str) -> float:
-    """Mean over all ranks' rows of sum_{t in mask} k_t, the per-token estimator `kind` (k1 | k3,
-    `tether.losses.kl_penalty`) of KL(pi || ref) summed over each completion. (B, C) tensors."""
-    from tether.losses import kl_penalty
+    """Mean over all ranks' rows of `tether.eval.stats.sequence_kl` (k1 | k3 summed over each
+    completion: an estimate of KL(pi || ref) per sequence). (B, C) tensors."""
+    from tether.eval.stats import sequence_kl as per_sequence
 
-    k = torch.where(mask, kl_penalty(logps.float(), ref_logps.float(), kind=kind),
-                    torch.zeros(()))
-    return dist.global_mean(k.sum().item(), mask.shape[0])
+    k1, k3 = per_sequence(logps.float(), ref_logps.float(), mask)
+    return dist.global_mean({"k1": k1, "k3": k3}[kind].sum().item(), mask.shape[0])
 
 
 def prompt_text(prompt: Any) -> str:

@@ -19,6 +19,7 @@ from tether.data.formats import read_rows, validate_row
 from tether.data.prompts import builtin_prompt_rows, split_task_rows
 from tether.data.tasks import arithmetic, builtin_sft_rows, sentiment
 from tether.errors import ConfigError, DataError
+from tether.eval.online import prompt_text
 from tether.rewards import RewardFn, load_reward
 
 BUILTIN_TASKS = ("sentiment", "arithmetic")
@@ -34,11 +35,6 @@ class EvalTask:
     split: str  # how these prompts are kept out of training (written into eval.json)
 
 
-def prompt_key(prompt) -> str:
-    """The text that identifies a prompt (its last user message for chat prompts)."""
-    return prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
-
-
 def sentiment_rows(n: int) -> list[dict]:
     """The first n held-out sentiment prompts (all 48 at most)."""
     if n > sentiment.N_HELDOUT:
@@ -52,13 +48,13 @@ def arithmetic_rows(n: int, *, difficulty: str = "easy", shots: int = 0) -> list
     if difficulty not in arithmetic.DIFFICULTIES:
         raise ConfigError(f"arithmetic_difficulty must be one of "
                           f"{', '.join(arithmetic.DIFFICULTIES)}, got '{difficulty}'")
-    trained = {prompt_key(r["prompt"]) for r in builtin_sft_rows()}
-    trained |= {prompt_key(r["prompt"]) for r in builtin_prompt_rows(200, seed=1)}
+    trained = {prompt_text(r["prompt"]) for r in builtin_sft_rows()}
+    trained |= {prompt_text(r["prompt"]) for r in builtin_prompt_rows(200, seed=1)}
     grpo_train, _ = split_task_rows(GRPO_TASK_SIZE, n, difficulty=difficulty)
-    trained |= {prompt_key(r["prompt"]) for r in grpo_train}
+    trained |= {prompt_text(r["prompt"]) for r in grpo_train}
     fresh, seen = [], set()
     for row in builtin_prompt_rows(8 * n + 40, seed=10_000, difficulty=difficulty, shots=shots):
-        key = prompt_key(row["prompt"])
+        key = prompt_text(row["prompt"])
         if key not in trained and key not in seen:
             fresh.append(row)
             seen.add(key)

@@ -9,12 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from tether.errors import TetherError
-
-
-class RewardError(TetherError):
-    """A reward function failed, or returned something other than one finite number per
-    completion; the message names the function."""
+from tether.errors import RewardError, TetherError
+from tether.rewards.verifiers import (ArithmeticVerifier, FormatReward, SentimentReward,
+                                     WorkedFormatReward)
 
 
 @runtime_checkable
@@ -96,9 +93,6 @@ def load_python_reward(spec: str) -> RewardFn:
 
 def builtin_rewards() -> dict[str, type]:
     """Reward functions known by a plain name in config (classes; call one to get the function)."""
-    from tether.rewards.verifiers import (ArithmeticVerifier, FormatReward, SentimentReward,
-                                         WorkedFormatReward)
-
     return {"arithmetic": ArithmeticVerifier, "format": FormatReward, "sentiment": SentimentReward,
             "worked": WorkedFormatReward}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from tether.data.tasks import arithmetic
-from tether.rewards.base import RewardError
+from tether.errors import RewardError
 
 
 class ArithmeticVerifier:
