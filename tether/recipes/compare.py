@@ -209,6 +209,7 @@ def save_row(path: Path, row: dict | list) -> None:
 
 def run(cfg: CompareConfig) -> dict:
     from tether.eval.evaluate import evaluate
+    from tether.eval.report import write_report
     from tether.recipes.rlhf import builtin_ppo_prompts
 
     root = Path(cfg.output_dir)
@@ -243,6 +244,7 @@ def run(cfg: CompareConfig) -> dict:
             seconds, peak_mb = run_tether(m.args)
             report = evaluate(eval_config(cfg, str(m.run_dir), reward_model,
                                           m.run_dir / "eval.json"))
+            write_report(m.run_dir)  # the run's report.html, now with the evaluation
             row = row_from_eval(m.name, report, seconds, peak_mb)
             save_row(m.run_dir / ROW, row)
         rows.append(row)
