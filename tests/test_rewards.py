@@ -152,3 +152,13 @@ def test_load_reward_takes_a_reward_model_directory(tiny_model_dir, default_toke
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no config.json"):
         load_reward(str(tmp_path / "empty"))
+
+
+def test_reward_name_is_what_metrics_are_logged_under(tmp_path):
+    """reward/<name>/mean: a reward-model directory is 'reward_model' (not its path), a Python
+    function its own name, a built-in its name."""
+    from tether.rewards import reward_name
+
+    assert reward_name(str(tmp_path)) == "reward_model"
+    assert reward_name("my_rewards:length_penalty") == "length_penalty"
+    assert reward_name("arithmetic") == "arithmetic"

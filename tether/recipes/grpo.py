@@ -42,7 +42,7 @@ from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.report import finish_run
 from tether.losses import aggregate_sum, clipped_surrogate, kl_penalty, masked_sum
-from tether.rewards import WeightedSum, load_reward
+from tether.rewards import WeightedSum, load_reward, reward_name
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def build_rewards(gc_: GRPOParams) -> WeightedSum:
     if len(weights) != len(gc_.rewards):
         raise ConfigError(f"grpo.reward_weights has {len(weights)} entries for "
                           f"{len(gc_.rewards)} grpo.rewards")
-    return WeightedSum([(name.rsplit(":", 1)[-1], load_reward(name), w)
+    return WeightedSum([(reward_name(name), load_reward(name), w)
                         for name, w in zip(gc_.rewards, weights)])
 
 

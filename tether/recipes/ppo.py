@@ -44,7 +44,7 @@ from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.report import finish_run
 from tether.losses import adaptive_kl_coef, aggregate_sum, clipped_surrogate, kl_penalty, value_loss
-from tether.rewards import RewardModelScorer, WeightedSum, load_reward
+from tether.rewards import RewardModelScorer, WeightedSum, load_reward, reward_name
 
 # ------------------------------------------------------------------------------ data
 
@@ -82,7 +82,7 @@ def build_reward(pc: PPOParams, device) -> WeightedSum:
     if pc.reward_model:
         components.append(("reward_model", RewardModelScorer(
             pc.reward_model, batch_size=pc.reward_batch_size, device=device), 1.0))
-    components += [(name.rsplit(":", 1)[-1], load_reward(name), w)
+    components += [(reward_name(name), load_reward(name), w)
                    for name, w in zip(names, weights)]
     if not components:
         raise ConfigError("no reward: set ppo.reward_model and/or ppo.rewards")

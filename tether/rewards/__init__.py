@@ -8,7 +8,8 @@ functions through `call_reward`, which checks what comes back (`check_scores`).
 """
 
 from tether.rewards.base import (RewardError, RewardFn, RewardScores, WeightedSum, builtin_rewards,
-                                 call_reward, check_scores, load_python_reward, load_reward)
+                                 call_reward, check_scores, load_python_reward, load_reward,
+                                 reward_name)
 from tether.rewards.model import RewardModelScorer
 from tether.rewards.process import ProcessRewardScorer, ProcessScores, aggregate_steps
 from tether.rewards.verifiers import (ArithmeticVerifier, FormatReward, SentimentReward,
@@ -32,4 +33,5 @@ __all__ = [
     "check_scores",
     "load_python_reward",
     "load_reward",
+    "reward_name",
 ]

@@ -119,6 +119,14 @@ def load_reward(name: str) -> RewardFn:
     return load_python_reward(name)
 
 
+def reward_name(spec: str) -> str:
+    """The name a configured reward is logged under (`reward/<name>/mean`): "reward_model" for
+    a reward-model directory, the function's name for "module:function", else the name itself."""
+    if Path(spec).is_dir():
+        return "reward_model"
+    return spec.rsplit(":", 1)[-1]
+
+
 @dataclass
 class RewardScores:
     total: list[float]  # sum of weight * component score, per completion
