@@ -138,7 +138,7 @@ def best_of_n_rows(cfg: CompareConfig, reward_model: str) -> list[dict]:
     seconds = time.perf_counter() - t0
     rows = []
     for n in cfg.bon_n:
-        proxy_mean, gold_mean = best_of_n(proxy, gold, n)
+        gold_mean, proxy_mean = best_of_n(proxy, gold, n)  # (E[gold], E[proxy])
         best = proxy[:, :n].argmax(dim=1)  # (P,) the proxy-best of each prompt's first n
         picked = [samples.texts[p * N + int(j)] for p, j in enumerate(best)]
         rows.append({"method": f"bon-{n}", "gold": float(gold_mean), "gold_stderr": None,
@@ -169,6 +169,7 @@ def plot_frontier(rows: list[dict], start: dict, path: Path) -> None:
             for r in mine:
                 ax.annotate(r["method"], (r["kl_k3"], r["gold"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("symlog", linthresh=0.1)  # KLs span 0.1 to tens of nats
     ax.set_xlabel("KL(policy || starting policy), nats per completion (k3; best-of-n: bound)")
     ax.set_ylabel("gold reward (mean VADER, held-out prompts)")
     ax.grid(alpha=0.3)
