@@ -246,7 +246,8 @@ def tax_metrics(model: CausalLMLogps, tokenizer, task: EvalTask, cfg: EvalConfig
 # --- the command ------------------------------------------------------------------------------
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
+    """rich's progress display for the evaluation stages (disabled: prints nothing)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -281,7 +282,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     results = {}
     batches = -(-len(task.rows) // cfg.batch_size)
-    with _progress(cfg.progress) as progress:
+    with progress_bar(cfg.progress) as progress:
         for name, model in (("policy", policy), ("reference", reference)):
             bar = progress.add_task(f"sample {name}", total=batches)
             samples = sample_set(model, tokenizer, task.rows, cfg, precision=precision,

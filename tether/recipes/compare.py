@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -123,8 +123,8 @@ def best_of_n_rows(cfg: CompareConfig, reward_model: str) -> list[dict]:
 
     t0 = time.perf_counter()
     N = max(cfg.bon_n)
-    ecfg = eval_config(cfg, cfg.model, reward_model, Path("unused"))
-    ecfg.samples_per_prompt = N
+    ecfg = replace(eval_config(cfg, cfg.model, reward_model, Path(cfg.output_dir) / "bon"),
+                   samples_per_prompt=N)  # sampling settings only: nothing is written there
     task = build_task("sentiment", n=cfg.num_prompts, gold=None)
     mc = model_config(cfg.model)
     policy = CausalLMLogps(load_causal_lm(mc)).eval()

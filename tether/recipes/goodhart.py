@@ -38,7 +38,7 @@ from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import resolve_precision
 from tether.errors import ConfigError
 from tether.eval import goodhart as gh
-from tether.eval.evaluate import _progress, kl_to, sample_metrics, sample_set
+from tether.eval.evaluate import kl_to, progress_bar, sample_metrics, sample_set
 from tether.eval.stats import mean_and_stderr
 from tether.eval.tasks import build_task
 from tether.recipes import rlhf
@@ -133,7 +133,7 @@ def best_of_n_stage(cfg, root, policy, tokenizer, task, proxy, proxy_path, preci
         texts = [t for row in saved["texts"] for t in row]
     else:
         ecfg = eval_config(cfg, cfg.n_max, precision)
-        with _progress(cfg.progress) as progress:
+        with progress_bar(cfg.progress) as progress:
             bar = progress.add_task(f"best-of-n: {cfg.n_max} samples x {len(task.rows)} prompts",
                                     total=-(-len(task.rows) // ecfg.batch_size))
             texts = sample_set(policy, tokenizer, task.rows, ecfg, precision=precision,
@@ -220,7 +220,7 @@ def rl_points(cfg, rl_dir: Path, reference, tokenizer, task, proxy, proxy_path,
     ckpts = sorted(p for p in (rl_dir / "checkpoints").glob("step-*")
                    if (p / checkpoint.STATE).is_file())
     points = []
-    with _progress(cfg.progress) as progress:
+    with progress_bar(cfg.progress) as progress:
         for ckpt in ckpts:
             key = {"checkpoint": ckpt.name, "proxy": proxy_path, "gold": task.gold_name,
                    "num_prompts": cfg.num_prompts, "rl_samples": cfg.rl_samples,
