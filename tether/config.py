@@ -298,10 +298,19 @@ class GRPOParams:
     eps_high: float | None = None  # clip range 1 + eps_high; null = the loss type's default
     dynamic_sampling: bool | None = None  # drop groups with all-equal rewards; null = loss type's
     num_iterations: int = 1  # optimizer steps per rollout (> 1: importance ratios vs old log-probs)
+    # built-in task (no data.path): arithmetic | segments (the same problems asked by two user
+    # groups that want different replies: "terse" and "explain"; docs/grpo.md)
+    task: str = "arithmetic"
     task_difficulty: str = "single"  # built-in task (no data.path): single|easy|medium|hard
     task_size: int = 1000  # built-in training prompts
     task_shots: int = 1  # built-in task: worked examples (chat turns) before each problem
     task_system_prompt: str | None = None  # built-in task: a system message before them (null: none)
+    # user groups (a prompt row's `group` field): each group's reward functions and weights;
+    # a group not listed uses `rewards` / `reward_weights`; {} with task segments: the task's own
+    group_rewards: dict[str, list[str]] = field(default_factory=dict)
+    group_reward_weights: dict[str, list[float]] = field(default_factory=dict)  # null/absent: 1s
+    group_fairness: str = "none"  # none | dro (groups whose mean reward lags weigh more)
+    group_step_size: float = 0.5  # dro: exponentiated-gradient step on the reward deficits
 
 
 @dataclass
@@ -448,6 +457,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError as err:
                 errors.append(err)
         raise errors[0]
+    if origin is dict:  # a mapping of names to values (e.g. grpo.group_rewards)
+        _, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, str):
