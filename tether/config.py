@@ -350,7 +350,7 @@ def load_config(cls: type, yaml_path: str | Path | None = None, overrides: list[
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         values = _merge(values, loaded)
@@ -358,6 +358,13 @@ def load_config(cls: type, yaml_path: str | Path | None = None, overrides: list[
         key, value = parse_override(item)
         values = _merge(values, _nest(key.split("."), value))
     return _build(cls, values, prefix="")
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: "expected ... at line 2, column 1"."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def from_dict(cls: type, values: dict, prefix: str = ""):

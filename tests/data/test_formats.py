@@ -1,5 +1,6 @@
-"""Data: every file type loads, every malformed row names file, row and field, and prompt and
-completion are tokenised separately so the boundary never merges tokens."""
+"""Data: every file type loads, every malformed row names file, row and field (the table of bad
+inputs is test_bad_inputs.py), and prompt and completion are tokenised separately so the boundary
+never merges tokens."""
 
 import json
 
@@ -45,61 +46,6 @@ def _msg(role, content):
     return {"role": role, "content": content}
 
 
-@pytest.mark.parametrize("rows, row, field, words", [
-    # bad JSON on line 2; after a blank line the row number is still the line number
-    ([OK, '{"prompt": "a", "completion": '], 2, None, "not valid JSON"),
-    ([OK, "", '{"prompt": "a" "completion": "b"}'], 3, None, "not valid JSON"),
-    # missing or wrong-typed fields
-    ([OK, {"prompt": "a", "label": True}], 2, "completion", "missing"),
-    ([{"completion": "b"}], 1, "prompt", "missing"),
-    ([{"prompt": "a", "completion": 7}], 1, "completion", "must be a string, got int"),
-    ([{"prompt": "a", "completion": None}], 1, "completion", "must be a string, got null"),
-    ([{"text": ["a"]}], 1, "text", "must be a string, got list"),
-    # empty completions
-    ([OK, {"prompt": "a", "completion": "  "}], 2, "completion", "is empty"),
-    ([{"text": ""}], 1, "text", "is empty"),
-    ([{"prompt": CHAT["prompt"], "completion": []}], 1, "completion", "is empty"),
-    ([{"prompt": CHAT["prompt"], "completion": [_msg("assistant", " ")]}], 1,
-     "completion[0].content", "is empty"),
-    # messages
-    ([{"prompt": [_msg("robot", "hi")], "completion": CHAT["completion"]}], 1, "prompt[0].role",
-     "must be one of system, user, assistant, tool, got 'robot'"),
-    ([{"messages": [{"role": "user"}]}], 1, "messages[0].content", "must be a string, got null"),
-    ([{"messages": [_msg("user", 3)]}], 1, "messages[0].content", "must be a string, got int"),
-    ([{"messages": ["hi"]}], 1, "messages[0]", "must be an object with 'role' and 'content'"),
-    ([{"messages": [_msg("user", "hi")]}], 1, "messages", "has no assistant message"),
-    ([{"messages": "hi"}], 1, "messages", "must be a list of messages, got string"),
-    ([{"prompt": CHAT["prompt"], "completion": "4"}], 1, "completion",
-     "is a plain string but 'prompt' is a list of messages"),
-    ([{"prompt": "q", "completion": CHAT["completion"]}], 1, "completion",
-     "is a list of messages but 'prompt' is a plain string"),
-    # not a row at all
-    (["[1, 2]"], 1, None, "a row must be a JSON object, got list"),
-    ([OK, '"just a string"'], 2, None, "a row must be a JSON object, got string"),
-    ([{"question": "a"}], 1, None, "no recognised fields"),
-    # rows of another recipe's format
-    ([OK, {"prompt": "a", "chosen": "b", "rejected": "c"}], 2, None,
-     "is a preference row, which `tether dpo` and `tether rm` take"),
-    ([{"prompt": "a", "completion": "b", "label": False}], 1, None,
-     "is an unpaired preference row, which `tether dpo` with dpo.loss=kto take"),
-    ([{"prompt": "a"}], 1, None, "is a prompt only row, which the RL recipes"),
-])
-def test_malformed_row_names_file_row_and_field(tmp_path, default_tokenizer, rows, row, field,
-                                                words):
-    path = _jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(DataError) as err:
-        _load(path, default_tokenizer)
-    message = str(err.value)
-    where = f"{path}, row {row}" + (f", field '{field}'" if field else "") + ": "
-    assert message.startswith(where), message
-    assert words in message
-    # what the CLI prints: one line, no traceback, no exception chain
-    assert "Traceback" not in message and "\n" not in message
-    assert err.value.__cause__ is None
-    assert err.value.__context__ is None or err.value.__suppress_context__
-    assert (err.value.source, err.value.row, err.value.field) == (str(path), row, field)
-
-
 def test_overlong_rows_with_truncation_off_name_row_field_and_counts(tmp_path, default_tokenizer):
     tok = default_tokenizer
     long_prompt = "word " * 100
@@ -140,33 +86,6 @@ def test_cli_reports_bad_row_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == (f"tether: error: {path}, row 1, field 'completion': must be a string, "
                    "got int")
-
-
-def test_bad_files_are_clear_errors(tmp_path):
-    with pytest.raises(DataError, match="data file not found: .*nope.jsonl"):
-        read_rows(tmp_path / "nope.jsonl")
-    (tmp_path / "rows.csv").write_text("prompt,completion\n")
-    with pytest.raises(DataError, match=r"rows\.csv: unsupported data file type '\.csv'"):
-        read_rows(tmp_path / "rows.csv")
-    (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(DataError, match="empty_dir: is a directory but not one saved with"):
-        read_rows(tmp_path / "empty_dir")
-    (tmp_path / "bad.json").write_text('[{"prompt": "a",]')
-    with pytest.raises(DataError, match=r"bad\.json: not valid JSON \(.* at line 1, column"):
-        read_rows(tmp_path / "bad.json")
-    (tmp_path / "obj.json").write_text('{"rows": []}')
-    with pytest.raises(DataError, match=r"must hold a list of rows.*found an object with keys "
-                                        r"\['rows'\]"):
-        read_rows(tmp_path / "obj.json")
-    (tmp_path / "list.json").write_text('[{"prompt": "a", "completion": "b"}, 3]')
-    with pytest.raises(DataError, match=r"list\.json, row 2: a row must be a JSON object, got int"):
-        read_rows(tmp_path / "list.json")
-    (tmp_path / "broken.parquet").write_text("not parquet")
-    with pytest.raises(DataError, match=r"broken\.parquet: cannot read parquet file"):
-        read_rows(tmp_path / "broken.parquet")
-    (tmp_path / "empty.jsonl").write_text("\n\n")
-    with pytest.raises(DataError, match=r"empty\.jsonl: holds no rows"):
-        load_sft_examples(DataConfig(path=str(tmp_path / "empty.jsonl")), None)
 
 
 # ------------------------------------------------------------------ file types and formats

@@ -30,9 +30,10 @@ ROWS = [
 ]
 UNPAIRED = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in ROWS] + [
     {"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in ROWS[:2]]
-# Chosen == rejected: the policy cannot separate them, so this group's loss stays at log 2.
-TIES = [{"prompt": f"Tie {i}?", "chosen": f" same {i}", "rejected": f" same {i}", "group": "tie"}
-        for i in range(4)]
+# Contradictory pairs (each answer both chosen and rejected for one prompt): no policy separates
+# them, so this group's loss stays near log 2. (Pairs with chosen == rejected would be dropped.)
+COINS = [{"prompt": "Heads or tails?", "chosen": f" {a}", "rejected": f" {b}", "group": "coin"}
+         for a, b in [("heads", "tails"), ("tails", "heads")] * 2]
 
 
 def _write(path, rows):
@@ -177,14 +178,26 @@ def test_separate_reference_model(tiny_model_dir, tmp_path, default_tokenizer):
 
 
 def test_group_robust_weights_move_to_worse_group(tiny_model_dir, tmp_path):
-    data = _write(tmp_path / "pref.jsonl", ROWS[:4] + TIES + [ROWS[4]])
+    data = _write(tmp_path / "pref.jsonl", ROWS[:4] + COINS + [ROWS[4]])
     out = _run(tiny_model_dir, tmp_path / "run", data, "--dpo.group_robust=true",
                "--dpo.group_step_size=2.0", "--dpo.beta=0.5", "--train.batch_size=8",
                "--train.micro_batch_size=4", "--data.eval_fraction=0.1", "--train.max_steps=6")
     weights = dict(zip(out["groups"], out["group_weights"].tolist()))
-    assert weights["tie"] > weights["easy"] + 0.05, weights
-    logged = _metrics(tmp_path / "run", "group_weights/tie")
-    assert logged[6] == pytest.approx(weights["tie"])
+    assert weights["coin"] > weights["easy"] + 0.05, weights
+    logged = _metrics(tmp_path / "run", "group_weights/coin")
+    assert logged[6] == pytest.approx(weights["coin"])
+
+
+def test_truncated_rows_are_printed_and_logged(tiny_model_dir, tmp_path, capsys):
+    rows = [dict(r, rejected=r["rejected"] + " and then a far longer ending") for r in ROWS]
+    _run(tiny_model_dir, tmp_path / "run", _write(tmp_path / "pref.jsonl", rows),
+         "--data.max_length=10", "--train.max_steps=1")
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["data/truncated_rows"] == 5  # 4 train + 1 held out
+    tokens = first["data/truncated_tokens"]
+    assert tokens > 5
+    assert (f"data.truncation cut 5 of 5 rows to data.max_length=10 ({tokens} tokens dropped "
+            "from their completions)") in capsys.readouterr().out
 
 
 def _uneven_pairs(tokenizer) -> list:

@@ -11,6 +11,7 @@ import torch
 class Example:
     input_ids: list[int]
     loss_mask: list[bool]  # loss_mask[t]: token t is a training target (predicted from tokens < t)
+    truncated: int = 0  # tokens cut from the end to fit data.max_length (0: kept whole)
 
 
 @dataclass

@@ -13,6 +13,7 @@ boundary, and the loss mask selects exactly the completion's tokens.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import random
@@ -51,23 +52,15 @@ def read_rows(path: str | Path, *, split: str = "train") -> Rows:
         return _read_saved_dataset(path, split)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((number, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"not valid JSON ({err.msg} at column {err.colno})",
-                                    source=str(path), row=number) from None
-        return _objects(rows, path)
+        return _objects(_jsonl_rows(path), path)
     if suffix == ".json":
+        raw = path.read_bytes()
+        start = _bom_length(raw)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_decode(raw[start:], path, start))
         except json.JSONDecodeError as err:
-            raise DataError(f"not valid JSON ({err.msg} at line {err.lineno}, column "
-                            f"{err.colno})", source=str(path)) from None
+            raise DataError(f"not valid JSON ({_json_problem(err, line=True)})",
+                            source=str(path)) from None
         if isinstance(data, dict):
             for key in (split, "data"):
                 if isinstance(data.get(key), list):
@@ -92,6 +85,52 @@ def read_rows(path: str | Path, *, split: str = "train") -> Rows:
                     "directory saved with datasets' save_to_disk", source=str(path))
 
 
+def _jsonl_rows(path: Path) -> Rows:
+    """(line number, parsed line) of each non-blank line. Lines split as text mode splits them
+    (\n, \r\n, \r)."""
+    data = path.read_bytes()
+    offset = _bom_length(data)
+    rows = []
+    for number, raw in enumerate(data[offset:].splitlines(keepends=True), start=1):
+        line = _decode(raw, path, offset, row=number)
+        offset += len(raw)
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line.rstrip("\r\n"))))
+        except json.JSONDecodeError as err:
+            raise DataError(f"not valid JSON ({_json_problem(err)})", source=str(path),
+                            row=number) from None
+    return rows
+
+
+def _bom_length(data: bytes) -> int:
+    """3 if `data` starts with the UTF-8 byte-order mark (files saved by Excel or PowerShell
+    have one), else 0."""
+    return len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+
+
+def _decode(raw: bytes, path: Path, start: int, row: int | None = None) -> str:
+    """`raw`, the file's bytes from offset `start` (row `row` of a JSONL file, or the rest of
+    the file), as UTF-8; an undecodable byte is a DataError naming its offset."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = err.start
+        line = raw.count(b"\n", 0, bad) + 1
+        within = f"{bad} into the line" if row is not None else f"line {line}"
+        raise DataError(f"not valid UTF-8: byte 0x{raw[bad]:02x} at byte offset {start + bad} "
+                        f"({within}); save the file as UTF-8", source=str(path),
+                        row=row) from None
+
+
+def _json_problem(err: json.JSONDecodeError, *, line: bool = False) -> str:
+    """json's message and where: "Expecting value at column 3", "Unterminated string starting
+    at line 2, column 9" (json's message for the latter already ends in "at")."""
+    where = f"line {err.lineno}, column {err.colno}" if line else f"column {err.colno}"
+    return f"{err.msg.removesuffix(' at')} at {where}"
+
+
 def _read_saved_dataset(path: Path, split: str) -> Rows:
     from datasets import DatasetDict, load_from_disk
 
@@ -108,6 +147,12 @@ def _read_saved_dataset(path: Path, split: str) -> Rows:
     return _objects(_columnar(ds.to_list()), path)
 
 
+class ColumnarRow(dict):
+    """A row of a columnar source; `nulls` names its top-level fields that were null (and so
+    dropped), for the errors that would otherwise call the row one of another format."""
+    nulls: tuple[str, ...] = ()
+
+
 def _columnar(rows: list[dict]) -> Rows:
     """Rows of a columnar source (parquet, Arrow). A column a row does not use reads back as
     None (rows of several formats, or messages with and without an optional key, share one
@@ -119,7 +164,12 @@ def _columnar(rows: list[dict]) -> Rows:
             return [clean(v) for v in value]
         return value
 
-    return [(number, clean(row)) for number, row in enumerate(rows, start=1)]
+    def columnar_row(row: dict) -> ColumnarRow:
+        out = ColumnarRow(clean(row))
+        out.nulls = tuple(k for k, v in row.items() if v is None)
+        return out
+
+    return [(number, columnar_row(row)) for number, row in enumerate(rows, start=1)]
 
 
 def _objects(rows: Rows, path: Path) -> Rows:
@@ -159,9 +209,10 @@ def detect_format(row: dict, source: str, row_number: int) -> str:
         return "prompt_completion"
     if "prompt" in keys:
         return "prompt_only"
+    null = f" (null: {', '.join(nulls(row))})" if nulls(row) else ""
     raise DataError("no recognised fields: expected 'text', 'messages', 'prompt' + 'completion', "
                     "'prompt' + 'chosen' + 'rejected' or 'prompt' + 'completion' + 'label'; "
-                    f"found {sorted(keys)}", source=source, row=row_number)
+                    f"found {sorted(keys)}{null}", source=source, row=row_number)
 
 
 REQUIRED = {
@@ -171,6 +222,21 @@ REQUIRED = {
     "preference": ("chosen", "rejected"),
     "unpaired_preference": ("prompt", "completion", "label"),
 }
+
+
+def nulls(row: dict) -> tuple[str, ...]:
+    """The fields a columnar row holds as null (absent from the dict); none for JSON rows."""
+    return getattr(row, "nulls", ())
+
+
+def check_not_null(row: dict, formats: tuple[str, ...], where: dict) -> None:
+    """For a row of none of `formats`: if it lacks a field one of them requires only because
+    that field's cell is null, say so (rather than name the format the other fields make)."""
+    for fmt in formats:
+        missing = [name for name in REQUIRED[fmt] if name not in row]
+        if missing and set(missing) <= set(nulls(row)):
+            raise DataError(f"is null ({_a(fmt)} row needs {', '.join(REQUIRED[fmt])})",
+                            field=missing[0], **where)
 
 
 def is_conversational(row: dict) -> bool:
@@ -193,8 +259,8 @@ def validate_row(row: dict, source: str, row_number: int) -> str:
     where = {"source": source, "row": row_number}
     for name in REQUIRED[fmt]:
         if name not in row:
-            raise DataError(f"missing ({_a(fmt)} row needs "
-                            f"{', '.join(REQUIRED[fmt])})", field=name, **where)
+            raise DataError(f"{'is null' if name in nulls(row) else 'missing'} ({_a(fmt)} row "
+                            f"needs {', '.join(REQUIRED[fmt])})", field=name, **where)
     if fmt == "language_modeling":
         if "messages" in row:
             _check_messages(row["messages"], "messages", where, need_assistant=True)
@@ -324,6 +390,7 @@ def tokenize_sft(row: dict, tokenizer, *, max_length: int, truncation: bool,
     where = {"source": source, "row": row_index}
     fmt = validate_row(row, source, row_index)
     if fmt not in SFT_FORMATS:
+        check_not_null(row, SFT_FORMATS, where)
         raise DataError(f"is {_a(fmt)} row, which {TAKEN_BY[fmt]} take; "
                         "`tether sft` takes 'text', 'messages' or 'prompt' + 'completion' rows",
                         **where)
@@ -340,12 +407,13 @@ def tokenize_sft(row: dict, tokenizer, *, max_length: int, truncation: bool,
         ids.append(tokenizer.eos_token_id)
         mask.append(True)
     mask[0] = False  # nothing predicts the first token
-    if len(ids) > max_length:
+    cut = max(0, len(ids) - max_length)
+    if cut:
         _check_fit(row, len(ids), n_prompt or 0, max_length, truncation, where)
         ids, mask = ids[:max_length], mask[:max_length]
     if not any(mask):
         raise DataError("has no completion tokens to learn from", field="completion", **where)
-    return Example(ids, mask)
+    return Example(ids, mask, truncated=cut)
 
 
 def _check_fit(row: dict, n: int, n_prompt: int, max_length: int, truncation: bool,
@@ -381,6 +449,22 @@ def tokenize_rows(rows: Rows, tokenizer, cfg: DataConfig, source: str) -> list[E
                          completion_only_loss=cfg.completion_only_loss, source=source,
                          row_index=number)
             for number, row in rows]
+
+
+def truncation_counts(rows: list[tuple[Example, ...]]) -> dict[str, int]:
+    """How many rows (each given as its sequences: an SFT example, a pair's chosen and rejected)
+    data.truncation cut to data.max_length, and how many tokens it cut (docs/metrics.md)."""
+    cut = [sum(e.truncated for e in sequences) for sequences in rows]
+    return {"data/truncated_rows": sum(1 for c in cut if c), "data/truncated_tokens": sum(cut)}
+
+
+def truncation_message(counts: dict[str, int], n_rows: int, max_length: int) -> str | None:
+    """The line a run prints about truncation; None when nothing was cut."""
+    if not counts["data/truncated_rows"]:
+        return None
+    return (f"data.truncation cut {counts['data/truncated_rows']} of {n_rows} rows to "
+            f"data.max_length={max_length} ({counts['data/truncated_tokens']} tokens dropped "
+            "from their completions)")
 
 
 def split_indices(n: int, eval_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -28,7 +28,8 @@ import torch
 
 from tether.config import DataConfig
 from tether.data.collate import Example, pad_collate
-from tether.data.formats import Rows, _ids, _render, _suffix, read_rows, validate_row
+from tether.data.formats import (Rows, _ids, _render, _suffix, check_not_null, read_rows,
+                                  validate_row)
 from tether.data.tasks import arithmetic, sentiment
 from tether.errors import ConfigError, DataError
 
@@ -180,7 +181,8 @@ def join(prompt_ids: list[int], completion_ids: list[int], *, max_length: int, t
     ids = prompt_ids + completion_ids
     mask = [False] * len(prompt_ids) + [True] * len(completion_ids)
     mask[0] = False  # nothing predicts the first token
-    if len(ids) > max_length:
+    cut = max(0, len(ids) - max_length)
+    if cut:
         if not truncation:
             raise DataError(f"is too long: {len(ids)} tokens with the prompt but data.max_length "
                             f"is {max_length} (raise it, or set data.truncation=true)",
@@ -191,7 +193,7 @@ def join(prompt_ids: list[int], completion_ids: list[int], *, max_length: int, t
         ids, mask = ids[:max_length], mask[:max_length]
     if not any(mask):
         raise DataError("has no completion tokens to learn from", field=field, **where)
-    return Example(ids, mask)
+    return Example(ids, mask, truncated=cut)
 
 
 def _group(row: dict, where: dict) -> str:
@@ -236,6 +238,30 @@ def rows_hash(rows: Rows) -> str:
     return h.hexdigest()
 
 
+def drop_identical_pairs(rows: Rows, tokenizer, source: str) -> Rows:
+    """The rows without the preference pairs whose chosen and rejected completions are the same
+    text once formatted: there is nothing to prefer (DPO's loss is flat at log 2, a reward model
+    cannot rank them). Prints how many it dropped; rows that are all such pairs are an error."""
+    same = [number for number, row in rows if _identical(row, tokenizer, source, number)]
+    if not same:
+        return rows
+    if len(same) == len(rows):
+        raise DataError(f"chosen and rejected are identical in every one of its {len(rows)} "
+                        "pairs: there is nothing to prefer", source=source)
+    shown = ", ".join(map(str, same[:10])) + (", ..." if len(same) > 10 else "")
+    print(f"dropped {len(same)} pairs whose chosen and rejected are identical (file {source}, "
+          f"rows {shown})", flush=True)
+    dropped = set(same)
+    return [(number, row) for number, row in rows if number not in dropped]
+
+
+def _identical(row: dict, tokenizer, source: str, number: int) -> bool:
+    if validate_row(row, source, number) != "preference":
+        return False  # not a pair: the tokenising loop names the row's problem
+    _, texts = preference_texts(row, tokenizer, {"source": source, "row": number})
+    return texts["chosen"] == texts["rejected"]
+
+
 def tokenize_preference_rows(rows: Rows, tokenizer, cfg: DataConfig, source: str, *,
                              unpaired: bool) -> list:
     """Validate and tokenise: PreferencePairs, or (unpaired=True, for KTO) UnpairedExamples."""
@@ -243,6 +269,7 @@ def tokenize_preference_rows(rows: Rows, tokenizer, cfg: DataConfig, source: str
     for number, row in rows:
         fmt = validate_row(row, source, number)
         if fmt not in PREFERENCE_FORMATS:
+            check_not_null(row, PREFERENCE_FORMATS, {"source": source, "row": number})
             raise DataError(f"is a {fmt.replace('_', ' ')} row; `tether dpo` takes preference "
                             "rows ('chosen' + 'rejected', optional 'prompt') or, for "
                             "dpo.loss=kto, unpaired rows ('prompt' + 'completion' + 'label')",
@@ -287,10 +314,12 @@ def load_preference_data(cfg: DataConfig, tokenizer, *, unpaired: bool = False,
         source = source or "rows"
     if not numbered:
         raise DataError("holds no rows", source=source)
+    numbered = drop_identical_pairs(numbered, tokenizer, source)
     tok = lambda rs, src: tokenize_preference_rows(rs, tokenizer, cfg, src,  # noqa: E731
                                                   unpaired=unpaired)
     if cfg.eval_path is not None:
-        held_rows = read_rows(cfg.eval_path, split=cfg.split)
+        held_rows = drop_identical_pairs(read_rows(cfg.eval_path, split=cfg.split), tokenizer,
+                                         str(cfg.eval_path))
         digest = hashlib.sha256(f"{rows_hash(numbered)} {rows_hash(held_rows)}".encode())
         return tok(numbered, source), tok(held_rows, str(cfg.eval_path)), digest.hexdigest()
     order = list(range(len(numbered)))
@@ -332,3 +361,4 @@ def builtin_preference_rows(n: int = 200, seed: int = 0) -> list[dict]:
             "group": "addition" if "+" in expr else "subtraction",
         })
     return rows
+

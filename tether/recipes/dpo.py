@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from tether.config import DPOConfig, ModelConfig, PreferenceConfig, save_config
+from tether.data.formats import truncation_counts, truncation_message
 from tether.data.preference import (PreferenceBatch, builtin_sentiment_rows, collate_preference,
                                     load_preference_data)
 from tether.data.tasks import sentiment
@@ -302,12 +303,17 @@ def run(cfg: DPOConfig) -> dict:
                  f"groups {groups if named_groups else 'none'}, {total_steps} steps of "
                  f"{tc.batch_size}, {n_params / 1e6:.1f}M trainable parameters, {tc.precision} "
                  f"on {device}")
+    every_item = train_items + eval_items  # KTO: an example's sequence counts, not its KL one
+    truncated = truncation_counts([it.sequences[:1] if unpaired else it.sequences
+                                   for it in every_item])
+    if note := truncation_message(truncated, len(every_item), cfg.data.max_length):
+        logger.print(note)
     eval_before = evaluate(policy, eval_batches, loss_fn, device, tc.precision, kto=unpaired)
     gen_before, samples = heldout_generations(cfg, policy, tokenizer, heldout,
                                               initial=start_step == 0, gold=diag.gold)
     diag.log(logger, start_step, {"eval/loss": eval_before[0],
                                   "eval/rewards/accuracy": eval_before[1], **gen_before,
-                                  "time/reference": t_ref}, samples)
+                                  "time/reference": t_ref, **truncated}, samples)
 
     # --- train ----------------------------------------------------------------------------------
     history, margins = [], []

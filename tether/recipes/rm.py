@@ -25,8 +25,9 @@ import torch
 
 from tether.config import DataConfig, RMConfig, save_config
 from tether.data.collate import Example, pad_collate
-from tether.data.formats import Rows, read_rows, split_indices, validate_row
-from tether.data.preference import builtin_sentiment_rows, tokenize_pair
+from tether.data.formats import (Rows, check_not_null, read_rows, split_indices,
+                                 truncation_counts, truncation_message, validate_row)
+from tether.data.preference import builtin_sentiment_rows, drop_identical_pairs, tokenize_pair
 from tether.engine import checkpoint, dist
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_reward_model, load_tokenizer, unwrap
@@ -73,6 +74,7 @@ def tokenize_reward_rows(rows: Rows, tokenizer, cfg: DataConfig, source: str,
     for number, row in rows:
         fmt = validate_row(row, source, number)
         if fmt != "preference":
+            check_not_null(row, ("preference",), {"source": source, "row": number})
             raise DataError(f"is a {fmt.replace('_', ' ')} row; `tether rm` takes preference "
                             "rows ('chosen' + 'rejected', optional 'prompt')",
                             source=source, row=number)
@@ -103,9 +105,11 @@ def load_reward_pairs(cfg: DataConfig, tokenizer, *, margin_key: str | None = No
         numbered, source = list(enumerate(rows, start=1)), source or "rows"
     if not numbered:
         raise DataError("holds no rows", source=source)
+    numbered = drop_identical_pairs(numbered, tokenizer, source)
     tok = partial(tokenize_reward_rows, tokenizer=tokenizer, cfg=cfg, margin_key=margin_key)
     if cfg.eval_path is not None:
-        held = read_rows(cfg.eval_path, split=cfg.split)
+        held = drop_identical_pairs(read_rows(cfg.eval_path, split=cfg.split), tokenizer,
+                                    str(cfg.eval_path))
         return tok(numbered, source=source), tok(held, source=str(cfg.eval_path))
     train_idx, eval_idx = split_indices(len(numbered), cfg.eval_fraction)
     return (tok([numbered[i] for i in train_idx], source=source),
@@ -245,8 +249,11 @@ def run(cfg: RMConfig) -> dict:
     logger.print(f"rm: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {total_steps} "
                  f"steps of {tc.batch_size}, {n_params / 1e6:.1f}M trainable parameters, "
                  f"{tc.precision} on {device}, world size {dist.world_size()}")
+    truncated = truncation_counts([(p.chosen, p.rejected) for p in train_pairs + eval_pairs])
+    if note := truncation_message(truncated, len(train_pairs + eval_pairs), cfg.data.max_length):
+        logger.print(note)
     eval_before = evaluate(model, eval_batches, device, tc.precision)
-    logger.log(start_step, eval_before)
+    logger.log(start_step, {**eval_before, **truncated})
 
     # --- train --------------------------------------------------------------------------------
     history = []

@@ -15,7 +15,7 @@ import torch
 
 from tether.config import SFTConfig, save_config
 from tether.data.collate import Batch, block_causal_mask, pack_examples, packed_collate, pad_collate
-from tether.data.formats import load_sft_examples
+from tether.data.formats import load_sft_examples, truncation_counts, truncation_message
 from tether.data.tasks import builtin_sft_rows, heldout_problems, task_accuracy
 from tether.engine import checkpoint, dist
 from tether.engine.generate import greedy_complete
@@ -135,9 +135,13 @@ def run(cfg: SFTConfig) -> dict:
     logger.print(f"sft: {len(train_examples)} train / {len(eval_examples)} eval examples, "
                  f"{total_steps} steps of {tc.batch_size}, {n_params / 1e6:.1f}M trainable "
                  f"parameters, {tc.precision} on {device}, world size {dist.world_size()}")
+    examples = train_examples + eval_examples
+    truncated = truncation_counts([(e,) for e in examples])
+    if note := truncation_message(truncated, len(examples), cfg.data.max_length):
+        logger.print(note)
     eval_before = evaluate(policy, eval_batches, device, tc.precision)
     acc_before = task_eval(policy, tokenizer, problems)
-    logger.log(start_step, {"eval/loss": eval_before, **acc_before})
+    logger.log(start_step, {"eval/loss": eval_before, **acc_before, **truncated})
 
     # --- train --------------------------------------------------------------------------------
     history = []
