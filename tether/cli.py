@@ -118,6 +118,18 @@ def _compare_run():
     return run
 
 
+def _prefs_config():
+    from tether.config import PrefsConfig
+
+    return PrefsConfig
+
+
+def _prefs_run():
+    from tether.recipes.prefs import run
+
+    return run
+
+
 def _goodhart_config():
     from tether.config import GoodhartConfig
 
@@ -135,6 +147,8 @@ RECIPES: dict[str, Recipe] = {
                   _sft_config, _sft_run),
     "dpo": Recipe("direct preference optimisation: dpo, cdpo, robust, ipo, hinge, simpo, orpo, kto",
                   _dpo_config, _dpo_run),
+    "prefs": Recipe("build a preference set: sample a model, order each pair by a gold reward",
+                    _prefs_config, _prefs_run),
     "rm": Recipe("reward model: Bradley-Terry on preference pairs (one score per sequence)",
                  _rm_config, _rm_run),
     "prm": Recipe("process reward model: a score for every step of a solution (stepwise rows)",

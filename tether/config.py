@@ -167,12 +167,39 @@ class RewardModelConfig:
     """The `rm` section: Bradley-Terry options (docs/rm.md)."""
     margin_key: str | None = None  # row field with a per-pair margin m (Llama 2); None = no margin
     center_coef: float = 0.0  # weight of (r_chosen + r_rejected)^2 (TRL center_rewards_coefficient)
+    train_layers: int | None = None  # train only the last N decoder layers + head; null = all
+
+
+@dataclass
+class PrefsParams:
+    """The `prefs` section: the built preference set, sampled from a model and ordered by a gold
+    reward, cached on disk (docs/rm.md). `tether rm` and `tether rlhf` use it without data.path."""
+    pairs: int = 2000  # training pairs
+    heldout_pairs: int = 300  # held-out pairs, from prompts no training pair has
+    samples_per_prompt: int = 4  # completions per prompt; every pair of them is a candidate
+    min_gap: float = 0.1  # a pair whose gold scores differ by less is a tie, dropped
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    prompts: str | None = None  # prompt-only rows (JSONL, ...); null = the built-in tone prompts
+    gold: str = "sentiment"  # the reward that orders each pair (a `rewards.gold` name)
+    model: str = "default"  # the sampling model (a model.name_or_path)
+    batch_prompts: int = 32  # prompts per sampling batch (one progress tick, one resume point)
+    seed: int = 0
+    cache_dir: str | None = None  # null = $TETHER_CACHE/prefs (default ~/.cache/tether/prefs)
+
+
+@dataclass
+class PrefsConfig:
+    prefs: PrefsParams = field(default_factory=PrefsParams)
+    precision: str = "auto"  # sampling precision: auto | bf16 | fp32
+    progress: bool = True
 
 
 @dataclass
 class RMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prefs: PrefsParams = field(default_factory=PrefsParams)  # the data when data.path is null
     # one epoch of the built-in set (216 pairs, 27 steps) is minutes on 2 CPU cores
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5, epochs=1.0))
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rm"))

@@ -100,12 +100,20 @@ def test_rlhf_end_to_end_resumes_and_skips(tiny_model_dir, tmp_path, monkeypatch
     assert (out_dir / "ppo" / "metrics.jsonl").read_text() == before
 
 
-def test_rlhf_defaults_chain_the_stages_on_builtin_data(tmp_path, default_tokenizer):
-    """No data arguments: SFT on the built-in demonstrations, the RM on `tether rm`'s built-in
-    set, PPO on that set's prompts (written as prompt files, held-out ones for evaluation) with
-    the reward model as reward and the task's gold reward (VADER) logged at weight 0."""
+def test_rlhf_defaults_chain_the_stages_on_builtin_data(tmp_path, default_tokenizer,
+                                                       monkeypatch):
+    """No data arguments: SFT on the built-in demonstrations, the RM on the set `tether prefs`
+    builds (here stood in for by the shipped pairs), PPO on that set's distinct training prompts
+    (written as prompt files; the eval's held-out prompts for evaluation) with the reward model
+    as reward and the task's gold reward (VADER) logged at weight 0."""
+    from tether.data.preference import builtin_sentiment_rows
     from tether.recipes import ppo
 
+    rows = builtin_sentiment_rows()
+    pairs, held_pairs = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:5]))  # prompts repeat
+    held_pairs.write_text(json.dumps(rows[0]) + "\n")
+    monkeypatch.setattr(rlhf, "build_prefs", lambda *a, **k: (pairs, held_pairs))
     cfg = load_config(RLHFConfig, None, [f"--pipeline.output_dir={tmp_path}"])
     assert cfg.sft.data.path is None and cfg.rm.data.path is None and cfg.ppo.data.path is None
     dirs = rlhf.stage_dirs(cfg)
@@ -113,13 +121,14 @@ def test_rlhf_defaults_chain_the_stages_on_builtin_data(tmp_path, default_tokeni
     configs = rlhf.stage_configs(cfg, dirs)
     sft_model = str(tmp_path / "sft" / "model")
     assert configs["rm"].model.name_or_path == sft_model
+    assert (configs["rm"].data.path, configs["rm"].data.eval_path) == (str(pairs), str(held_pairs))
     ppo_cfg = configs["ppo"]
     assert ppo_cfg.model.name_or_path == sft_model and ppo_cfg.ppo.critic_init == "policy"
     assert ppo_cfg.ppo.reward_model == str(tmp_path / "rm" / "reward_model")
     assert ppo_cfg.ppo.rewards == ["tether.recipes.rlhf:positive_tone"]
     assert ppo_cfg.ppo.reward_weights == [0.0]
     train, held = ppo.load_prompts(ppo_cfg, default_tokenizer)
-    assert len(train) == 240 and len(held) == cfg.ppo.run.eval_generations == 32
+    assert len(train) == len(rows) and len(held) == cfg.ppo.run.eval_generations == 32
     assert {p.columns["group"] for p in train} == {"review", "note", "message"}
     assert not {repr(p.prompt) for p in train} & {repr(p.prompt) for p in held}
     good, bad = rlhf.positive_tone([], ["What a lovely, wonderful day!", "This is awful."])

@@ -10,7 +10,7 @@ import torch
 
 from tether.config import RMConfig, load_config
 from tether.engine import checkpoint
-from tether.errors import DataError
+from tether.errors import ConfigError, DataError
 from tether.recipes import rm
 
 WORDS = ["movie", "plot", "actor", "scene", "music", "story", "ending", "cast"]
@@ -50,6 +50,32 @@ def trained(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rm")
     data = write_jsonl(tmp / "rows.jsonl", rule_rows())
     return run_rm(tiny_model_dir, tmp / "run", data, "--run.eval_every=10")
+
+
+def test_spearman_with_gold_counts_each_sequence_once():
+    """Sequences A, B, C, D with (score, gold) = (1, 0.1), (2, 0.3), (3, 0.2), (4, 0.4): score
+    ranks 1 2 3 4, gold ranks 1 3 2 4, d = (0, -1, 1, 0), rho = 1 - 6 * 2 / (4 * 15) = 0.8.
+    A listed twice (it was in two pairs) must not change that; a constant score gives nan."""
+    scored = [((1,), 1.0, 0.1), ((2,), 2.0, 0.3), ((3,), 3.0, 0.2), ((4,), 4.0, 0.4),
+              ((1,), 1.0, 0.1)]
+    assert rm.spearman_with_gold(scored) == pytest.approx(0.8)
+    assert math.isnan(rm.spearman_with_gold([((i,), 1.0, float(i)) for i in range(4)]))
+
+
+def test_train_layers_freezes_the_trunk(tiny_model_dir):
+    """rm.train_layers=1 on a 2-layer model: embeddings and layer 0 frozen; layer 1, the final
+    norm and the score head train."""
+    from tether.config import ModelConfig
+    from tether.engine.models import freeze_trunk, load_reward_model
+
+    model = load_reward_model(ModelConfig(name_or_path=str(tiny_model_dir)), 0)
+    freeze_trunk(model, 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "score.weight" in trainable and "model.norm.weight" in trainable
+    assert any(n.startswith("model.layers.1.") for n in trainable)
+    assert not any(n.startswith(("model.layers.0.", "model.embed_tokens")) for n in trainable)
+    with pytest.raises(ConfigError, match="rm.train_layers must be in 1..2"):
+        freeze_trunk(model, 3)
 
 
 def test_tiny_rm_learns_rule(trained):
@@ -187,20 +213,25 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, monkeypatch):
         torch.testing.assert_close(p, q, atol=0, rtol=0, msg=name)
 
 
-def test_builtin_set_and_lora_keeps_score_head_trainable(tiny_model_dir, tmp_path):
+def test_built_set_and_lora_keeps_score_head_trainable(tiny_model_dir, tmp_path):
+    """No data.path: the set `tether prefs` builds (here sampled from the tiny model, ordered by
+    length), its held-out file as the eval pairs, and eval/spearman from its gold scores."""
     from transformers import AutoModelForSequenceClassification
 
     cfg = load_config(RMConfig, None, [
         f"--model.name_or_path={tiny_model_dir}", f"--run.output_dir={tmp_path / 'run'}",
         "--train.max_steps=2", "--train.batch_size=4", "--train.micro_batch_size=4",
         "--train.lr=1e-2", "--train.precision=fp32", "--model.lora.r=4",
+        f"--prefs.model={tiny_model_dir}", f"--prefs.cache_dir={tmp_path / 'prefs'}",
+        "--prefs.pairs=12", "--prefs.heldout_pairs=6", "--prefs.samples_per_prompt=3",
+        "--prefs.max_new_tokens=6", "--prefs.batch_prompts=2", "--prefs.min_gap=0.5",
+        "--prefs.gold=tests.recipes.test_prefs:length_gold",
         "--run.progress=false", "--run.tensorboard=false"])
     out = rm.run(cfg)
-    from tether.data.preference import builtin_sentiment_rows
-
-    n_builtin = len(builtin_sentiment_rows())  # the set `tether dpo` trains on
-    assert len(out["eval_pairs"]) == math.ceil(0.1 * n_builtin)  # 10% of the built-in pairs
-    assert len(out["eval_pairs"]) + out["train_pairs"] == n_builtin
+    assert (len(out["eval_pairs"]), out["train_pairs"]) == (6, 12)
+    assert -1 <= out["eval_after"]["eval/spearman"] <= 1
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "eval/spearman" in logged[-1]
     trainable = out["trainable"]
     assert any("lora_" in n for n in trainable)
     assert any("score" in n for n in trainable)

@@ -362,3 +362,32 @@ def builtin_preference_rows(n: int = 200, seed: int = 0) -> list[dict]:
         })
     return rows
 
+
+# ------------------------------------------------------------------------------ built pairs
+
+
+def pairs_by_score(prompt_row: dict, completions: list[str], scores: list[float], *,
+                   min_gap: float) -> list[dict]:
+    """Every pair of distinct, non-empty completions of one prompt whose gold scores differ by at
+    least `min_gap`, the higher one chosen (the DPO paper's IMDb set: all pairs of a prompt's
+    samples, ordered by a classifier). Pairs closer than min_gap are ties, dropped. Rows carry
+    the prompt row's other fields (e.g. "group") and the two scores, rounded to 4 places.
+    Conversational prompts (message lists) give conversational completions."""
+    chat = isinstance(prompt_row["prompt"], list)
+    wrap = (lambda t: [{"role": "assistant", "content": t}]) if chat else (lambda t: t)
+    extra = {k: v for k, v in prompt_row.items() if k != "prompt"}
+    seen, kept = set(), []
+    for text, score in zip(completions, scores):
+        if text.strip() and text not in seen:
+            seen.add(text)
+            kept.append((text, float(score)))
+    rows = []
+    for i in range(len(kept)):
+        for j in range(i + 1, len(kept)):
+            (a, sa), (b, sb) = kept[i], kept[j]
+            if abs(sa - sb) < min_gap:
+                continue
+            (hi, s_hi), (lo, s_lo) = ((a, sa), (b, sb)) if sa > sb else ((b, sb), (a, sa))
+            rows.append({"prompt": prompt_row["prompt"], "chosen": wrap(hi), "rejected": wrap(lo),
+                         **extra, "score_chosen": round(s_hi, 4), "score_rejected": round(s_lo, 4)})
+    return rows

@@ -128,6 +128,21 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None) -> PreTrainedM
     return _finish(model, cfg, task_type="SEQ_CLS", modules_to_save=["score"])
 
 
+def freeze_trunk(model: torch.nn.Module, train_layers: int) -> None:
+    """Train only the last `train_layers` decoder layers and what follows them (final norm,
+    score head): the embeddings and the earlier layers get requires_grad False, so autograd keeps
+    nothing for backward through them (a forward of the whole model, a backward of the top)."""
+    from tether.engine.dist import decoder_layers
+
+    layers = decoder_layers(model)
+    if not 0 < train_layers <= len(layers):
+        raise ConfigError(f"rm.train_layers must be in 1..{len(layers)} (the model's decoder "
+                          f"layers) or null for all, got {train_layers}")
+    frozen = [model.get_input_embeddings(), *layers[:len(layers) - train_layers]]
+    for module in frozen:
+        module.requires_grad_(False)
+
+
 def load_value_model(cfg: ModelConfig, pad_token_id: int | None) -> PreTrainedModel:
     """The PPO critic: a causal-LM backbone with a scalar head on every token
     (`AutoModelForTokenClassification`, num_labels=1, no bias, no dropout).

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tether.config import RLHFConfig, save_config
 from tether.engine import checkpoint, dist
+from tether.recipes.prefs import build as build_prefs
 
 STAGES = ("sft", "rm", "ppo")
 MARKER = "stage.json"
@@ -67,15 +68,25 @@ def positive_tone(prompts: list, completions: list[str], **columns) -> list[floa
     return [sentiment_score(c) for c in completions]
 
 
-def builtin_ppo_prompts(root: Path) -> tuple[Path, Path]:
-    """The prompts of `tether rm`'s built-in set (the sentiment task) as PPO prompt files:
-    the training prompts (those of the RM's pairs) and the held-out ones."""
-    from tether.data.tasks.sentiment import split_prompts
+def builtin_ppo_prompts(root: Path, train_pairs: Path | None = None) -> tuple[Path, Path]:
+    """PPO prompt files for the built-in task: the distinct prompts of the RM's training pairs
+    (in file order; without `train_pairs` those of the shipped set of `tether dpo`), and the
+    held-out prompts of the generation eval (`tether eval`'s, which no pair has)."""
+    from tether.data.tasks.sentiment import heldout_prompts, split_prompts
 
+    lines = train_pairs.read_text(encoding="utf-8").splitlines() if train_pairs else \
+        [json.dumps(r) for r in split_prompts()[0]]
+    seen, train = set(), []
+    for line in lines:
+        row = json.loads(line)
+        key = json.dumps(row["prompt"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            train.append({"prompt": row["prompt"], "group": row.get("group")})
     paths = root / "ppo_prompts.jsonl", root / "ppo_prompts_heldout.jsonl"
     if dist.is_main():
         root.mkdir(parents=True, exist_ok=True)
-        for path, rows in zip(paths, split_prompts()):
+        for path, rows in zip(paths, (train, heldout_prompts())):
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             os.replace(tmp, path)
@@ -92,8 +103,13 @@ def stage_configs(cfg: RLHFConfig, dirs: dict[str, Path]) -> dict:
         cfg.rm.model, name_or_path=cfg.rm.model.name_or_path or str(outputs["sft"])))
     pc, data, rewards = cfg.ppo.ppo, cfg.ppo.data, cfg.ppo.rewards
     pc = replace(pc, reward_model=pc.reward_model or str(outputs["rm"]))
+    if cfg.rm.data.path is None:  # the built set (`tether prefs`): built or read from its cache
+        pairs, held_pairs = build_prefs(cfg.rm.prefs, precision=cfg.rm.train.precision,
+                                        progress=cfg.rm.run.progress, say=print)
+        rm_cfg = replace(rm_cfg, data=replace(rm_cfg.data, path=str(pairs),
+                                              eval_path=str(held_pairs)))
     if cfg.rm.data.path is None and data.path is None:
-        train, held = builtin_ppo_prompts(Path(cfg.pipeline.output_dir))
+        train, held = builtin_ppo_prompts(Path(cfg.pipeline.output_dir), Path(rm_cfg.data.path))
         data = replace(data, path=str(train), eval_path=str(held))
         if pc.rewards is None:  # the gold reward beside the proxy, weight 0: logged only
             pc = replace(pc, rewards=[f"{__name__}:positive_tone"], reward_weights=[0.0])
@@ -157,8 +173,8 @@ def summary(name: str, out: dict) -> dict:
         return {"eval_loss": [out["eval_before"], out["eval_after"]],
                 "accuracy": [out["accuracy_before"], out["accuracy_after"]]}
     if name == "rm":
-        return {"eval_accuracy": [out["eval_before"]["eval/accuracy"],
-                                  out["eval_after"]["eval/accuracy"]]}
+        return {k.split("/")[1]: [out["eval_before"].get(k), out["eval_after"].get(k)]
+                for k in ("eval/accuracy", "eval/spearman")}
     history = out["history"]
     first, last = (history[0], history[-1]) if history else ({}, {})
     return {"reward_mean": [first.get("reward/mean"), last.get("reward/mean")],
@@ -178,7 +194,8 @@ def describe(name: str, record: dict) -> str:
         return (f"held-out loss {pair(record.get('eval_loss'))}, accuracy "
                 f"{pair(record.get('accuracy'), '{:.1%}')}")
     if name == "rm":
-        return f"held-out pair accuracy {pair(record.get('eval_accuracy'), '{:.1%}')}"
+        return (f"held-out pair accuracy {pair(record.get('accuracy'), '{:.1%}')}, Spearman "
+                f"with gold {pair(record.get('spearman'))}")
     held = ", ".join(f"{k} {pair(v)}" for k, v in (record.get("eval") or {}).items())
     gold = record.get("gold_mean") or [None]
     return (f"reward {pair(record.get('reward_mean'))}, KL {pair(record.get('kl_k1'))}"

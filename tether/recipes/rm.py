@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -27,15 +27,16 @@ from tether.config import DataConfig, RMConfig, save_config
 from tether.data.collate import Example, pad_collate
 from tether.data.formats import (Rows, check_not_null, read_rows, split_indices,
                                  truncation_counts, truncation_message, validate_row)
-from tether.data.preference import builtin_sentiment_rows, drop_identical_pairs, tokenize_pair
+from tether.data.preference import drop_identical_pairs, tokenize_pair
 from tether.engine import checkpoint, dist
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
-from tether.engine.models import load_reward_model, load_tokenizer, unwrap
+from tether.engine.models import freeze_trunk, load_reward_model, load_tokenizer, unwrap
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
                                    step_items, train_step)
 from tether.errors import ConfigError, DataError
 from tether.eval.report import finish_run
 from tether.losses import bradley_terry_loss
+from tether.recipes.prefs import build as build_prefs
 from tether.recipes.sft import check_batch_sizes
 
 ECE_BINS = 5
@@ -48,6 +49,7 @@ class RewardPair:
     chosen: Example  # prompt + chosen completion
     rejected: Example  # prompt + rejected completion
     margin: float = 0.0  # m in -log sigmoid(r_c - r_r - m); 0 without rm.margin_key
+    gold: tuple[float, float] | None = None  # the row's score_chosen, score_rejected, if numbers
 
 
 @dataclass
@@ -56,6 +58,7 @@ class PairBatch:
     input_ids: torch.Tensor  # (2B, T) long
     attention_mask: torch.Tensor  # (2B, T) bool, True on real tokens
     margin: torch.Tensor | None  # (B,) fp32 per-pair margins; None without rm.margin_key
+    gold: list[float | None] | None = None  # (2B,) gold score per row (held-out Spearman)
 
     @property
     def num_pairs(self) -> int:
@@ -63,7 +66,7 @@ class PairBatch:
 
     def to(self, device) -> "PairBatch":
         return PairBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                         None if self.margin is None else self.margin.to(device))
+                         None if self.margin is None else self.margin.to(device), self.gold)
 
 
 def tokenize_reward_rows(rows: Rows, tokenizer, cfg: DataConfig, source: str,
@@ -88,8 +91,16 @@ def tokenize_reward_rows(rows: Rows, tokenizer, cfg: DataConfig, source: str,
             margin = float(value)
         pair = tokenize_pair(row, tokenizer, max_length=cfg.max_length,
                              truncation=cfg.truncation, source=source, row_index=number)
-        pairs.append(RewardPair(pair.chosen, pair.rejected, margin))
+        pairs.append(RewardPair(pair.chosen, pair.rejected, margin, gold_scores(row)))
     return pairs
+
+
+def gold_scores(row: dict) -> tuple[float, float] | None:
+    """(score_chosen, score_rejected): the gold scores `tether prefs` writes beside each pair."""
+    values = row.get("score_chosen"), row.get("score_rejected")
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+             for v in values)
+    return (float(values[0]), float(values[1])) if ok else None
 
 
 def load_reward_pairs(cfg: DataConfig, tokenizer, *, margin_key: str | None = None,
@@ -119,7 +130,9 @@ def load_reward_pairs(cfg: DataConfig, tokenizer, *, margin_key: str | None = No
 def collate_pairs(pairs: list[RewardPair], pad_id: int, with_margin: bool) -> PairBatch:
     padded = pad_collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32) if with_margin else None
-    return PairBatch(padded.input_ids, padded.attention_mask, margin)
+    gold = [p.gold[0] if p.gold else None for p in pairs] + \
+        [p.gold[1] if p.gold else None for p in pairs]
+    return PairBatch(padded.input_ids, padded.attention_mask, margin, gold)
 
 
 # ------------------------------------------------------------------------------ maths
@@ -166,27 +179,50 @@ def expected_calibration_error(table: torch.Tensor) -> float:
     return (table[:, 2] - table[:, 1]).abs().sum().item() / n if n else float("nan")
 
 
+def spearman_with_gold(scored: list[tuple[tuple[int, ...], float, float]]) -> float:
+    """Spearman rank correlation of the reward-model score with the gold score over the distinct
+    held-out sequences (a completion in several pairs counts once); nan with fewer than 3 or when
+    either is constant. `scored`: (token ids, score, gold) per sequence."""
+    from scipy.stats import spearmanr
+
+    unique = {ids: (score, gold) for ids, score, gold in scored}
+    if len(unique) < 3:
+        return float("nan")
+    scores, golds = zip(*unique.values())
+    if len(set(scores)) < 2 or len(set(golds)) < 2:
+        return float("nan")
+    return float(spearmanr(scores, golds).statistic)
+
+
 @torch.no_grad()
 def evaluate(model, batches: list[PairBatch], device, precision: str) -> dict[str, float]:
-    """eval/accuracy, eval/margin, eval/ece over the held-out pairs (nan when there are none)."""
+    """eval/accuracy, eval/margin, eval/ece over the held-out pairs (nan when there are none),
+    and eval/spearman when the pairs carry gold scores."""
     was_training = model.training
     model.eval()
-    table, margin_sum = torch.zeros(ECE_BINS, 3, dtype=torch.float64), 0.0
+    table, margin_sum, scored = torch.zeros(ECE_BINS, 3, dtype=torch.float64), 0.0, []
     for batch in batches:
+        rows = [tuple(r[m].tolist()) for r, m in zip(batch.input_ids, batch.attention_mask)]
         batch = batch.to(device)
         with autocast(device, precision):
             scores = sequence_scores(model, batch.input_ids, batch.attention_mask)
         diff = (scores[:batch.num_pairs] - scores[batch.num_pairs:]).cpu()
         table += calibration_table(diff)
         margin_sum += diff.sum().item()
+        scored += [(row, score, gold) for row, score, gold
+                   in zip(rows, scores.tolist(), batch.gold or []) if gold is not None]
     model.train(was_training)
     table = dist.all_reduce_sum(table).cpu()
     n, margin_sum = table[:, 0].sum().item(), dist.all_reduce_sum(margin_sum).item()
     if not n:
         return {"eval/accuracy": float("nan"), "eval/margin": float("nan"),
                 "eval/ece": float("nan")}
-    return {"eval/accuracy": table[:, 2].sum().item() / n, "eval/margin": margin_sum / n,
-            "eval/ece": expected_calibration_error(table)}
+    out = {"eval/accuracy": table[:, 2].sum().item() / n, "eval/margin": margin_sum / n,
+           "eval/ece": expected_calibration_error(table)}
+    scored = [item for share in dist.all_gather_objects(scored) for item in share]
+    if scored:
+        out["eval/spearman"] = spearman_with_gold(scored)
+    return out
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -203,10 +239,11 @@ def run(cfg: RMConfig) -> dict:
 
     # --- data: preference rows -> (chosen, rejected) token sequences ---------------------------
     tokenizer = load_tokenizer(cfg.model)
-    builtin = builtin_sentiment_rows() if cfg.data.path is None else None  # as `tether dpo`
-    train_pairs, eval_pairs = load_reward_pairs(
-        cfg.data, tokenizer, margin_key=cfg.rm.margin_key, rows=builtin,
-        source="built-in sentiment preference set" if builtin else None)
+    if cfg.data.path is None:  # the built set: sampled, ordered by gold, cached (`tether prefs`)
+        train_path, held_path = build_prefs(cfg.prefs, precision=tc.precision,
+                                            progress=cfg.run.progress, say=print)
+        cfg.data = replace(cfg.data, path=str(train_path), eval_path=str(held_path))
+    train_pairs, eval_pairs = load_reward_pairs(cfg.data, tokenizer, margin_key=cfg.rm.margin_key)
     if len(train_pairs) < tc.batch_size:
         raise ConfigError(f"train.batch_size ({tc.batch_size}) exceeds the {len(train_pairs)} "
                           "training pairs; lower it or add data")
@@ -221,6 +258,8 @@ def run(cfg: RMConfig) -> dict:
 
     # --- model: causal LM backbone + new score head, fp32 master weights ----------------------
     model = load_reward_model(cfg.model, pad_id)
+    if cfg.rm.train_layers is not None:
+        freeze_trunk(model, cfg.rm.train_layers)
     if tc.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable()
     model = dist.shard(model.to(device))
@@ -299,7 +338,9 @@ def run(cfg: RMConfig) -> dict:
     logger.print(f"held-out pairs ({len(eval_pairs)}): accuracy {eval_before['eval/accuracy']:.1%}"
                  f" -> {eval_after['eval/accuracy']:.1%}, margin {eval_before['eval/margin']:.3f}"
                  f" -> {eval_after['eval/margin']:.3f}, ECE {eval_before['eval/ece']:.3f} -> "
-                 f"{eval_after['eval/ece']:.3f}")
+                 f"{eval_after['eval/ece']:.3f}" + (f", Spearman with gold "
+                 f"{eval_before['eval/spearman']:.3f} -> {eval_after['eval/spearman']:.3f}"
+                 if "eval/spearman" in eval_after else ""))
     logger.print(f"reward model: {out_dir} (AutoModelForSequenceClassification.from_pretrained)")
     finish_run(run_dir, logger, cfg.run.report)
     return {"losses": history, "eval_before": eval_before, "eval_after": eval_after,

@@ -73,6 +73,64 @@ def heldout_prompts(n: int | None = None) -> list[dict]:
     return held if n is None else held[:n]
 
 
+# The larger pool of `tether prefs` (the built preference set of `tether rm` and `tether rlhf`):
+# more kinds of text and more subjects. Its prompts are every (template, subject) pair of both
+# lists, less the N_HELDOUT prompts of the generation eval, so no eval prompt is ever a pair.
+MORE_TEMPLATES = [
+    ("review", "Write a two-sentence product review of {}."),
+    ("review", "Rate {} out of five stars and explain why in one sentence."),
+    ("review", "Describe your experience with {} for a review website."),
+    ("review", "What did you think of {}? Answer in a few words."),
+    ("note", "Write a sticky note to yourself about {}."),
+    ("note", "Write a short email to your manager about {}."),
+    ("note", "Write one line for your journal about {}."),
+    ("message", "Send a short text to your best friend about {}."),
+    ("message", "Write a social media post about {}."),
+    ("message", "Tell your parents about {} in a short message."),
+    ("message", "Write a quick voicemail transcript to a colleague about {}."),
+    ("message", "Reply to a group chat that asks how {} went."),
+]
+MORE_SUBJECTS = [
+    "the new coffee machine at work", "a weekend at the beach", "your first day at a new job",
+    "the concert you went to", "a museum visit", "your neighbour's barking dog",
+    "the taxi ride from the airport", "a birthday party", "the restaurant on the corner",
+    "a phone call with customer service", "the new season of your favourite show",
+    "a hike in the mountains", "the parking garage downtown", "a library book you borrowed",
+    "your commute by bike", "a visit to the doctor", "a package that arrived damaged",
+    "the farmers market", "a wedding you attended", "your garden this spring",
+    "a haircut at a new salon", "the heating in your flat", "a video game you played",
+    "the ice cream shop by the river", "a yoga class", "your new headphones",
+    "a snowstorm", "the local football match", "an online course you took",
+    "a weekend with your cousins", "the bakery's new sourdough", "a tram that broke down",
+    "a street festival", "your electricity bill", "a picnic in the park", "the airport lounge",
+    "a rental car", "a broken washing machine", "a surprise visit from an old friend",
+    "the new shopping centre", "a meeting that ran long", "your kitchen renovation",
+    "a podcast you listened to", "a holiday in the countryside", "the hospital waiting room",
+    "a board game night", "a rooftop bar", "the morning run along the canal",
+    "a bookshop you discovered", "the school play", "a thunderstorm at night",
+    "a new recipe you tried", "the hotel pool", "your car's service at the garage",
+    "a volunteer day at the shelter", "the local bus timetable", "a charity run",
+    "a tax form you had to fill in", "a vegetable box delivery", "the town's new bike lanes",
+    "a ferry crossing", "your new phone case", "the fireworks on New Year's Eve",
+    "a power cut", "the zoo", "a tour of an old castle", "a late-night study session",
+    "the smell of fresh bread", "a long queue at the bank", "a sunny afternoon",
+    "a pottery class", "the playground near school", "a broken escalator",
+    "a karaoke night", "the cinema snacks", "a visit to your grandparents",
+    "a cold shower", "your noisy upstairs neighbours", "a market stall selling spices",
+    "a flat tyre on the motorway", "the new manager", "an evening walk by the sea",
+]
+
+
+def prompt_pool() -> list[dict]:
+    """The prompts `tether prefs` samples from, in a fixed order (same shape as
+    sentiment_prompts()): every template of TEMPLATES + MORE_TEMPLATES with every subject of
+    SUBJECTS + MORE_SUBJECTS, except the held-out prompts of the generation eval."""
+    held = {p["prompt"][0]["content"] for p in heldout_prompts()}
+    return [{"prompt": [{"role": "user", "content": template.format(subject)}], "group": group}
+            for subject in SUBJECTS + MORE_SUBJECTS for group, template in TEMPLATES + MORE_TEMPLATES
+            if template.format(subject) not in held]
+
+
 @lru_cache(maxsize=1)
 def _analyzer():
     try:

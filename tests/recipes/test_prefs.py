@@ -1,0 +1,112 @@
+"""`tether prefs`: the pairing rule by hand, and a tiny-model build that caches and resumes."""
+
+import json
+
+import pytest
+
+from tether.config import PrefsParams
+from tether.data.preference import pairs_by_score
+from tether.errors import ConfigError
+from tether.recipes import prefs
+
+
+def test_pairs_by_score_all_pairs_higher_chosen_ties_dropped():
+    """Scores a 0.9, b 0.5, c 0.45, d 0.9 (a duplicate text of a), e "" (empty) with min_gap
+    0.1: the duplicate and the empty completion are dropped, leaving a, b, c. Pairs: (a, b) gap
+    0.4 -> chosen a; (a, c) gap 0.45 -> chosen a; (b, c) gap 0.05 < 0.1 -> a tie, dropped.
+    So two rows, in that order, carrying the prompt row's group."""
+    row = {"prompt": [{"role": "user", "content": "hi"}], "group": "note"}
+    out = pairs_by_score(row, ["a", "b", "c", "a", " "], [0.9, 0.5, 0.45, 0.1, 1.0], min_gap=0.1)
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in out] == \
+        [("a", "b"), ("a", "c")]
+    assert [(r["score_chosen"], r["score_rejected"]) for r in out] == [(0.9, 0.5), (0.9, 0.45)]
+    assert all(r["group"] == "note" and r["prompt"] == row["prompt"] for r in out)
+    assert out[0]["chosen"][0]["role"] == "assistant"
+
+
+def test_pairs_by_score_standard_prompt_and_order():
+    """A string prompt gives string completions; the lower-scored first sample is rejected:
+    scores (-0.2, 0.3) -> chosen "y", rejected "x", gap 0.5 >= 0.1."""
+    (r,) = pairs_by_score({"prompt": "p"}, ["x", "y"], [-0.2, 0.3], min_gap=0.1)
+    assert (r["chosen"], r["rejected"], r["score_chosen"], r["score_rejected"]) == \
+        ("y", "x", 0.3, -0.2)
+
+
+def length_gold(prompts, completions, **columns):
+    return [float(len(c)) for c in completions]
+
+
+def tiny_params(model_dir, cache, **kw):
+    return PrefsParams(**{"pairs": 12, "heldout_pairs": 4, "samples_per_prompt": 3,
+                          "max_new_tokens": 6, "batch_prompts": 2, "min_gap": 0.5,
+                          "gold": f"{__name__}:length_gold", "model": str(model_dir),
+                          "cache_dir": str(cache), **kw})
+
+
+def test_build_writes_disjoint_splits_and_reads_the_cache(tiny_model_dir, tmp_path, monkeypatch):
+    p = tiny_params(tiny_model_dir, tmp_path)
+    train, held = prefs.build(p, precision="fp32", progress=False, say=lambda m: None)
+    train_rows = [json.loads(x) for x in train.read_text().splitlines()]
+    held_rows = [json.loads(x) for x in held.read_text().splitlines()]
+    assert (len(train_rows), len(held_rows)) == (12, 4)
+    prompt = lambda r: r["prompt"][0]["content"]  # noqa: E731
+    assert not {prompt(r) for r in train_rows} & {prompt(r) for r in held_rows}
+    for r in train_rows + held_rows:  # ordered by the gold reward (length), ties dropped
+        assert len(r["chosen"][0]["content"]) - len(r["rejected"][0]["content"]) >= 0.5
+        assert r["score_chosen"] == len(r["chosen"][0]["content"])
+    from tether.data.tasks.sentiment import heldout_prompts
+    evals = {q["prompt"][0]["content"] for q in heldout_prompts()}
+    assert not evals & {prompt(r) for r in train_rows + held_rows}  # no eval prompt is a pair
+    meta = json.loads((train.parent / "meta.json").read_text())
+    assert meta["train_pairs"] == 12 and not (train.parent / "samples.partial.jsonl").exists()
+
+    monkeypatch.setattr(prefs, "load_causal_lm", lambda cfg: pytest.fail("sampled again"))
+    assert prefs.build(p, precision="fp32", progress=False, say=lambda m: None) == (train, held)
+    # a different setting is a different cache directory
+    assert prefs.build_dir(tiny_params(tiny_model_dir, tmp_path, seed=1), [], tiny_model_dir) != \
+        prefs.build_dir(tiny_params(tiny_model_dir, tmp_path), [], tiny_model_dir)
+
+
+def test_killed_build_resumes_with_the_same_rows(tiny_model_dir, tmp_path, monkeypatch):
+    whole = prefs.build(tiny_params(tiny_model_dir, tmp_path / "a"), precision="fp32",
+                        progress=False, say=lambda m: None)
+    calls = {"n": 0}
+    real = prefs.TorchBackend.generate
+
+    def dies_on_third(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(prefs.TorchBackend, "generate", dies_on_third)
+    p = tiny_params(tiny_model_dir, tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        prefs.build(p, precision="fp32", progress=False, say=lambda m: None)
+    partial = next((tmp_path / "b").glob("*/samples.partial.jsonl"))
+    assert len(partial.read_text().splitlines()) == 2  # two batches kept
+    monkeypatch.setattr(prefs.TorchBackend, "generate", real)
+    again = prefs.build(p, precision="fp32", progress=False, say=lambda m: None)
+    assert [x.read_text() for x in again] == [x.read_text() for x in whole]
+
+
+def test_bad_settings_and_too_few_prompts(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        prefs.check(PrefsParams(samples_per_prompt=1))
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text(json.dumps({"prompt": "Say something."}) + "\n")
+    with pytest.raises(ConfigError, match="all 1 prompts gave only"):
+        prefs.build(tiny_params(tiny_model_dir, tmp_path, prompts=str(rows)), precision="fp32",
+                    progress=False, say=lambda m: None)
+
+
+def test_a_second_builder_of_the_same_set_is_refused(tiny_model_dir, tmp_path):
+    import fcntl
+
+    p = tiny_params(tiny_model_dir, tmp_path)
+    out = prefs.build_dir(p, prefs.load_prompts(p), tiny_model_dir)
+    out.mkdir(parents=True)
+    with (out / "samples.partial.jsonl").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another process is building"):
+            prefs.build(p, precision="fp32", progress=False, say=lambda m: None)
