@@ -1,10 +1,12 @@
 """Hand-derived tests for the advantage estimators (maths in each docstring)."""
 
+import math
 import pytest
 import torch
 from torch.testing import assert_close
 
-from tether.advantages import gae, group_advantages, reinforce_pp_advantages, rloo_advantages, whiten
+from tether.advantages import (gae, group_advantages, group_dro_weights, reinforce_pp_advantages,
+                               rloo_advantages, sequence_group_weights, whiten)
 
 
 def t(*rows):
@@ -94,3 +96,41 @@ def test_reinforce_pp_hand_values():
     kl = t([0.5, 1.0, 9.0], [0.0, 2.0, 0.0])
     adv = reinforce_pp_advantages(t(1.0, 2.0), mask, kl=kl, kl_coef=0.1, gamma=0.5)
     assert_close(adv, t([-0.762493, 0.0, 0.0], [-0.762493, -0.152499, 1.677484]), atol=1e-6, rtol=0)
+
+
+def test_group_dro_weights_hand_value():
+    """Two user groups, w = [0.5, 0.5], mean rewards r = [0, ln 3], step 1:
+    average ln 3 / 2, deficit = [ln 3 / 2, -ln 3 / 2];
+    w * exp(deficit) = [0.5 sqrt 3, 0.5 / sqrt 3], proportional to [3, 1] -> [0.75, 0.25]:
+    the lagging group gains weight."""
+    w, m = group_dro_weights(t(0.0, math.log(3)), torch.tensor([3, 1]), t(0.5, 0.5),
+                             step_size=1.0)
+    assert_close(w, t(0.75, 0.25))
+    assert m["worst_group"] == 0.0
+
+
+def test_group_dro_weights_absent_group_keeps_its_logit():
+    """Three groups, w = [0.25, 0.25, 0.5]; group 2 has no rows this step (its reward 99 is
+    ignored); r = [0, 2 ln 3], step 0.5. Average over present groups = ln 3, deficit =
+    [ln 3, -ln 3, 0]; step * deficit = [ln 3 / 2, -ln 3 / 2, 0];
+    w * exp(.) = [0.25 sqrt 3, 0.25 / sqrt 3, 0.5], times sqrt 3: [0.75, 0.25, 0.866025],
+    sum 1.866025 -> [0.401924, 0.133975, 0.464102]. Equal rewards change nothing; step 0 neither."""
+    w, _ = group_dro_weights(t(0.0, 2 * math.log(3), 99.0), torch.tensor([2, 2, 0]),
+                             t(0.25, 0.25, 0.5), step_size=0.5)
+    assert_close(w, t(0.401924, 0.133975, 0.464102), atol=1e-6, rtol=0)
+    same, _ = group_dro_weights(t(0.3, 0.3, 0.3), torch.tensor([1, 2, 3]), t(0.2, 0.3, 0.5),
+                                step_size=5.0)
+    assert_close(same, t(0.2, 0.3, 0.5))
+    still, _ = group_dro_weights(t(0.0, 1.0), torch.tensor([1, 1]), t(0.4, 0.6), step_size=0.0)
+    assert_close(still, t(0.4, 0.6))
+
+
+def test_sequence_group_weights_hand_value():
+    """w = [0.75, 0.25], rows of groups [0, 0, 0, 1] (n = [3, 1], N = 4):
+    sum_k n_k w_k = 3 * 0.75 + 0.25 = 2.5; c = 4 * [0.75, 0.75, 0.75, 0.25] / 2.5 =
+    [1.2, 1.2, 1.2, 0.4], mean 1. Uniform weights give 1 for every row."""
+    c = sequence_group_weights(t(0.75, 0.25), torch.tensor([0, 0, 0, 1]), torch.tensor([3, 1]))
+    assert_close(c, t(1.2, 1.2, 1.2, 0.4))
+    assert c.mean().item() == pytest.approx(1.0)
+    ones = sequence_group_weights(t(0.5, 0.5), torch.tensor([1, 0, 1]), torch.tensor([1, 2]))
+    assert_close(ones, t(1.0, 1.0, 1.0))

@@ -6,8 +6,9 @@ import sys
 import pytest
 
 from tether.errors import TetherError
-from tether.rewards import (ArithmeticVerifier, FormatReward, RewardError, RewardFn, WeightedSum,
-                            call_reward, check_scores, load_python_reward)
+from tether.rewards import (ArithmeticVerifier, FormatReward, GroupedRewards, RewardError, RewardFn,
+                            TerseReward, WeightedSum, call_reward, check_scores,
+                            load_python_reward)
 
 PROMPTS = ["What is 2 + 3?", "What is 7 * 6?", "What is 10 - 4?", "What is 1 + 1?"]
 COMPLETIONS = [
@@ -46,6 +47,31 @@ def test_weighted_sum_by_hand():
     assert combo(PROMPTS, COMPLETIONS, answer=ANSWERS) == pytest.approx(out.total)
     with pytest.raises(RewardError, match="unique"):
         WeightedSum([("a", length, 1.0), ("a", length, 2.0)])
+
+
+def test_grouped_rewards_route_each_row_to_its_group():
+    """Rows of groups [a, b, c, a]: a = 1.0 correct + 0.5 format, b = 2.0 format, c (no entry)
+    the default 1.0 correct. correct = [1, 0, 1, 0], format = [1, 1, 0, 0]:
+    row 0 (a): 1 + 0.5 = 1.5; row 1 (b): 2 * 1 = 2; row 2 (c): 1; row 3 (a): 0 + 0 = 0.
+    Both functions score every row (their unweighted scores are the components)."""
+    combo = GroupedRewards([("correct", ArithmeticVerifier()), ("format", FormatReward())],
+                           {"a": {"correct": 1.0, "format": 0.5}, "b": {"format": 2.0}},
+                           {"correct": 1.0})
+    out = combo.score(PROMPTS, COMPLETIONS, answer=ANSWERS, group=["a", "b", "c", "a"])
+    assert out.total == [1.5, 2.0, 1.0, 0.0]
+    assert out.components == {"correct": [1.0, 0.0, 1.0, 0.0], "format": [1.0, 1.0, 0.0, 0.0]}
+    assert [w for _, _, w in combo.components] == [1.0, 0.0]  # the default's weights
+    with pytest.raises(RewardError, match="absent"):
+        GroupedRewards([("correct", ArithmeticVerifier())], {"a": {"format": 1.0}}, {})
+
+
+def test_terse_reward_by_hand():
+    """0 unless right; then len('Answer: N') / len(reply): 'Answer: 5' 9/9 = 1;
+    '2 + 3 = 5\nAnswer: 5' 9/19; a wrong bare answer 0; right but with chatter after the
+    answer (10 - 4 = 6 ...) 9/28."""
+    out = TerseReward()(PROMPTS, ["Answer: 5", COMPLETIONS[0], "Answer: 41", COMPLETIONS[2]],
+                        answer=[5, 5, 42, 6])
+    assert out == pytest.approx([1.0, 9 / 19, 0.0, 9 / 28])
 
 
 def _raises(prompts, completions, **_):

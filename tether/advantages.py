@@ -1,4 +1,5 @@
-"""Advantage estimators: GAE, whitening, group-relative (GRPO / Dr. GRPO), RLOO, REINFORCE++.
+"""Advantage estimators: GAE, whitening, group-relative (GRPO / Dr. GRPO), RLOO, REINFORCE++,
+and the fairness weights of user groups (group DRO over the segments of a GRPO run).
 
 Pure tensor maths: imports torch only, no gradients (inputs are detached). Token tensors are
 (B, T) and right-padded; `mask` (B, T) bool is True on valid (completion) tokens.
@@ -6,6 +7,7 @@ Pure tensor maths: imports torch only, no gradients (inputs are detached). Token
 
 import torch
 
+from .losses.preference import group_robust_weights
 from .losses.reduce import masked_mean
 
 
@@ -206,3 +208,46 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     if var_returns == 0:
         return torch.tensor(float("nan"), dtype=returns.dtype)
     return 1 - var(returns - values) / var_returns
+
+
+def group_dro_weights(
+    group_rewards: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor, *, step_size: float
+) -> tuple[torch.Tensor, dict]:
+    """Group-DRO weights of user groups (segments) from their mean rewards: a group whose mean
+    reward lags the average of the groups gains weight (exponentiated gradient on the reward
+    deficit, `group_robust_weights`, as group-robust DPO does on its losses):
+
+        deficit_g = (1/|S|) sum_{k in S} r_k - r_g     S = groups present (counts > 0); 0 if absent
+        w_g      <- w_g exp(step_size * deficit_g) / Z   (softmax of log w + step_size * deficit)
+
+    Worked example (two groups, step_size = 1): w = [0.5, 0.5], r = [0, ln 3]
+        mean = ln 3 / 2, deficit = [ln 3 / 2, -ln 3 / 2]
+        w * exp(deficit) = [0.5 sqrt 3, 0.5 / sqrt 3] -> (times 2 sqrt 3) [3, 1] -> [0.75, 0.25]
+
+    group_rewards: (K,) mean reward of each group this step (any value where counts is 0);
+    counts: (K,) rows of each group; weights: (K,) on the simplex. Returns (new weights (K,),
+    metrics of `group_robust_weights`).
+    """
+    present = counts > 0
+    rewards = group_rewards.detach().to(weights.dtype)
+    average = rewards[present].mean() if present.any() else rewards.new_zeros(())
+    deficit = torch.where(present, average - rewards, torch.zeros_like(rewards))  # (K,)
+    return group_robust_weights(deficit, weights, step_size=step_size)
+
+
+def sequence_group_weights(
+    weights: torch.Tensor, group_ids: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """Per-sequence factors from group weights, normalised to average 1 over the step's N
+    sequences (all ranks: `counts` are the step's rows per group, summed over ranks):
+
+        c_i = w_{g_i} * N / sum_k n_k w_k
+
+    Uniform weights give c = 1. Worked example: w = [0.75, 0.25], rows of groups [0, 0, 0, 1]
+    (n = [3, 1], N = 4): sum_k n_k w_k = 2.25 + 0.25 = 2.5, so
+    c = 4 * [0.75, 0.75, 0.75, 0.25] / 2.5 = [1.2, 1.2, 1.2, 0.4] (mean 1).
+
+    weights: (K,); group_ids: (B,) long in [0, K); counts: (K,). Returns (B,) in weights' dtype.
+    """
+    total = (counts.to(weights.dtype) * weights).sum()
+    return weights[group_ids] * counts.sum().to(weights.dtype) / total

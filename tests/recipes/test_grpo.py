@@ -258,3 +258,139 @@ def test_online_diagnostics_lora_kl_without_beta(peaked_model_dir, tmp_path):
     assert all(s["gold"] == pytest.approx(s["reward"]) for s in samples)
     full = _run(peaked_model_dir, tmp_path / "full", "--train.max_steps=1")
     assert not any(k.startswith("kl/") for k in full["history"][0])
+
+
+# --- user groups (segments): own rewards, per-group metrics, fairness ---------------------------
+
+
+def ones(prompts, completions, **columns):
+    """Toy reward: 1.0 for every completion."""
+    return [1.0] * len(completions)
+
+
+def half_spaces(prompts, completions, **columns):
+    """Toy reward: 0.5 + half the space fraction (higher than `space_fraction`, but varies)."""
+    return [0.5 + 0.5 * s for s in space_fraction(prompts, completions)]
+
+
+def _group_rows(tmp_path, groups=("a", "b", "a", "b")):
+    train = [{"prompt": f"Tell me about {w}.", "group": g}
+             for w, g in zip(("cats", "dogs", "rain", "tea"), groups)]
+    held = [{"prompt": f"Say something about {w}.", "group": g}
+            for w, g in zip(("snow", "maps"), ("a", "b"))]
+    for name, rows in (("train.jsonl", train), ("held.jsonl", held)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return train, [f"--data.path={tmp_path / 'train.jsonl'}",
+                   f"--data.eval_path={tmp_path / 'held.jsonl'}", "--run.eval_generations=2"]
+
+
+def test_group_rewards_route_rows_and_metrics(peaked_model_dir, tmp_path):
+    """Group a is scored by `ones`, b by `space_fraction` (also the gold): every step a's mean
+    reward is exactly 1, b's equals its own gold mean, and reward/mean is the rows' mix of the
+    two; per-group length and KL (beta > 0) are logged, and the held-out metrics per group."""
+    train, data = _group_rows(tmp_path)
+    out = _run(peaked_model_dir, tmp_path / "run", *data, "--train.max_steps=3",
+               f"--grpo.group_rewards={{a: [{__name__}:ones], b: [{__name__}:space_fraction]}}",
+               f"--rewards.gold={__name__}:space_fraction", "--grpo.beta=0.05")
+    for step, h in enumerate(out["history"]):
+        prompts = grpo.step_items(train, step, 2, 0)
+        frac_a = sum(p["group"] == "a" for p in prompts) / 2
+        assert h.get("group/a/reward", 1.0) == 1.0
+        if frac_a < 1:
+            assert h["group/b/reward"] == pytest.approx(h["group/b/gold"])
+            assert h["reward/mean"] == pytest.approx(frac_a + (1 - frac_a) * h["group/b/reward"])
+        for g, share in (("a", frac_a), ("b", 1 - frac_a)):
+            assert (f"group/{g}/length" in h) == (share > 0) == (f"group/{g}/kl" in h)
+            assert f"group/{g}/weight" not in h  # fairness is off
+    assert out["history"][0].get("group/a/kl", out["history"][0].get("group/b/kl")) \
+        == pytest.approx(0.0, abs=1e-4)  # before any update the policy is the reference
+    ev = out["eval_after"]
+    assert ev["eval/group/a/reward"] == 1.0
+    assert ev["eval/group/b/reward"] == pytest.approx(ev["eval/group/b/gold"])
+    assert ev["eval/reward"] == pytest.approx((1.0 + ev["eval/group/b/reward"]) / 2)
+
+
+def test_group_fairness_weights_lagging_group_and_resumes_exactly(peaked_model_dir, tmp_path,
+                                                                  monkeypatch):
+    """Group a (space_fraction) lags group b (0.5 + half of it). With group DRO its weight rises
+    above 1, and each row's advantage is the plain one times its group's factor
+    c_g = w_g N / sum_k n_k w_k (the step's N = 32 rows, 16 per group); killed after its step-2
+    checkpoint and resumed, the run matches the uninterrupted one exactly (weights included)."""
+    _, data = _group_rows(tmp_path)
+    rewards = (f"--grpo.group_rewards={{a: [{__name__}:space_fraction], "
+               f"b: [{__name__}:half_spaces]}}")
+    extra = (*data, rewards, "--grpo.prompts_per_step=4", "--train.max_steps=4",
+             "--run.save_every=2", "--run.eval_generations=0")
+    seen = []
+    real_mb = grpo.micro_batches
+    monkeypatch.setattr(grpo, "micro_batches", lambda r, a, *rest: seen.append(a.clone())
+                        or real_mb(r, a, *rest))
+    plain = _run(peaked_model_dir, tmp_path / "plain", *extra, "--train.max_steps=1")
+    fair_args = (*extra, "--grpo.group_fairness=dro", "--grpo.group_step_size=2.0")
+    full = _run(peaked_model_dir, tmp_path / "full", *fair_args)
+    h = full["history"][0]
+    assert h["group/a/reward"] < h["group/b/reward"] and h["group/a/weight"] > 1.0
+    assert h["group/a/weight"] + h["group/b/weight"] == pytest.approx(2.0)
+    factors = {round(w * 32 / (16 * h["group/a/weight"] + 16 * h["group/b/weight"]), 5)
+               for w in (h["group/a/weight"], h["group/b/weight"])}  # K w_g: the same scale
+    ratio = seen[1][seen[0] != 0] / seen[0][seen[0] != 0]  # step 1: same samples, weighted
+    assert {round(x, 5) for x in ratio.tolist()} == factors
+    assert plain["history"][0]["group/a/reward"] == h["group/a/reward"]
+
+    real_save = checkpoint.save
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        if args[1] == 2:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        _run(peaked_model_dir, tmp_path / "cut", *fair_args)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    saved = json.loads((checkpoint.latest(tmp_path / "cut" / "checkpoints") / "state.json")
+                       .read_text())["trainer"]["group_weights"]
+    assert sorted(saved) == ["a", "b"] and saved["a"] > saved["b"]
+    cut = _run(peaked_model_dir, tmp_path / "cut", *fair_args, "--run.resume=true")
+    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("reward/mean", "loss/policy", "group/a/weight", "group/b/weight",
+                    "group/a/reward"):
+            assert a[step][key] == b[step][key], (step, key)
+    assert a[4]["group/a/weight"] != a[2]["group/a/weight"]
+    for (name, p), (_, q) in zip(full["policy"].named_parameters(),
+                                 cut["policy"].named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_segments_task_and_group_config_errors(peaked_model_dir, tmp_path):
+    """grpo.task=segments: rows of groups explain and terse, each scored by its own rewards
+    (arithmetic + worked at 0.5 each; terse), logged per group in training and held out. Bad
+    group settings are errors that name the key."""
+    out = _run(peaked_model_dir, tmp_path / "seg", "--grpo.task=segments", "--train.max_steps=1",
+               "--grpo.task_size=16", "--run.eval_generations=4")
+    h, ev = out["history"][0], out["eval_after"]
+    seen = {k.split("/")[1] for k in h if k.startswith("group/")}
+    assert seen and seen <= {"explain", "terse"}
+    for g in seen:
+        assert {f"group/{g}/reward", f"group/{g}/length"} <= set(h)
+    assert {"reward/terse/mean", "reward/worked/mean", "reward/arithmetic/mean"} <= set(h)
+    for g in ("explain", "terse"):
+        assert {f"eval/group/{g}/reward", f"eval/group/{g}/accuracy"} <= set(ev)
+    with pytest.raises(ConfigError, match="grpo.task must be one of arithmetic, segments"):
+        _run(peaked_model_dir, tmp_path / "x", "--grpo.task=poems")
+    with pytest.raises(ConfigError, match="group_fairness=dro needs prompts of at least 2"):
+        _run(peaked_model_dir, tmp_path / "x", "--grpo.group_fairness=dro")
+    with pytest.raises(ConfigError, match="grpo.group_fairness must be one of none, dro"):
+        _run(peaked_model_dir, tmp_path / "x", "--grpo.group_fairness=worst")
+    with pytest.raises(ConfigError, match="grpo.group_rewards names group.*poets.*explain, terse"):
+        _run(peaked_model_dir, tmp_path / "x", "--grpo.task=segments",
+             "--grpo.group_rewards.poets=[format]")
+    with pytest.raises(ConfigError, match="one weight per function"):
+        _run(peaked_model_dir, tmp_path / "x", "--grpo.task=segments",
+             "--grpo.group_rewards.terse=[terse]", "--grpo.group_reward_weights.terse=[1, 2]")

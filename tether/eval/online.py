@@ -281,13 +281,16 @@ class Diagnostics:
         return call_reward("gold", self.gold, prompts, texts, **(columns or {}))
 
     def rollout_metrics(self, step: int, prompts: list, texts: list[str],
-                        columns: dict[str, list] | None = None) -> dict[str, float]:
+                        columns: dict[str, list] | None = None,
+                        by_group: Callable | None = None) -> dict[str, float]:
         """`completions/distinct_2` of the step's completions (all ranks) and, on gold steps,
-        `gold/mean`: the mean gold score of the same completions (prompts: one per text)."""
+        `gold/mean`: the mean gold score of the same completions (prompts: one per text), and
+        `by_group(golds)`'s metrics (GRPO's user groups: group/<name>/gold)."""
         out = {"completions/distinct_2": distinct_n(all_gather(texts), 2)}
         if self.gold_due(step):
-            out["gold/mean"] = dist.global_mean(sum(self.gold_scores(prompts, texts, columns)),
-                                                len(texts))
+            golds = self.gold_scores(prompts, texts, columns)
+            out["gold/mean"] = dist.global_mean(sum(golds), len(texts))
+            out.update(by_group(golds) if by_group is not None else {})
         return out
 
     def log(self, logger, step: int, metrics: dict, samples: list[dict] | None = None) -> None:
@@ -317,8 +320,10 @@ def heldout_greedy(backend, reward_fn, prompts: list, *, max_new_tokens: int,
                    gold: Callable | None = None) -> tuple[dict[str, float], list[dict]]:
     """Greedy completions of held-out `PromptExample`s, each rank an equal share: eval/reward
     (the weighted total), eval/reward/<name> per component, eval/accuracy when the prompts carry
-    an exact `answer`, eval/gold with a gold function; and the samples.jsonl rows of the first
-    SAMPLES_KEPT prompts (prompt, completion, reward, gold). ({}, []) without prompts."""
+    an exact `answer`, eval/gold with a gold function, and when they carry a `group` the same
+    over each group's prompts (eval/group/<name>/reward, /accuracy, /gold); and the
+    samples.jsonl rows of the first SAMPLES_KEPT prompts (prompt, completion, reward, gold).
+    ({}, []) without prompts."""
     from tether.engine.generate import SamplingParams
     from tether.engine.score import sequence_rewards
     from tether.rewards import call_reward
@@ -334,15 +339,23 @@ def heldout_greedy(backend, reward_fn, prompts: list, *, max_new_tokens: int,
     total, components = sequence_rewards(reward_fn, asked, texts, columns)
     sums = {"eval/reward": total.sum().item(),
             **{f"eval/reward/{k}": sum(v) for k, v in components.items()}}
+    hits = None
     if "answer" in columns:
         from tether.data.tasks import arithmetic
 
-        sums["eval/accuracy"] = sum(arithmetic.verify(t, int(a))
-                                    for t, a in zip(texts, columns["answer"]))
+        hits = [float(arithmetic.verify(t, int(a))) for t, a in zip(texts, columns["answer"])]
+        sums["eval/accuracy"] = sum(hits)
     golds = None if gold is None else call_reward("gold", gold, asked, texts, **columns)
     if golds is not None:
         sums["eval/gold"] = sum(golds)
     metrics = {k: dist.all_reduce_sum(v).item() / len(prompts) for k, v in sums.items()}
+    groups = [p.columns.get("group") for p in prompts]  # every rank's prompts: the same names
+    per_row = {"reward": total.tolist(), "accuracy": hits, "gold": golds}
+    for name in sorted({g for g in groups if g is not None}, key=str):
+        mine = [p.columns.get("group") == name for p in share]
+        metrics.update({f"eval/group/{name}/{k}": dist.all_reduce_sum(
+            sum(v for v, m in zip(values, mine) if m)).item() / groups.count(name)
+            for k, values in per_row.items() if values is not None})
     return metrics, sample_rows(asked, texts, reward=total.tolist(), gold=golds)
 
 

@@ -5,7 +5,9 @@ score (reward functions; reference log-probs if beta > 0; old log-probs if num_i
 advantages (relative to the group, per the loss type) -> update (num_iterations optimizer steps
 over the rollout, micro-batched, normalised over the whole step) -> log -> checkpoint.
 Held-out accuracy (greedy) before and after training; KL, diversity, the gold reward and the
-warnings of docs/diagnostics.md through `tether.eval.online`.
+warnings of docs/diagnostics.md through `tether.eval.online`. Prompts may carry a user `group`
+(segment): each group can have its own rewards, is logged on its own, and with
+`grpo.group_fairness: dro` lagging groups weigh more (`tether.engine.user_groups`).
 
 The loss variants differ only in the row of `LOSS_TYPES` they pick: how advantages are computed,
 how per-token losses are reduced, whether the importance ratio is per token or per sequence, the
@@ -27,6 +29,7 @@ import torch
 from tether.advantages import group_advantages, rloo_advantages
 from tether.config import GRPOConfig, GRPOParams, ModelConfig, save_config
 from tether.data.prompts import SHOTS, load_rl_prompts
+from tether.data.tasks import segments
 from tether.data.tasks.arithmetic import DIFFICULTIES
 from tether.engine import checkpoint, dist
 from tether.engine.dist import global_mean, same_count_on_ranks
@@ -38,6 +41,7 @@ from tether.engine.optimize import (build_optimizer, build_scheduler, resolve_pr
                                    train_step)
 from tether.engine.rollout_batches import GRPOBatch, micro_batches
 from tether.engine.score import score_logps
+from tether.engine.user_groups import UserGroups
 from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.report import finish_run
@@ -71,6 +75,9 @@ LOSS_TYPES = {
     # Ahmadian et al. 2024: leave-one-out baseline, no std division
     "rloo": LossType(rloo_advantages, "sequence_mean", "token", 0.2, 0.2, False),
 }
+
+
+TASKS = {"arithmetic": load_rl_prompts, "segments": segments.load_segment_prompts}  # grpo.task
 
 
 @dataclass
@@ -177,18 +184,23 @@ def run(cfg: GRPOConfig) -> dict:
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
 
-    # --- data: prompt rows (TRL prompt-only format) or the built-in arithmetic task -----------
+    # --- data: prompt rows (TRL prompt-only format) or a built-in task; user groups ------------
     tokenizer = load_tokenizer(cfg.model)
+    task = gc_.task if cfg.data.path is None else None  # None: the rows of data.path
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"grpo.task must be one of {', '.join(TASKS)}, got '{gc_.task}'")
     if cfg.data.path is None and gc_.task_difficulty not in DIFFICULTIES:
         raise ConfigError(f"grpo.task_difficulty must be one of {', '.join(DIFFICULTIES)}, "
                           f"got '{gc_.task_difficulty}'")
     if cfg.data.path is None and not 0 <= gc_.task_shots <= len(SHOTS):
         raise ConfigError(f"grpo.task_shots must be between 0 and {len(SHOTS)}, "
                           f"got {gc_.task_shots}")
-    train_prompts, eval_prompts = load_rl_prompts(
+    train_prompts, eval_prompts = TASKS[task or "arithmetic"](
         cfg.data, tokenizer, n_eval=cfg.run.eval_generations, task_size=gc_.task_size,
         difficulty=gc_.task_difficulty, shots=gc_.task_shots,
         system_prompt=gc_.task_system_prompt)
+    groups = UserGroups(gc_, train_prompts + eval_prompts, rewards, task=task)
+    rewards = groups.rewards  # each row scored by its user group's functions
     if len(train_prompts) < gc_.prompts_per_step:
         raise ConfigError(f"grpo.prompts_per_step ({gc_.prompts_per_step}) exceeds the "
                           f"{len(train_prompts)} training prompts")
@@ -213,8 +225,9 @@ def run(cfg: GRPOConfig) -> dict:
         last = checkpoint.latest(ckpt_root)
         if last is None:
             raise ConfigError(f"run.resume is true but {ckpt_root} holds no checkpoint")
-        start_step = checkpoint.load(last, model=policy, optimizer=optimizer,
-                                     scheduler=scheduler)["step"]
+        state = checkpoint.load(last, model=policy, optimizer=optimizer, scheduler=scheduler)
+        start_step = state["step"]
+        groups.load_state(state)  # the fairness weights
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -226,6 +239,7 @@ def run(cfg: GRPOConfig) -> dict:
     logger.print(f"grpo ({gc_.loss_type}): {len(train_prompts)} train prompts, {total_steps} "
                  f"steps of {gc_.prompts_per_step} prompts x {gc_.group_size} samples, rewards "
                  f"{', '.join(n for n, _, _ in rewards.components)}, "
+                 f"{'groups ' + ', '.join(groups.names) + ', ' if groups.names else ''}"
                  f"{'reference (k3, beta=%g)' % obj.beta if obj.beta > 0 else 'no reference'}, "
                  f"{n_params / 1e6:.1f}M trainable parameters, {tc.precision} on {device}")
     evaluate = lambda: online.heldout_greedy(backend, rewards, eval_prompts,  # noqa: E731
@@ -257,8 +271,9 @@ def run(cfg: GRPOConfig) -> dict:
         equal = reward.view(-1, G).std(dim=1) == 0  # (n_prompts,) groups with one reward value
         keep = ~equal if obj.dynamic_sampling else torch.ones_like(equal)  # (n_prompts,)
 
-        # --- advantages (per group, before any group is dropped) ------------------------------
-        advantages = obj.kind.advantages(reward, G)  # (B,)
+        # --- advantages (per group, before any group is dropped); fairness weights ------------
+        row_groups = groups.ids(prompts, G)  # (B,) user group of each row
+        advantages = obj.kind.advantages(reward, G) * groups.update(reward, row_groups)  # (B,)
         counted = keep.repeat_interleave(G)  # (B,) rows in the update's normalisation
         # A row with advantage 0 and no KL term has loss 0 and gradient 0 whatever the policy:
         # it needs no forward, only its share of the denominator. One row always runs, so that
@@ -281,6 +296,7 @@ def run(cfg: GRPOConfig) -> dict:
         elif obj.beta > 0:  # LoRA: the reference is the policy with its adapter disabled
             with policy.model.disable_adapter():
                 score_logps(policy, batches, "ref_logps", gc_.temperature, tc.precision)
+        kl_rows = groups.row_kl(rollout, batches, real) if obj.beta > 0 else None  # (B,)
         if gc_.num_iterations > 1:  # the sampling policy, for the importance ratios
             score_logps(policy, batches, "old_logps", gc_.temperature, tc.precision)
         kl_seen = {}  # beta = 0 with LoRA: KL to the adapter-disabled policy (one more forward)
@@ -291,6 +307,7 @@ def run(cfg: GRPOConfig) -> dict:
             with policy.model.disable_adapter():
                 score_logps(policy, all_rows, "ref_logps", gc_.temperature, tc.precision)
             kl_seen = online.rollout_kl(rollout, all_rows)
+            kl_rows = groups.row_kl(rollout, all_rows, torch.arange(B))
         t2 = time.perf_counter()
 
         # --- update: num_iterations optimizer steps over the rows ------------------------------
@@ -332,7 +349,9 @@ def run(cfg: GRPOConfig) -> dict:
             "policy/approx_kl": sums.get("approx_kl", 0.0) / tokens,
             "completions/mean_length": global_mean(mask.sum().item(), B),
             "completions/truncated_frac": global_mean(rollout.truncated.sum().item(), B),
-            **diag.rollout_metrics(step + 1, asked, rollout.texts, columns), **kl_seen,
+            **diag.rollout_metrics(step + 1, asked, rollout.texts, columns,
+                                   partial(groups.means, row_groups, "gold")), **kl_seen,
+            **groups.metrics(row_groups, mask.sum(dim=1), kl_rows),
             "groups/zero_std_frac": global_mean(equal.sum().item(), len(equal)),
             "groups/kept": dist.all_reduce_sum(keep.sum().item()).item(),
             "optim/lr": m["lr"], "optim/grad_norm": m["grad_norm"],
@@ -354,7 +373,8 @@ def run(cfg: GRPOConfig) -> dict:
         # --- checkpoint -------------------------------------------------------------------------
         if step + 1 == total_steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
             checkpoint.save(ckpt_root, step + 1, model=policy, optimizer=optimizer,
-                            scheduler=scheduler, trainer_state={"total_steps": total_steps},
+                            scheduler=scheduler,
+                            trainer_state={"total_steps": total_steps, **groups.state()},
                             keep_last=cfg.run.keep_last)
     logger.close()
 
@@ -366,6 +386,8 @@ def run(cfg: GRPOConfig) -> dict:
     if "eval/reward" in before:
         logger.print(f"held-out reward (greedy): {before['eval/reward']:.3f} -> "
                      f"{after['eval/reward']:.3f}")
+    for line in groups.summary(before, after):
+        logger.print(line)
     logger.print(f"run directory: {run_dir} (export with `tether export {run_dir} OUT_DIR`)")
     finish_run(run_dir, logger, cfg.run.report)
     return {"history": history, "eval_before": before, "eval_after": after, "policy": policy,

@@ -7,17 +7,18 @@ value per completion (e.g. `answer=[...]` for the arithmetic verifier). RL recip
 functions through `call_reward`, which checks what comes back (`check_scores`).
 """
 
-from tether.rewards.base import (RewardError, RewardFn, RewardScores, WeightedSum, builtin_rewards,
-                                 call_reward, check_scores, load_python_reward, load_reward,
-                                 reward_name)
+from tether.rewards.base import (GroupedRewards, RewardError, RewardFn, RewardScores, WeightedSum,
+                                 builtin_rewards, call_reward, check_scores, load_python_reward,
+                                 load_reward, reward_name)
 from tether.rewards.model import RewardModelScorer
 from tether.rewards.process import ProcessRewardScorer, ProcessScores, aggregate_steps
 from tether.rewards.verifiers import (ArithmeticVerifier, FormatReward, SentimentReward,
-                                     WorkedFormatReward)
+                                     TerseReward, WorkedFormatReward)
 
 __all__ = [
     "ArithmeticVerifier",
     "FormatReward",
+    "GroupedRewards",
     "ProcessRewardScorer",
     "ProcessScores",
     "RewardError",
@@ -25,6 +26,7 @@ __all__ = [
     "RewardModelScorer",
     "RewardScores",
     "SentimentReward",
+    "TerseReward",
     "WeightedSum",
     "WorkedFormatReward",
     "aggregate_steps",

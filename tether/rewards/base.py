@@ -1,4 +1,5 @@
-"""The reward-function interface, its checks, user functions by name, and weighted sums."""
+"""The reward-function interface, its checks, user functions by name, and weighted sums (one for
+all rows, or one per user group)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from tether.errors import RewardError, TetherError
 from tether.rewards.verifiers import (ArithmeticVerifier, FormatReward, SentimentReward,
-                                     WorkedFormatReward)
+                                     TerseReward, WorkedFormatReward)
 
 
 @runtime_checkable
@@ -94,12 +95,12 @@ def load_python_reward(spec: str) -> RewardFn:
 def builtin_rewards() -> dict[str, type]:
     """Reward functions known by a plain name in config (classes; call one to get the function)."""
     return {"arithmetic": ArithmeticVerifier, "format": FormatReward, "sentiment": SentimentReward,
-            "worked": WorkedFormatReward}
+            "terse": TerseReward, "worked": WorkedFormatReward}
 
 
 def load_reward(name: str) -> RewardFn:
     """A reward function named in config: a built-in name (`builtin_rewards()`: "arithmetic",
-    "format", "sentiment"), a reward-model directory (one with config.json, e.g. the
+    "format", "sentiment", "terse", "worked"), a reward-model directory (one with config.json, e.g. the
     RUN_DIR/reward_model that `tether rm` writes: a `RewardModelScorer`), or "module:function"
     (imported now, only because it is named)."""
     builtin = builtin_rewards()
@@ -158,6 +159,41 @@ class WeightedSum:
                  for name, fn, _ in self.components}
         total = [sum(w * parts[name][i] for name, _, w in self.components)
                  for i in range(len(completions))]
+        return RewardScores(total, parts)
+
+    def __call__(self, prompts: list, completions: list[str], **columns: Any) -> list[float]:
+        return self.score(prompts, completions, **columns).total
+
+
+class GroupedRewards:
+    """Each user group's own weighted sum of one set of named functions (multi-group GRPO):
+
+        total_i = sum_k w_{g_i, k} f_k(prompts, completions, **columns)_i
+
+    g_i is row i's `group` column; `weights[g]` maps function names to weights (a function a
+    group does not name has weight 0 for its rows), and a group without an entry uses
+    `default`. Every function scores every row, as TRL calls every reward function on every
+    completion, so each is still logged over the whole step (`score` returns the unweighted
+    scores by name); a function meant for one group gets the other groups' rows too (their
+    missing columns are None) and should score them 0 rather than fail."""
+
+    def __init__(self, components: list[tuple[str, RewardFn]], weights: dict[str, dict[str, float]],
+                 default: dict[str, float]):
+        names = [name for name, _ in components]
+        unknown = {n for w in [default, *weights.values()] for n in w} - set(names)
+        if len(set(names)) != len(names) or unknown:
+            raise RewardError(f"GroupedRewards: component names must be unique and cover "
+                              f"every weighted name, got {names} (weighted but absent: "
+                              f"{sorted(unknown)})")
+        self.components = [(name, fn, float(default.get(name, 0.0))) for name, fn in components]
+        self.weights, self.default = weights, default
+
+    def score(self, prompts: list, completions: list[str], **columns: Any) -> RewardScores:
+        groups = columns.get("group") or [None] * len(completions)
+        parts = {name: call_reward(name, fn, prompts, completions, **columns)
+                 for name, fn, _ in self.components}
+        total = [sum(w * parts[name][i] for name, w in self.weights.get(g, self.default).items())
+                 for i, g in enumerate(groups)]
         return RewardScores(total, parts)
 
     def __call__(self, prompts: list, completions: list[str], **columns: Any) -> list[float]:

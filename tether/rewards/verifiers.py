@@ -46,6 +46,21 @@ class WorkedFormatReward:
                 for c, e in zip(completions, expressions)]
 
 
+class TerseReward:
+    """The `terse` group of the built-in segments task: 0 unless the last 'Answer: N' is the
+    row's `answer`, then len('Answer: N') / len(reply) capped at 1, so a bare 'Answer: N' scores
+    1 and any working or chatter costs (tether/data/tasks/segments.py)."""
+
+    def __call__(self, prompts: list, completions: list[str], *, answer: list | None = None,
+                 **columns: Any) -> list[float]:
+        from tether.data.tasks.segments import terse_score
+
+        if answer is None or len(answer) != len(completions):
+            raise RewardError("reward function 'terse' needs an 'answer' column (the exact "
+                              "integer answer of each prompt), one per completion")
+        return [terse_score(c, int(a)) for c, a in zip(completions, answer)]
+
+
 class SentimentReward:
     """VADER compound sentiment of the completion in [-1, 1]: the ground truth of the built-in
     sentiment preference set (tether/data/tasks/sentiment.py); positive tone scores high."""
