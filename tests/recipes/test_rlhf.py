@@ -123,7 +123,8 @@ def test_rlhf_defaults_chain_the_stages_on_builtin_data(tmp_path, default_tokeni
     assert configs["rm"].model.name_or_path == sft_model
     assert (configs["rm"].data.path, configs["rm"].data.eval_path) == (str(pairs), str(held_pairs))
     ppo_cfg = configs["ppo"]
-    assert ppo_cfg.model.name_or_path == sft_model and ppo_cfg.ppo.critic_init == "policy"
+    assert ppo_cfg.model.name_or_path == sft_model and ppo_cfg.ppo.critic_init == "reward_model"
+    assert ppo_cfg.model.lora.r == 16
     assert ppo_cfg.ppo.reward_model == str(tmp_path / "rm" / "reward_model")
     assert ppo_cfg.ppo.rewards == ["tether.recipes.rlhf:positive_tone"]
     assert ppo_cfg.ppo.reward_weights == [0.0]

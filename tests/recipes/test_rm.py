@@ -74,8 +74,11 @@ def test_train_layers_freezes_the_trunk(tiny_model_dir):
     assert "score.weight" in trainable and "model.norm.weight" in trainable
     assert any(n.startswith("model.layers.1.") for n in trainable)
     assert not any(n.startswith(("model.layers.0.", "model.embed_tokens")) for n in trainable)
-    with pytest.raises(ConfigError, match="rm.train_layers must be in 1..2"):
-        freeze_trunk(model, 3)
+    with pytest.raises(ConfigError, match="rm.train_layers must be >= 1"):
+        freeze_trunk(model, 0)
+    whole = load_reward_model(ModelConfig(name_or_path=str(tiny_model_dir)), 0)
+    freeze_trunk(whole, 3)  # more than the model has: all of it trains
+    assert all(p.requires_grad for p in whole.parameters())
 
 
 def test_tiny_rm_learns_rule(trained):

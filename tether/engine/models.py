@@ -131,13 +131,15 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None) -> PreTrainedM
 def freeze_trunk(model: torch.nn.Module, train_layers: int) -> None:
     """Train only the last `train_layers` decoder layers and what follows them (final norm,
     score head): the embeddings and the earlier layers get requires_grad False, so autograd keeps
-    nothing for backward through them (a forward of the whole model, a backward of the top)."""
+    nothing for backward through them (a forward of the whole model, a backward of the top).
+    A model with `train_layers` layers or fewer trains whole."""
     from tether.engine.dist import decoder_layers
 
     layers = decoder_layers(model)
-    if not 0 < train_layers <= len(layers):
-        raise ConfigError(f"rm.train_layers must be in 1..{len(layers)} (the model's decoder "
-                          f"layers) or null for all, got {train_layers}")
+    if train_layers < 1:
+        raise ConfigError(f"rm.train_layers must be >= 1 (or null for all), got {train_layers}")
+    if train_layers >= len(layers):
+        return
     frozen = [model.get_input_embeddings(), *layers[:len(layers) - train_layers]]
     for module in frozen:
         module.requires_grad_(False)

@@ -3,7 +3,7 @@ one starting policy, each evaluated the same way (`tether eval`; docs/diagnostic
 
 Stages:
   prompts   the sentiment task's training prompts (those of the shipped pairs) and held-out ones
-  reward    `tether rm` on the shipped pairs (or `reward_model`): PPO's and GRPO's reward and every
+  reward    `tether rm` on its built pairs (or `reward_model`): PPO's and GRPO's reward and every
             method's proxy score
   train     one run per method with that recipe's own defaults (plus `<method>_args`), each in a
             process of its own, so that its wall time and peak RSS are its own
@@ -224,7 +224,7 @@ def run(cfg: CompareConfig) -> dict:
     if reward_model is None:
         reward_model = str(root / "rm" / "reward_model")
         if not (Path(reward_model) / "config.json").is_file():
-            say("training the reward model (tether rm on the shipped sentiment pairs)")
+            say("training the reward model (tether rm on the built preference set, docs/rm.md)")
             run_tether(["rm", f"--model.name_or_path={cfg.model}", f"--run.output_dir={root / 'rm'}",
                         f"--run.progress={str(cfg.progress).lower()}", *cfg.rm_args])
 
