@@ -66,12 +66,12 @@ def test_grouped_rewards_route_each_row_to_its_group():
 
 
 def test_terse_reward_by_hand():
-    """0 unless right; then len('Answer: N') / len(reply): 'Answer: 5' 9/9 = 1;
-    '2 + 3 = 5\nAnswer: 5' 9/19; a wrong bare answer 0; right but with chatter after the
-    answer (10 - 4 = 6 ...) 9/28."""
-    out = TerseReward()(PROMPTS, ["Answer: 5", COMPLETIONS[0], "Answer: 41", COMPLETIONS[2]],
-                        answer=[5, 5, 42, 6])
-    assert out == pytest.approx([1.0, 9 / 19, 0.0, 9 / 28])
+    """0 unless the last integer is right; then len('Answer: N') / len(reply), capped at 1:
+    'Answer: 5' 9/9 = 1; '2 + 3 = 5' 9/9 = 1; '2 + 3 = 5\nAnswer: 5' 9/19; a wrong bare answer
+    0; right but with chatter ('Answer: 6 because 10 - 4 = 6') 9/28; '  5 ' (stripped: '5') 1."""
+    texts = ["Answer: 5", "2 + 3 = 5", COMPLETIONS[0], "Answer: 41", COMPLETIONS[2], "  5 "]
+    out = TerseReward()(PROMPTS + PROMPTS[:2], texts, answer=[5, 5, 5, 42, 6, 5])
+    assert out == pytest.approx([1.0, 1.0, 9 / 19, 0.0, 9 / 28, 1.0])
 
 
 def _raises(prompts, completions, **_):

@@ -47,9 +47,10 @@ class WorkedFormatReward:
 
 
 class TerseReward:
-    """The `terse` group of the built-in segments task: 0 unless the last 'Answer: N' is the
-    row's `answer`, then len('Answer: N') / len(reply) capped at 1, so a bare 'Answer: N' scores
-    1 and any working or chatter costs (tether/data/tasks/segments.py)."""
+    """The `terse` group of the built-in segments task: 0 unless the reply's last integer is the
+    row's `answer`, then len('Answer: N') / len(reply) capped at 1, so 'Answer: N' or a one-line
+    '7 + 6 = 13' scores 1 and any further working or chatter costs
+    (tether/data/tasks/segments.py)."""
 
     def __call__(self, prompts: list, completions: list[str], *, answer: list | None = None,
                  **columns: Any) -> list[float]:

@@ -4,7 +4,8 @@ a built-in multi-group task for GRPO (`grpo.task: segments`, docs/grpo.md).
     explain  "What is 7 + 6? Show your working, then end with 'Answer: N'."
              wants "7 + 6 = 13\nAnswer: 13": rewards `arithmetic` and `worked`, 0.5 each
     terse    "What is 7 + 6? Reply with the answer only, like 'Answer: N'."
-             wants "Answer: 13": reward `terse` = correct, times len("Answer: 13") / len(reply)
+             wants "Answer: 13" or "7 + 6 = 13": reward `terse` = 0 unless the reply's last
+             integer is the answer, else len("Answer: 13") / len(reply), capped at 1
 
 Both rewards lie in [0, 1], so their means can be compared across groups (the fairness mode
 does). The problems, their worked examples (`grpo.task_shots`) and the held-out split are those
@@ -15,9 +16,10 @@ held-out numbers are on the same problems.
 
 from __future__ import annotations
 
+import re
+
 from tether.config import DataConfig
 from tether.data.prompts import PromptExample, split_task_rows, tokenize_prompt_rows
-from tether.data.tasks import arithmetic
 
 SEGMENTS = {  # group -> what its users add to the question
     "explain": "Show your working, then end with 'Answer: N'.",
@@ -25,13 +27,16 @@ SEGMENTS = {  # group -> what its users add to the question
 }
 GROUP_REWARDS = {"explain": ["arithmetic", "worked"], "terse": ["terse"]}
 GROUP_REWARD_WEIGHTS = {"explain": [0.5, 0.5], "terse": [1.0]}
+_INTEGER = re.compile(r"-?\d+")
 
 
 def terse_score(text: str, answer: int) -> float:
-    """0 unless the reply's last 'Answer: N' is right; then len('Answer: N') / len(reply)
-    (whitespace at the ends aside), capped at 1: a bare 'Answer: 13' scores 1,
-    '7 + 6 = 13\\nAnswer: 13' 10 / 21 = 0.476."""
-    if not arithmetic.verify(text, answer):
+    """0 unless the reply's last integer is the answer; then len('Answer: N') / len(reply)
+    (whitespace at the ends aside), capped at 1. 'Answer: 13', '13' and '7 + 6 = 13' score 1
+    (a 1-digit problem's sum line is as long as 'Answer: N'); the worked form
+    '7 + 6 = 13\nAnswer: 13' scores 10 / 21 = 0.476; a wrong last number 0."""
+    numbers = _INTEGER.findall(text)
+    if not numbers or int(numbers[-1]) != answer:
         return 0.0
     return min(1.0, len(f"Answer: {answer}") / max(1, len(text.strip())))
 
