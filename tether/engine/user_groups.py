@@ -101,7 +101,10 @@ class UserGroups:
     def update(self, reward: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The step's group means of `reward` (B,) over all ranks; with fairness, the weights'
         exponentiated-gradient step on them (`group_dro_weights`) and each row's factor on its
-        advantage, c_i = w_{g_i} N / sum_k n_k w_k (`sequence_group_weights`); else 1. (B,)"""
+        advantage, c_i = w_{g_i} N / sum_k n_k w_k (`sequence_group_weights`); else 1 (and
+        without groups nothing is summed). (B,)"""
+        if not self.names:
+            return torch.ones_like(reward)
         K = len(self.weights)
         counts = dist.all_reduce_sum(torch.bincount(ids, minlength=K).double()).cpu()  # (K,)
         sums = dist.all_reduce_sum(torch.bincount(ids, reward.double(), minlength=K)).cpu()
