@@ -6,7 +6,7 @@ import pytest
 
 from tether.config import PrefsParams
 from tether.data.preference import pairs_by_score
-from tether.errors import ConfigError
+from tether.errors import ConfigError, DataError
 from tether.recipes import prefs
 
 
@@ -110,3 +110,13 @@ def test_a_second_builder_of_the_same_set_is_refused(tiny_model_dir, tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(ConfigError, match="another process is building"):
             prefs.build(p, precision="fp32", progress=False, say=lambda m: None)
+
+
+def test_prompt_file_rows_are_checked_like_rl_prompts(tmp_path):
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": 3}) + "\n")
+    with pytest.raises(DataError, match=r"row 2, field 'prompt': must be a string"):
+        prefs.load_prompts(PrefsParams(prompts=str(rows)))
+    rows.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(DataError, match="row 1: is not a prompt row"):
+        prefs.load_prompts(PrefsParams(prompts=str(rows)))

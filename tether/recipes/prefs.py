@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 from tether.config import ModelConfig, PrefsConfig, PrefsParams
-from tether.data.formats import read_rows
+from tether.data.formats import read_rows, validate_row
 from tether.data.preference import pairs_by_score
-from tether.data.prompts import encode_prompt
+from tether.data.prompts import PROMPT_FORMATS, encode_prompt
 from tether.engine import dist
 from tether.engine.generate import SamplingParams, TorchBackend, seeded
 from tether.engine.models import cache_dir, load_causal_lm, load_tokenizer, resolve_model_dir
@@ -56,10 +56,10 @@ def load_prompts(p: PrefsParams) -> list[dict]:
 
         return prompt_pool()
     rows = []
-    for number, row in read_rows(p.prompts):
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):
-            raise DataError("needs a 'prompt' (a string or a list of messages)",
-                            source=p.prompts, row=number, field="prompt")
+    for number, row in read_rows(p.prompts):  # checked as the RL recipes check prompt rows
+        if validate_row(row, p.prompts, number) not in PROMPT_FORMATS:
+            raise DataError("is not a prompt row; prefs.prompts takes {'prompt', ...} rows (the "
+                            "other fields go to the gold reward)", source=p.prompts, row=number)
         rows.append(row)
     if not rows:
         raise DataError("holds no rows", source=p.prompts)

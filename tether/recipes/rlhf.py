@@ -74,11 +74,10 @@ def builtin_ppo_prompts(root: Path, train_pairs: Path | None = None) -> tuple[Pa
     held-out prompts of the generation eval (`tether eval`'s, which no pair has)."""
     from tether.data.tasks.sentiment import heldout_prompts, split_prompts
 
-    lines = train_pairs.read_text(encoding="utf-8").splitlines() if train_pairs else \
-        [json.dumps(r) for r in split_prompts()[0]]
+    rows = [json.loads(line) for line in train_pairs.read_text(encoding="utf-8").splitlines()] \
+        if train_pairs else split_prompts()[0]
     seen, train = set(), []
-    for line in lines:
-        row = json.loads(line)
+    for row in rows:
         key = json.dumps(row["prompt"], sort_keys=True)
         if key not in seen:
             seen.add(key)

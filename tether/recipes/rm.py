@@ -103,17 +103,13 @@ def gold_scores(row: dict) -> tuple[float, float] | None:
     return (float(values[0]), float(values[1])) if ok else None
 
 
-def load_reward_pairs(cfg: DataConfig, tokenizer, *, margin_key: str | None = None,
-                      rows: list[dict] | None = None, source: str | None = None
+def load_reward_pairs(cfg: DataConfig, tokenizer, *, margin_key: str | None = None
                       ) -> tuple[list[RewardPair], list[RewardPair]]:
-    """(train, eval) pairs from cfg.path (or `rows`); eval from cfg.eval_path or a seeded
-    `eval_fraction` hold-out of whole rows. Every row is checked before training starts."""
-    if rows is None:
-        if cfg.path is None:
-            raise DataError("no data: set data.path")
-        numbered, source = read_rows(cfg.path, split=cfg.split), source or str(cfg.path)
-    else:
-        numbered, source = list(enumerate(rows, start=1)), source or "rows"
+    """(train, eval) pairs from cfg.path; eval from cfg.eval_path or a seeded `eval_fraction`
+    hold-out of whole rows. Every row is checked before training starts."""
+    if cfg.path is None:
+        raise DataError("no data: set data.path")
+    numbered, source = read_rows(cfg.path, split=cfg.split), str(cfg.path)
     if not numbered:
         raise DataError("holds no rows", source=source)
     numbered = drop_identical_pairs(numbered, tokenizer, source)
@@ -202,7 +198,9 @@ def evaluate(model, batches: list[PairBatch], device, precision: str) -> dict[st
     model.eval()
     table, margin_sum, scored = torch.zeros(ECE_BINS, 3, dtype=torch.float64), 0.0, []
     for batch in batches:
-        rows = [tuple(r[m].tolist()) for r, m in zip(batch.input_ids, batch.attention_mask)]
+        golds = batch.gold if batch.gold and any(g is not None for g in batch.gold) else []
+        rows = [tuple(r[m].tolist()) for r, m in zip(batch.input_ids, batch.attention_mask)] \
+            if golds else []
         batch = batch.to(device)
         with autocast(device, precision):
             scores = sequence_scores(model, batch.input_ids, batch.attention_mask)
@@ -210,7 +208,7 @@ def evaluate(model, batches: list[PairBatch], device, precision: str) -> dict[st
         table += calibration_table(diff)
         margin_sum += diff.sum().item()
         scored += [(row, score, gold) for row, score, gold
-                   in zip(rows, scores.tolist(), batch.gold or []) if gold is not None]
+                   in zip(rows, scores.tolist(), golds) if gold is not None]
     model.train(was_training)
     table = dist.all_reduce_sum(table).cpu()
     n, margin_sum = table[:, 0].sum().item(), dist.all_reduce_sum(margin_sum).item()
