@@ -1,0 +1,22 @@
+"""A local AI judge (RLAIF, Constitutional AI): a causal LM that compares two responses under a
+principle, reading the answer options' log-probabilities in both orders (docs/rlaif.md).
+
+    judge = Judge.load()            # default model; or a model dir, a .gguf, a package name
+    result = judge.compare(prompts, responses_a, responses_b, "Which response is more positive?")
+    result.p_a, result.confidence, result.position_disagree      # each (N,)
+
+tether.judge imports no recipe; it uses tether.engine.models only to find and convert models.
+"""
+
+from tether.judge.judge import Judge, JudgeResult, resolve_judge_dir
+from tether.judge.maths import confidence, order_average, position_disagree, two_option_prob
+from tether.judge.prompts import (COMPARE_ANSWER, COMPARE_OPTIONS, COMPARE_TEMPLATE,
+                                  DEFAULT_PRINCIPLE, POINTWISE_ANSWER, POINTWISE_OPTIONS,
+                                  POINTWISE_TEMPLATE, as_text)
+
+__all__ = [
+    "COMPARE_ANSWER", "COMPARE_OPTIONS", "COMPARE_TEMPLATE", "DEFAULT_PRINCIPLE",
+    "POINTWISE_ANSWER", "POINTWISE_OPTIONS", "POINTWISE_TEMPLATE", "Judge", "JudgeResult",
+    "as_text", "confidence", "order_average", "position_disagree", "resolve_judge_dir",
+    "two_option_prob",
+]
