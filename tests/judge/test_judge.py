@@ -118,3 +118,21 @@ def test_the_default_judge_loads_and_reads_one_token_options():
     r = j.compare(["Write about your day."], ["A lovely, happy day!"], ["A sad day."],
                   "Which response is more positive in tone?")
     assert r.option_mass.item() > 0.5
+
+
+def test_label_rows_put_the_preferred_response_first():
+    """p_a = (0.8, 0.3, 0.5): pair 0 keeps A (p 0.8, confidence 0.6); pair 1 swaps to B
+    (p 1 - 0.3 = 0.7, confidence 0.4); pair 2 is a tie: A stays chosen, p 0.5, confidence 0.
+    min_confidence 0.5 keeps pair 0 only."""
+    import tether.judge.labels as labels
+    from tether.judge import keep_confident, label_rows
+
+    assert doctest.testmod(labels).failed == 0
+    rows = label_rows(["q0", "q1", "q2"], ["a0", "a1", "a2"], ["b0", "b1", "b2"],
+                      torch.tensor([0.8, 0.3, 0.5]), torch.tensor([False, True, False]))
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("a0", "b0"), ("b1", "a1"),
+                                                           ("a2", "b2")]
+    assert [r["p"] for r in rows] == pytest.approx([0.8, 0.7, 0.5])
+    assert [r["confidence"] for r in rows] == pytest.approx([0.6, 0.4, 0.0])
+    assert [r["position_disagree"] for r in rows] == [False, True, False]
+    assert [r["prompt"] for r in keep_confident(rows, 0.5)] == ["q0"]

@@ -65,6 +65,21 @@ def test_cdpo_label_smoothing_hand_value():
     assert_close(half, flipped)
 
 
+def test_dpo_per_pair_soft_labels_hand_value():
+    """Soft labels: ls_i = 1 - p_i per pair. Two copies of PAIR (beta h = 0.15), p = (1, 0.9):
+    pair 1, ls 0: softplus(-0.15) = 0.620957 (plain DPO);
+    pair 2, ls 0.1: softplus(-0.15) + 0.1 * 0.15 = 0.635957 (the cDPO value above).
+    Gradient of pair 2 in pc: -beta (sigmoid(-0.15) - ls) = -0.1 (0.462570 - 0.1) = -0.0362570."""
+    pc, pr, rc, rr = (torch.cat([x, x]) for x in PAIR)
+    pc.requires_grad_()
+    loss, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=1 - t(1.0, 0.9))
+    assert_close(loss.detach(), t(0.620957, 0.635957), atol=1e-6, rtol=0)
+    loss.sum().backward()
+    assert_close(pc.grad, t(-0.0462570, -0.0362570), atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(pc, pr, rc, rr, label_smoothing=t(0.1, 0.6))
+
+
 @pytest.mark.parametrize("ls", [-0.01, 0.51])
 def test_dpo_label_smoothing_bounds(ls):
     """ls outside [0, 0.5] is not a flip probability: ValueError."""

@@ -9,11 +9,20 @@ from tether.recipes import compare
 COMMON = ["--train.precision=fp32", "--run.tensorboard=false", "--train.max_steps=1"]
 
 
+def tiny_prefs(model_dir, cache) -> list[str]:
+    """A tiny built preference set from the tiny model in a test directory (the default set
+    would sample the default model for minutes into the user's cache)."""
+    return [f"--prefs.model={model_dir}", f"--prefs.cache_dir={cache}", "--prefs.pairs=8",
+            "--prefs.heldout_pairs=2", "--prefs.samples_per_prompt=3", "--prefs.max_new_tokens=6",
+            "--prefs.batch_prompts=4", "--prefs.min_gap=0.5",
+            "--prefs.gold=tests.recipes.test_prefs:length_gold"]
+
+
 def test_tiny_compare_end_to_end(tiny_model_dir, tmp_path, capsys):
     root = tmp_path / "cmp"
     lists = {
         "rm_args": [*COMMON, "--train.batch_size=4", "--train.micro_batch_size=4",
-                    "--data.max_length=64"],
+                    "--data.max_length=64", *tiny_prefs(tiny_model_dir, tmp_path / "prefs")],
         "dpo_args": [*COMMON, "--train.batch_size=4", "--train.micro_batch_size=4",
                      "--data.max_length=64", "--run.eval_generations=2"],
         "ppo_args": [*COMMON, "--train.batch_size=4", "--train.micro_batch_size=4",

@@ -1,6 +1,7 @@
 """`tether prefs`: the pairing rule by hand, and a tiny-model build that caches and resumes."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -58,7 +59,7 @@ def test_build_writes_disjoint_splits_and_reads_the_cache(tiny_model_dir, tmp_pa
     evals = {q["prompt"][0]["content"] for q in heldout_prompts()}
     assert not evals & {prompt(r) for r in train_rows + held_rows}  # no eval prompt is a pair
     meta = json.loads((train.parent / "meta.json").read_text())
-    assert meta["train_pairs"] == 12 and not (train.parent / "samples.partial.jsonl").exists()
+    assert meta["train_pairs"] == 12 and Path(meta["samples"]).is_file()  # samples are kept
 
     monkeypatch.setattr(prefs, "load_causal_lm", lambda cfg: pytest.fail("sampled again"))
     assert prefs.build(p, precision="fp32", progress=False, say=lambda m: None) == (train, held)
@@ -83,11 +84,37 @@ def test_killed_build_resumes_with_the_same_rows(tiny_model_dir, tmp_path, monke
     p = tiny_params(tiny_model_dir, tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
         prefs.build(p, precision="fp32", progress=False, say=lambda m: None)
-    partial = next((tmp_path / "b").glob("*/samples.partial.jsonl"))
+    partial = next((tmp_path / "b").glob("samples/*/samples.jsonl"))
     assert len(partial.read_text().splitlines()) == 2  # two batches kept
+    with partial.open("a") as f:  # and a third cut off by the kill, half written
+        f.write('{"batch": 2, "compl')
     monkeypatch.setattr(prefs.TorchBackend, "generate", real)
     again = prefs.build(p, precision="fp32", progress=False, say=lambda m: None)
     assert [x.read_text() for x in again] == [x.read_text() for x in whole]
+
+
+def test_a_larger_set_reuses_the_samples_and_extends_the_smaller(tiny_model_dir, tmp_path,
+                                                                 monkeypatch):
+    """Sizes and min_gap change the pairs, not the samples: the 12-pair set's held-out file is
+    the 24-pair set's, its training rows are the first 12 of the 24, and building the 24-pair set
+    after it samples only the batches past those the 12-pair set used."""
+    small = prefs.build(tiny_params(tiny_model_dir, tmp_path), precision="fp32", progress=False,
+                        say=lambda m: None)
+    used = json.loads((small[0].parent / "meta.json").read_text())["prompts_used"]
+    calls = {"n": 0}
+    real = prefs.TorchBackend.generate
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(prefs.TorchBackend, "generate", counted)
+    big = prefs.build(tiny_params(tiny_model_dir, tmp_path, pairs=24), precision="fp32",
+                      progress=False, say=lambda m: None)
+    big_used = json.loads((big[0].parent / "meta.json").read_text())["prompts_used"]
+    assert calls["n"] == (big_used - used) // 2  # batch_prompts 2: only the new batches
+    assert big[1].read_text() == small[1].read_text()
+    assert big[0].read_text().splitlines()[:12] == small[0].read_text().splitlines()
 
 
 def test_bad_settings_and_too_few_prompts(tiny_model_dir, tmp_path):
@@ -104,11 +131,11 @@ def test_a_second_builder_of_the_same_set_is_refused(tiny_model_dir, tmp_path):
     import fcntl
 
     p = tiny_params(tiny_model_dir, tmp_path)
-    out = prefs.build_dir(p, prefs.load_prompts(p), tiny_model_dir)
-    out.mkdir(parents=True)
-    with (out / "samples.partial.jsonl").open("a") as held:
+    samples = prefs.samples_path(p, prefs.load_prompts(p), tiny_model_dir)
+    samples.parent.mkdir(parents=True)
+    with samples.open("a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(ConfigError, match="another process is building"):
+        with pytest.raises(ConfigError, match="another process is sampling"):
             prefs.build(p, precision="fp32", progress=False, say=lambda m: None)
 
 

@@ -42,6 +42,7 @@ class PreferencePair:
     rejected: Example
     group: str = ""
     ref: tuple[float, float] | None = None  # reference log-probs of (chosen, rejected), summed
+    p: float | None = None  # soft label P(chosen is better) (dpo.soft_label_key); None = hard
 
     @property
     def sequences(self) -> tuple[Example, Example]:
@@ -77,6 +78,7 @@ class PreferenceBatch:
     kl: torch.Tensor | None = None  # () KTO: the step's detached KL estimate (set by the loop)
     prompt_len: int = 0  # P: columns of left-padded prompt (0: none, rows right-padded)
     multiple: int = 0  # prompt and completion columns padded to multiples of this (0: off)
+    label_smoothing: torch.Tensor | None = None  # (B,) per-pair cDPO smoothing 1 - p; None: hard
 
     @property
     def num_pairs(self) -> int:
@@ -132,11 +134,13 @@ def collate_preference(items: list, pad_id: int, groups: list[str],
     input_ids, attention_mask, loss_mask, prompt_len = pair_rows(items, pad_id, multiple)
     ref = None if items[0].ref is None else torch.tensor(
         [it.ref[0] for it in items] + [it.ref[1] for it in items], dtype=torch.float32)
+    soft = None if getattr(items[0], "p", None) is None else torch.tensor(
+        [1.0 - it.p for it in items], dtype=torch.float32)
     return PreferenceBatch(
         input_ids, attention_mask, loss_mask, ref,
         torch.tensor([groups.index(it.group) for it in items], dtype=torch.long),
         torch.tensor([getattr(it, "desirable", True) for it in items], dtype=torch.bool),
-        prompt_len=prompt_len, multiple=multiple)
+        prompt_len=prompt_len, multiple=multiple, label_smoothing=soft)
 
 
 def trim(input_ids, attention_mask, loss_mask, *, prompt_len: int = 0, multiple: int = 0):
@@ -203,15 +207,29 @@ def _group(row: dict, where: dict) -> str:
     return group
 
 
+def soft_label(row: dict, key: str, where: dict) -> float:
+    """The row's P(chosen is better) from field `key` (dpo.soft_label_key), a number in
+    [0.5, 1]: `tether label` always makes the judge's preferred response the chosen one."""
+    value = row.get(key)
+    if key not in row or value is None:
+        raise DataError(f"missing (dpo.soft_label_key names it: P(chosen is better), e.g. the "
+                        "'p' that `tether label` writes)", field=key, **where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.5 <= value <= 1:
+        raise DataError(f"must be a number in [0.5, 1] (P(chosen is better); below 0.5 swap "
+                        f"chosen and rejected), got {value!r}", field=key, **where)
+    return float(value)
+
+
 def tokenize_pair(row: dict, tokenizer, *, max_length: int, truncation: bool, source: str,
-                  row_index: int) -> PreferencePair:
+                  row_index: int, soft_label_key: str | None = None) -> PreferencePair:
     where = {"source": source, "row": row_index}
     prompt, texts = preference_texts(row, tokenizer, where)
     prompt_ids = _ids(tokenizer, prompt) if prompt else []
     chosen, rejected = (join(prompt_ids, _ids(tokenizer, texts[f]), max_length=max_length,
                              truncation=truncation, where=where, field=f)
                         for f in ("chosen", "rejected"))
-    return PreferencePair(chosen, rejected, _group(row, where))
+    p = soft_label(row, soft_label_key, where) if soft_label_key else None
+    return PreferencePair(chosen, rejected, _group(row, where), p=p)
 
 
 def tokenize_unpaired(row: dict, fmt: str, tokenizer, *, source: str,
@@ -263,7 +281,7 @@ def _identical(row: dict, tokenizer, source: str, number: int) -> bool:
 
 
 def tokenize_preference_rows(rows: Rows, tokenizer, cfg: DataConfig, source: str, *,
-                             unpaired: bool) -> list:
+                             unpaired: bool, soft_label_key: str | None = None) -> list:
     """Validate and tokenise: PreferencePairs, or (unpaired=True, for KTO) UnpairedExamples."""
     pairs, singles = [], []
     for number, row in rows:
@@ -282,7 +300,7 @@ def tokenize_preference_rows(rows: Rows, tokenizer, cfg: DataConfig, source: str
         else:
             pairs.append(tokenize_pair(row, tokenizer, max_length=cfg.max_length,
                                        truncation=cfg.truncation, source=source,
-                                       row_index=number))
+                                       row_index=number, soft_label_key=soft_label_key))
     if not unpaired:
         return pairs
     n, out = len(singles), []
@@ -296,11 +314,13 @@ def tokenize_preference_rows(rows: Rows, tokenizer, cfg: DataConfig, source: str
 
 
 def load_preference_data(cfg: DataConfig, tokenizer, *, unpaired: bool = False,
-                         rows: list[dict] | None = None, source: str | None = None
-                         ) -> tuple[list, list, str]:
+                         rows: list[dict] | None = None, source: str | None = None,
+                         soft_label_key: str | None = None) -> tuple[list, list, str]:
     """(train items, eval items, content hash) from cfg.path (or `rows`); eval from cfg.eval_path
     or a seeded `eval_fraction` hold-out of whole rows. The hash covers the train rows then the
-    eval rows in order, so it identifies the items' order too (the reference cache relies on it)."""
+    eval rows in order, so it identifies the items' order too (the reference cache relies on it).
+    With `soft_label_key` every pair carries that field's P(chosen is better) (`.p`; batches get
+    `label_smoothing` = 1 - p)."""
     if cfg.pad_to_multiple_of < 0:
         raise ConfigError(f"data.pad_to_multiple_of must be >= 0 (0: off), got "
                           f"{cfg.pad_to_multiple_of}")
@@ -316,7 +336,8 @@ def load_preference_data(cfg: DataConfig, tokenizer, *, unpaired: bool = False,
         raise DataError("holds no rows", source=source)
     numbered = drop_identical_pairs(numbered, tokenizer, source)
     tok = lambda rs, src: tokenize_preference_rows(rs, tokenizer, cfg, src,  # noqa: E731
-                                                  unpaired=unpaired)
+                                                  unpaired=unpaired,
+                                                  soft_label_key=soft_label_key)
     if cfg.eval_path is not None:
         held_rows = drop_identical_pairs(read_rows(cfg.eval_path, split=cfg.split), tokenizer,
                                          str(cfg.eval_path))

@@ -9,14 +9,16 @@ tether.judge imports no recipe; it uses tether.engine.models only to find and co
 """
 
 from tether.judge.judge import Judge, JudgeResult, resolve_judge_dir
+from tether.judge.labels import keep_confident, label_row, label_rows
 from tether.judge.maths import confidence, order_average, position_disagree, two_option_prob
 from tether.judge.prompts import (COMPARE_ANSWER, COMPARE_OPTIONS, COMPARE_TEMPLATE,
-                                  DEFAULT_PRINCIPLE, POINTWISE_ANSWER, POINTWISE_OPTIONS,
-                                  POINTWISE_TEMPLATE, as_text)
+                                  DEFAULT_POINTWISE_PRINCIPLE, DEFAULT_PRINCIPLE,
+                                  POINTWISE_ANSWER, POINTWISE_OPTIONS, POINTWISE_TEMPLATE,
+                                  as_text)
 
 __all__ = [
-    "COMPARE_ANSWER", "COMPARE_OPTIONS", "COMPARE_TEMPLATE", "DEFAULT_PRINCIPLE",
-    "POINTWISE_ANSWER", "POINTWISE_OPTIONS", "POINTWISE_TEMPLATE", "Judge", "JudgeResult",
-    "as_text", "confidence", "order_average", "position_disagree", "resolve_judge_dir",
-    "two_option_prob",
+    "COMPARE_ANSWER", "COMPARE_OPTIONS", "COMPARE_TEMPLATE", "DEFAULT_POINTWISE_PRINCIPLE",
+    "DEFAULT_PRINCIPLE", "POINTWISE_ANSWER", "POINTWISE_OPTIONS", "POINTWISE_TEMPLATE", "Judge",
+    "JudgeResult", "as_text", "confidence", "keep_confident", "label_row", "label_rows",
+    "order_average", "position_disagree", "resolve_judge_dir", "two_option_prob",
 ]

@@ -17,9 +17,9 @@ import torch
 
 from tether.errors import ConfigError
 from tether.judge.maths import confidence, order_average, position_disagree, two_option_prob
-from tether.judge.prompts import (COMPARE_ANSWER, COMPARE_OPTIONS, DEFAULT_PRINCIPLE,
-                                  POINTWISE_ANSWER, POINTWISE_OPTIONS, compare_message,
-                                  pointwise_message)
+from tether.judge.prompts import (COMPARE_ANSWER, COMPARE_OPTIONS, DEFAULT_POINTWISE_PRINCIPLE,
+                                  DEFAULT_PRINCIPLE, POINTWISE_ANSWER, POINTWISE_OPTIONS,
+                                  compare_message, pointwise_message)
 
 
 @dataclass
@@ -247,7 +247,7 @@ class Judge:
                            (mass[:n] + mass[n:]) / 2)
 
     def score(self, prompts: list, responses: list,
-              principle: str = DEFAULT_PRINCIPLE) -> torch.Tensor:
+              principle: str = DEFAULT_POINTWISE_PRINCIPLE) -> torch.Tensor:
         """(N,) P(Yes) renormalised over Yes / No for "Does the response follow the principle?"
         (one forward per response; no order to average)."""
         if len(prompts) != len(responses):

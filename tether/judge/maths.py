@@ -40,7 +40,8 @@ def order_average(p_first_ab: torch.Tensor, p_first_ba: torch.Tensor
     p_a_second 1 - 0.8 = 0.2, so p_a = 0.5: pure position bias averages out to no preference.
     A judge that prefers A in both orders, 0.9 and 0.7, gives p_a = 0.8.
 
-    >>> [round(x, 6) for x in order_average(torch.tensor([.8, .9]), torch.tensor([.8, .3]))[0].tolist()]
+    >>> p_a, _, _ = order_average(torch.tensor([.8, .9]), torch.tensor([.8, .3]))
+    >>> [round(x, 6) for x in p_a.tolist()]
     [0.5, 0.8]
     """
     p_a_first = p_first_ab.float()

@@ -12,6 +12,8 @@ from __future__ import annotations
 # The principle a judge applies when none is given. Comparative, as in the RLAIF and
 # Constitutional AI papers ("Which response is ...?").
 DEFAULT_PRINCIPLE = "Which response is more helpful, honest and harmless?"
+# The same for one response (`Judge.score`, the `judge` reward): a statement it follows or not.
+DEFAULT_POINTWISE_PRINCIPLE = "The response is helpful, honest and harmless."
 
 COMPARE_TEMPLATE = (
     "Compare two responses to the same request.\n\n"

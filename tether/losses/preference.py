@@ -48,10 +48,13 @@ def dpo_loss(
 
         loss = -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h),   0 <= ls <= 0.5
 
-    ls is the assumed probability that a preference label is flipped. Returns (loss (B,), metrics)
-    with implicit rewards beta (pc - rc) and beta (pr - rr).
+    ls is the assumed probability that a preference label is flipped: a float for every pair, or
+    a (B,) tensor, one per pair (soft labels: ls_i = 1 - p_i, p_i the probability that chosen is
+    better, e.g. an AI judge's). Returns (loss (B,), metrics) with implicit rewards
+    beta (pc - rc) and beta (pr - rr).
     """
-    if not 0.0 <= label_smoothing <= 0.5:
+    ls = torch.as_tensor(label_smoothing)
+    if not bool(((ls >= 0.0) & (ls <= 0.5)).all()):
         raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
     h, chosen, rejected = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)

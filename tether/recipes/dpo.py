@@ -58,6 +58,7 @@ from tether.rewards import SentimentReward
 def _paired(loss_fn, dc: PreferenceConfig, seq, batch, *, average: bool = False, **kw):
     pc, pr, rc, rr = (seq["ac"], seq["ar"], seq["rac"], seq["rar"]) if average else \
         (seq["pc"], seq["pr"], seq["rc"], seq["rr"])
+    kw = kw if batch.label_smoothing is None else {**kw, "label_smoothing": batch.label_smoothing}
     loss, metrics = loss_fn(pc, pr, rc, rr, beta=dc.beta, **kw)
     return loss, metrics, (pc - rc) - (pr - rr)
 
@@ -103,7 +104,9 @@ def build_objective(dc: PreferenceConfig) -> Callable:
     """The loss picked once by name; coefficients checked here, not inside the loop."""
     if dc.loss not in OBJECTIVES:
         raise ConfigError(f"dpo.loss must be one of {', '.join(OBJECTIVES)}, got '{dc.loss}'")
-    if dc.loss == "cdpo" and not 0 < dc.label_smoothing <= 0.5:
+    if dc.soft_label_key and dc.loss not in ("dpo", "cdpo"):
+        raise ConfigError(f"dpo.soft_label_key needs dpo.loss dpo or cdpo, not '{dc.loss}'")
+    if dc.loss == "cdpo" and not dc.soft_label_key and not 0 < dc.label_smoothing <= 0.5:
         raise ConfigError("dpo.loss=cdpo needs 0 < dpo.label_smoothing <= 0.5")
     if dc.loss == "robust" and not 0 <= dc.label_smoothing < 0.5:
         raise ConfigError("dpo.loss=robust needs 0 <= dpo.label_smoothing < 0.5")
@@ -225,7 +228,7 @@ def run(cfg: DPOConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     builtin = builtin_sentiment_rows() if cfg.data.path is None else None
     train_items, eval_items, data_hash = load_preference_data(
-        cfg.data, tokenizer, unpaired=unpaired, rows=builtin,
+        cfg.data, tokenizer, unpaired=unpaired, rows=builtin, soft_label_key=dc.soft_label_key,
         source="built-in sentiment preference set" if builtin else None)
     n_gen = cfg.run.eval_generations if builtin or cfg.rewards.gold else 0  # held-out prompts
     heldout = [sentiment.heldout_prompts()[i % sentiment.N_HELDOUT]["prompt"]  # cycled past 48
@@ -395,6 +398,5 @@ def run(cfg: DPOConfig) -> dict:
             "eval_after": eval_after, "generations_before": gen_before,
             "generations_after": gen_after, "group_weights": group_weights, "groups": groups,
             "ref_logps": None if dc.loss in REFERENCE_FREE else
-            torch.tensor([it.ref for it in train_items + eval_items]),
-            "items": train_items + eval_items, "policy": policy, "tokenizer": tokenizer,
-            "run_dir": run_dir}
+            torch.tensor([it.ref for it in every_item]), "items": every_item, "policy": policy,
+            "tokenizer": tokenizer, "run_dir": run_dir}

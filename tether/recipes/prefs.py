@@ -9,7 +9,8 @@ Stages:
               none of them an eval prompt) or `prefs.prompts`, shuffled with `prefs.seed`
     sample    `prefs.batch_prompts` prompts at a time, `prefs.samples_per_prompt` completions each
               (one prefill per prompt, seeded by (seed, batch)); each batch is appended to
-              <cache>/samples.partial.jsonl, so a killed build resumes where it stopped
+              <root>/samples/<hash>/samples.jsonl, which is kept: a killed build resumes where
+              it stopped, and a set that differs only in its sizes or min_gap reuses the samples
     pair      `tether.data.preference.pairs_by_score`: every pair whose gold scores differ by
               >= `prefs.min_gap` (smaller gaps are ties, dropped). A prompt's pairs all go to one
               side: held-out prompts first until `prefs.heldout_pairs`, then training prompts
@@ -66,19 +67,32 @@ def load_prompts(p: PrefsParams) -> list[dict]:
     return rows
 
 
-def cache_key(p: PrefsParams, prompts: list[dict], model_dir: Path) -> str:
+PAIRING = ("pairs", "heldout_pairs", "min_gap")  # settings that change the pairs, not the samples
+
+
+def cache_key(p: PrefsParams, prompts: list[dict], model_dir: Path, *, samples_only=False) -> str:
     """Hash of everything that changes the rows: the settings but `cache_dir` (batch_prompts
     stays in: it changes the seeds), the prompts, and the sampling model's directory and
-    weight-file sizes."""
-    settings = {k: v for k, v in asdict(p).items() if k not in ("cache_dir", "model", "prompts")}
+    weight-file sizes. `samples_only` leaves out the pairing settings (`PAIRING`)."""
+    drop = ("cache_dir", "model", "prompts") + (PAIRING if samples_only else ())
+    settings = {k: v for k, v in asdict(p).items() if k not in drop}
     weights = sorted((f.name, f.stat().st_size) for f in model_dir.glob("*.safetensors"))
     blob = json.dumps([settings, prompts, str(model_dir.resolve()), weights], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def cache_root(p: PrefsParams) -> Path:
+    return Path(p.cache_dir) if p.cache_dir else cache_dir() / "prefs"
+
+
 def build_dir(p: PrefsParams, prompts: list[dict], model_dir: Path) -> Path:
-    root = Path(p.cache_dir) if p.cache_dir else cache_dir() / "prefs"
-    return root / cache_key(p, prompts, model_dir)
+    return cache_root(p) / cache_key(p, prompts, model_dir)
+
+
+def samples_path(p: PrefsParams, prompts: list[dict], model_dir: Path) -> Path:
+    """The sampled batches, shared by every set that differs only in `PAIRING`."""
+    key = cache_key(p, prompts, model_dir, samples_only=True)
+    return cache_root(p) / "samples" / key / "samples.jsonl"
 
 
 def check(p: PrefsParams) -> None:
@@ -95,17 +109,18 @@ def check(p: PrefsParams) -> None:
 
 
 def read_partial(path: Path) -> dict[int, dict]:
-    """Finished batches of an interrupted build: {batch index: {"completions", "scores"}}; a
-    last line cut off by the kill is ignored (its batch is sampled again)."""
-    done = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            done[record["batch"]] = record
-    return done
+    """Sampled batches so far: {batch index: {"completions", "scores"}}. A last line cut off by
+    a kill is cut from the file (its batch is sampled again), so the next batch appended starts
+    on a line of its own."""
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    whole = data[:data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        with path.open("r+b") as f:
+            f.truncate(len(whole))
+    records = (json.loads(line) for line in whole.decode("utf-8").splitlines())
+    return {record["batch"]: record for record in records}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -130,13 +145,12 @@ def build(p: PrefsParams, *, precision: str = "auto", progress: bool = True,
         raise ConfigError(f"the preference set {out} is not built yet: run `tether prefs` (or "
                           "the recipe on one process) once first")
     out.mkdir(parents=True, exist_ok=True)
+    partial_path = samples_path(p, prompts, model_dir)
+    partial_path.parent.mkdir(parents=True, exist_ok=True)
     order = list(range(len(prompts)))
     random.Random(f"prefs-{p.seed}").shuffle(order)
     batches = [[prompts[i] for i in order[s:s + p.batch_prompts]]
                for s in range(0, len(order), p.batch_prompts)]
-
-    partial_path = out / "samples.partial.jsonl"
-    done = read_partial(partial_path)
     tokenizer, lm, backend = load_tokenizer(model_cfg), None, None
     gold = load_reward(p.gold)
     params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
@@ -147,11 +161,12 @@ def build(p: PrefsParams, *, precision: str = "auto", progress: bool = True,
     say(f"prefs: building {p.pairs} + {p.heldout_pairs} held-out pairs in {out} "
         f"({G} samples per prompt from {model_dir}, ordered by {p.gold}; resumes if killed)")
     with progress_bar(progress) as bar, partial_path.open("a", encoding="utf-8") as log:
-        try:  # one builder per cache directory: a second one would append the same batches
+        try:  # one sampler per samples file: a second one would append the same batches
             fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"another process is building the preference set in {out}; "
-                              "wait for it (the set is then read from the cache)") from None
+            raise ConfigError(f"another process is sampling {partial_path}; wait for it (the "
+                              "samples are then read from there)") from None
+        done = read_partial(partial_path)  # read under the lock: no batch is sampled twice
         task = bar.add_task("prefs: sample + score", total=p.pairs + p.heldout_pairs)
         used = 0
         for b, chunk in enumerate(batches):
@@ -187,11 +202,11 @@ def build(p: PrefsParams, *, precision: str = "auto", progress: bool = True,
     for path, rows in zip(paths, (train, held)):
         write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     gaps = [r["score_chosen"] - r["score_rejected"] for r in train + held]
-    meta = {"settings": asdict(p), "model": str(model_dir), "train_pairs": len(train),
+    meta = {"settings": asdict(p), "model": str(model_dir), "samples": str(partial_path),
+            "train_pairs": len(train),
             "heldout_pairs": len(held), "prompts_used": used,
             "mean_gap": sum(gaps) / len(gaps), "seconds": round(time.perf_counter() - t0, 1)}
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
-    partial_path.unlink()
     say(f"prefs: {len(train)} train + {len(held)} held-out pairs (mean gold gap "
         f"{meta['mean_gap']:.3f}) in {meta['seconds']:.0f} s -> {out}")
     return paths
