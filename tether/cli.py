@@ -1,7 +1,10 @@
 """`tether <recipe> [CONFIG.yaml] [--section.key=value ...]`, and `tether export RUN_DIR OUT_DIR`.
 
-User mistakes (bad config key, malformed row, missing file) print one line naming what to fix and
-exit with status 2; no traceback.
+Exit status: 0 done; 2 a mistake the user can fix (bad config key or value, malformed row,
+missing or unreadable file): one line naming what to fix, no traceback; 3 the training stopped at
+a NaN/inf loss or gradient (one line naming the step and the micro-batch; no checkpoint is
+written for that step); 130 Ctrl-C: a training loop saves its step first and names the
+checkpoint (docs/cli.md, "Failure and resume"); 1 anything else (a bug: the traceback).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tether.errors import TetherError
+from tether.errors import Interrupted, TetherError
 
 
 @dataclass
@@ -94,6 +97,18 @@ def _rlhf_run():
     return run
 
 
+def _cai_config():
+    from tether.config import CAIConfig
+
+    return CAIConfig
+
+
+def _cai_run():
+    from tether.recipes.cai import run
+
+    return run
+
+
 def _grpo_config():
     from tether.config import GRPOConfig
 
@@ -130,6 +145,18 @@ def _prefs_run():
     return run
 
 
+def _label_config():
+    from tether.config import LabelConfig
+
+    return LabelConfig
+
+
+def _label_run():
+    from tether.recipes.label import run
+
+    return run
+
+
 def _goodhart_config():
     from tether.config import GoodhartConfig
 
@@ -149,6 +176,8 @@ RECIPES: dict[str, Recipe] = {
                   _dpo_config, _dpo_run),
     "prefs": Recipe("build a preference set: sample a model, order each pair by a gold reward",
                     _prefs_config, _prefs_run),
+    "label": Recipe("label preference pairs with a local AI judge (RLAIF): labels.jsonl, soft p",
+                    _label_config, _label_run),
     "rm": Recipe("reward model: Bradley-Terry on preference pairs (one score per sequence)",
                  _rm_config, _rm_run),
     "prm": Recipe("process reward model: a score for every step of a solution (stepwise rows)",
@@ -157,6 +186,9 @@ RECIPES: dict[str, Recipe] = {
                   _ppo_config, _ppo_run),
     "rlhf": Recipe("the three stages in one command: sft -> rm -> ppo, each resumable",
                    _rlhf_config, _rlhf_run),
+    "cai": Recipe("Constitutional AI: critique -> revision -> SFT, then judge-labelled pairs -> "
+                  "DPO (or RM -> PPO), then tether eval; each stage resumable",
+                  _cai_config, _cai_run),
     "grpo": Recipe("group-relative RL with reward functions: grpo, dr_grpo, dapo, gspo, rloo",
                    _grpo_config, _grpo_run),
     "goodhart": Recipe("reward-model over-optimisation: best-of-n and GRPO vs a small proxy RM, "
@@ -329,8 +361,19 @@ def main(argv: list[str] | None = None) -> int:
         near = difflib.get_close_matches(command, [*RECIPES, *COMMANDS], n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise TetherError(f"unknown command '{command}'{hint} (see `tether --help`)")
+    except Interrupted as err:
+        print(f"tether: {err}", file=sys.stderr)
+        return 130
     except TetherError as err:
         print(f"tether: error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:  # a NaN/inf loss or gradient (engine/optimize.py)
+        print(f"tether: error: {err}", file=sys.stderr)
+        return 3
+    except OSError as err:  # a path that cannot be read or written (a file where a directory
+        # must go, no permission, disk full): name the path
+        what = f"{err.filename}: " if err.filename else ""
+        print(f"tether: error: {what}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tether: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -136,6 +137,27 @@ class JudgeParams:
     batch_size: int = 8  # sequences per judge forward
     dtype: str = "fp32"  # fp32 | bf16 | auto (bf16 where the CPU has native bf16)
     max_text_tokens: int = 384  # each prompt and response cut to this many tokens for the judge
+
+
+@dataclass
+class GenerationConfig:
+    """The `generation` section of grpo, ppo (and rlhf's ppo stage), eval and goodhart: which
+    engine samples the rollouts, and the sampler/trainer log-prob correction
+    (docs/generation.md)."""
+    backend: str = "hf"  # hf: the policy samples itself (KV cache) | vllm: `tether[vllm]`
+    vllm_mode: str = "colocate"  # colocate: a vllm.LLM in the trainer process (the only mode yet)
+    vllm_dtype: str = "auto"  # auto (the policy's train.precision) | bfloat16 | float16 | float32
+    vllm_gpu_memory_utilization: float = 0.3  # share of the GPU (on CPU: of host memory) it reserves
+    vllm_max_model_len: int | None = None  # null: the model's max_position_embeddings
+    # KV cache size; null: vLLM sizes it from vllm_gpu_memory_utilization (on CPU: that share
+    # of host memory minus this whole process's, the trainer's included)
+    vllm_kv_cache_gib: float | None = None
+    vllm_enforce_eager: bool = True  # no CUDA graphs / torch.compile: quick start-up
+    # truncated importance sampling (TIS): per-token weight min(exp(logp_trainer_old -
+    # logp_sampler), tis_cap) on the policy-gradient loss; only where the sampler is another
+    # engine (with hf the weight is exactly 1)
+    tis: bool = False
+    tis_cap: float = 2.0
 
 
 @dataclass
@@ -311,6 +333,7 @@ class PPOConfig:
     ppo: PPOParams = field(default_factory=PPOParams)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 @dataclass
@@ -399,6 +422,7 @@ class GRPOConfig:
     grpo: GRPOParams = field(default_factory=GRPOParams)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +442,8 @@ def load_config(cls: type, yaml_path: str | Path | None = None, overrides: list[
     values: dict = {}
     if yaml_path is not None:
         path = Path(yaml_path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory; give a CONFIG.yaml file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
@@ -518,7 +544,33 @@ def _build(cls: type, values: dict, prefix: str):
                                     f"{prefix}{f.name}.")
         elif f.name in values:
             kwargs[f.name] = _coerce(values[f.name], hint, f"{prefix}{f.name}")
+            _check_limit(cls, f.name, kwargs[f.name], f"{prefix}{f.name}")
     return cls(**kwargs)
+
+
+_POSITIVE, _NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+_FRACTION, _BELOW_ONE = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
+# numeric keys whose values outside a range never make sense (a zero batch size would divide
+# by zero three calls later): checked when a file or an override sets them
+_LIMITS = {
+    TrainConfig: {"lr": _POSITIVE, "weight_decay": _NON_NEGATIVE, "adam_beta1": _BELOW_ONE,
+                  "adam_beta2": _BELOW_ONE, "adam_eps": _POSITIVE, "warmup_ratio": _FRACTION,
+                  "min_lr_ratio": _FRACTION, "epochs": _POSITIVE, "batch_size": _POSITIVE,
+                  "micro_batch_size": _POSITIVE, "max_grad_norm": _NON_NEGATIVE,
+                  "logprob_chunk_size": _POSITIVE},
+    DataConfig: {"eval_fraction": _BELOW_ONE, "max_length": _POSITIVE,
+                 "pad_to_multiple_of": _NON_NEGATIVE},
+    RunConfig: {"save_every": _NON_NEGATIVE, "keep_last": _NON_NEGATIVE, "log_every": _POSITIVE,
+                "eval_every": _NON_NEGATIVE, "eval_generations": _NON_NEGATIVE},
+    LoraConfig: {"r": _NON_NEGATIVE, "alpha": _POSITIVE, "dropout": _BELOW_ONE},
+    PreferenceConfig: {"beta": _POSITIVE, "label_smoothing": _BELOW_ONE},
+}
+
+
+def _check_limit(cls: type, name: str, value: Any, key: str) -> None:
+    test, what = _LIMITS.get(cls, {}).get(name, (None, ""))
+    if test is not None and isinstance(value, (int, float)) and not test(value):
+        raise ConfigError(f"config key '{key}' must be {what}, got {value!r}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -559,12 +611,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            value = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
+        if isinstance(value, float) and not math.isnan(value):
+            return value
         raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -597,6 +651,7 @@ class EvalConfig:
     tax_problems: int = 64  # held-out arithmetic problems for the tax (greedy)
     output: str | None = None  # eval.json path; null: RUN_DIR/eval.json, else runs/eval/eval.json
     progress: bool = True
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # the sampler
 
 
 @dataclass
@@ -658,5 +713,69 @@ class GoodhartConfig:
     seed: int = 0  # sampling seed of best-of-n and the RL evaluations
     precision: str = "auto"  # auto | bf16 | fp32 (as train.precision)
     progress: bool = True  # rich progress bars (false: also the stages')
+    # the sampler of best-of-n and the checkpoint evaluations (the RL stage's own: grpo.generation)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     rm: RMConfig = field(default_factory=_goodhart_rm)
     grpo: GRPOConfig = field(default_factory=_goodhart_grpo)
+
+
+@dataclass
+class CAIParams:
+    """The `cai` section of `tether cai`: Constitutional AI in two phases (docs/rlaif.md)."""
+    output_dir: str = "runs/cai"  # stages write <output_dir>/critique, /sft, /label, /dpo, /eval
+    model: str = "default"  # the starting policy, and the reference of the final evaluation
+    constitution: str | None = None  # a YAML list of principles; null = the built-in one
+    prompts: str | None = None  # prompt-only rows (JSONL, ...); null = the built-in tone prompts
+    # SL-CAI: answer -> critique -> revision for each of sl_prompts prompts, then SFT on revisions
+    sl_prompts: int = 96
+    rounds: int = 1  # critique -> revision rounds per prompt (a new principle each round)
+    max_new_tokens: int = 48  # tokens of an answer, a critique, a revision, an RL-CAI response
+    temperature: float = 0.7  # sampling temperature of the answer, critique and revision
+    min_words: int = 3  # revisions with fewer words (after cleaning) are dropped
+    # RL-CAI: two responses to each of rl_prompts other prompts, compared by the judge
+    rl: str = "dpo"  # dpo (soft labels) | rm_ppo (a reward model, then PPO on it)
+    rl_prompts: int = 192
+    rl_temperature: float = 1.0  # sampling temperature of the two responses
+    min_confidence: float = 0.0  # pairs with judge confidence |2p - 1| below this are dropped
+    batch_prompts: int = 32  # prompts per generation batch (one append + fsync, one resume point)
+    seed: int = 0
+    precision: str = "auto"  # sampling precision: auto | bf16 | fp32
+    progress: bool = True
+
+
+def _cai_sft() -> SFTConfig:
+    # the revisions are few (<= sl_prompts): two epochs at a moderate lr
+    return SFTConfig(model=ModelConfig(name_or_path=""), run=RunConfig(output_dir=""),
+                     data=DataConfig(max_length=256),
+                     train=TrainConfig(lr=2e-5, epochs=2.0, batch_size=8, micro_batch_size=4))
+
+
+def _cai_dpo() -> DPOConfig:
+    # soft labels from the judge (per-pair cDPO smoothing 1 - p); no sampling of its own (the
+    # pipeline's eval stage samples the held-out prompts)
+    return DPOConfig(model=ModelConfig(name_or_path=""), run=RunConfig(output_dir="",
+                                                                       eval_generations=0),
+                     data=DataConfig(max_length=256),
+                     train=TrainConfig(lr=1e-5, epochs=1.0),
+                     dpo=PreferenceConfig(soft_label_key="p"))
+
+
+def _cai_eval() -> EvalConfig:
+    # model "": the pipeline's final policy; reference null: cai.model
+    return EvalConfig(model="", num_prompts=48, samples_per_prompt=2)
+
+
+@dataclass
+class CAIConfig:
+    """`tether cai`: SL-CAI (critique -> revision -> SFT) then RL-CAI (judge-labelled pairs ->
+    DPO, or a reward model -> PPO), then `tether eval` against the starting model. Each stage
+    section is that recipe's whole config; an empty `run.output_dir` means
+    <cai.output_dir>/<stage>, an empty `model.name_or_path` the previous stage's model, a null
+    `data.path` the pipeline's own rows (docs/rlaif.md)."""
+    cai: CAIParams = field(default_factory=CAIParams)
+    judge: JudgeParams = field(default_factory=JudgeParams)
+    sft: SFTConfig = field(default_factory=_cai_sft)
+    dpo: DPOConfig = field(default_factory=_cai_dpo)
+    rm: RMConfig = field(default_factory=_rlhf_rm)
+    ppo: PPOConfig = field(default_factory=_rlhf_ppo)
+    eval: EvalConfig = field(default_factory=_cai_eval)

@@ -29,3 +29,8 @@ class DataError(TetherError):
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.source, self.row, self.field = source, row, field
+
+
+class Interrupted(TetherError):
+    """Ctrl-C stopped a training loop after it checkpointed its step (the CLI exits 130); the
+    message names the checkpoint."""

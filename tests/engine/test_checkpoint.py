@@ -110,13 +110,128 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path):
     assert checkpoint.latest(tmp_path) == tmp_path / "step-000002"
 
 
+def _saved(root, *steps):
+    model, opt, sched = _setup()
+    for step in steps:
+        checkpoint.save(root, step, model=model, optimizer=opt, scheduler=sched,
+                        trainer_state={}, keep_last=0)
+    return model, opt, sched
+
+
 def test_latest_ignores_incomplete_dirs_and_stale_pointer(tmp_path):
     (tmp_path / "step-000005").mkdir()  # no state.json: incomplete
     assert checkpoint.latest(tmp_path) is None
-    (tmp_path / "step-000003").mkdir()
-    (tmp_path / "step-000003" / "state.json").write_text(json.dumps({}))
+    _saved(tmp_path, 3)
     (tmp_path / "latest").write_text("step-000005")
     assert checkpoint.latest(tmp_path) == tmp_path / "step-000003"
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _cut_header(path):
+    path.write_bytes(path.read_bytes()[:6])
+
+
+def _bad_header(path):
+    data = bytearray(path.read_bytes())
+    data[8:12] = b"\x00\xff{["
+    path.write_bytes(bytes(data))
+
+
+def _json_cut(path):
+    path.write_text(path.read_text()[:40])
+
+
+def _json_lacks_step(path):
+    state = json.loads(path.read_text())
+    del state["step"]
+    path.write_text(json.dumps(state))
+
+
+def _grown(path):  # a whole safetensors file whose size is not the one written
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    tensors["extra"] = torch.zeros(3)
+    save_file(tensors, path)
+
+
+CORRUPTIONS = [  # (what, file, damage, the reason `latest` prints)
+    ("model_missing", "model.safetensors", lambda p: p.unlink(), "model.safetensors is missing"),
+    ("optimizer_truncated", "optimizer.safetensors", _truncate,
+     "optimizer.safetensors is .* bytes but .* were written"),
+    ("rng_header_cut", "rng.safetensors", _cut_header, "rng.safetensors is .* bytes"),
+    ("model_header_corrupt", "model.safetensors", _bad_header, "model.safetensors"),
+    ("state_json_cut", "state.json", _json_cut, "state.json is not valid JSON"),
+    ("state_json_lacks_step", "state.json", _json_lacks_step, "state.json lacks step"),
+    ("state_json_missing", "state.json", lambda p: p.unlink(), "no state.json"),
+    ("model_other_size", "model.safetensors", _grown, "model.safetensors is .* but .* written"),
+]
+
+
+@pytest.mark.parametrize("what, name, damage, reason", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_a_corrupt_latest_checkpoint_is_named_and_the_previous_one_used(
+        tmp_path, capsys, what, name, damage, reason):
+    import re
+
+    _saved(tmp_path, 1, 2)
+    damage(tmp_path / "step-000002" / name)
+    assert checkpoint.latest(tmp_path) == tmp_path / "step-000001"
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.search(
+        rf"^tether: checkpoint {re.escape(str(tmp_path / 'step-000002'))} is unusable \({reason}"
+        r".*\); using step-000001$", err), err
+    # loading the damaged one by name is a one-line error, not a traceback from safetensors
+    from tether.errors import TetherError
+
+    model, opt, sched = _setup()
+    with pytest.raises(TetherError, match="step-000002 is unusable"):
+        checkpoint.load(tmp_path / "step-000002", model=model, optimizer=opt, scheduler=sched)
+    assert checkpoint.load(checkpoint.latest(tmp_path), model=model, optimizer=opt,
+                           scheduler=sched)["step"] == 1
+
+
+def test_no_usable_checkpoint_names_each_one(tmp_path, capsys):
+    _saved(tmp_path, 1)
+    _truncate(tmp_path / "step-000001" / "model.safetensors")
+    assert checkpoint.latest(tmp_path) is None
+    assert "step-000001 is unusable (model.safetensors" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path):
+    from tether.errors import TetherError
+
+    _saved(tmp_path, 1)
+    other = CausalLMLogps(tiny_llama(vocab_size=32, tie=False), chunk_size=8)
+    with pytest.raises(TetherError, match="does not match the model.*model.name_or_path"):
+        checkpoint.load(tmp_path / "step-000001", model=other)
+
+
+def test_a_crash_while_pruning_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """Pruning renames the old checkpoint away first: killed inside rmtree, no `step-*`
+    directory is left half deleted (the debris is hidden and swept by the next save)."""
+    model, opt, sched = _saved(tmp_path, 1)
+
+    class Killed(Exception):
+        pass
+
+    def dying_rmtree(path, ignore_errors=False):
+        (path / "model.safetensors").unlink()  # got this far
+        raise Killed
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", dying_rmtree)
+    with pytest.raises(Killed):
+        checkpoint.save(tmp_path, 2, model=model, optimizer=opt, scheduler=sched,
+                        trainer_state={}, keep_last=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000002"]
+    assert checkpoint.problem(tmp_path / "step-000002") is None
+    checkpoint.save(tmp_path, 3, model=model, optimizer=opt, scheduler=sched, trainer_state={},
+                    keep_last=1)
+    assert not list(tmp_path.glob(".tmp-*"))
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):

@@ -165,3 +165,43 @@ def test_steps_in_backward_refuse_a_non_finite_gradient():
         with steps_in_backward(opt):
             (model(torch.tensor([[float("nan"), 1.0, 1.0]])).sum()).backward()
     assert torch.equal(model.weight.detach(), before)
+
+
+def _poisoned(bad_index, kind):
+    """A loss fn whose micro-batch `bad_index` has a NaN loss ("loss") or a finite loss with a
+    NaN gradient ("grad": 0 * sqrt(0 * w) is 0, its gradient 0 * inf * 0 = NaN)."""
+    def loss_fn(model, mb):
+        loss, metrics = _loss_fn(model, mb)
+        if mb["index"] == bad_index:
+            w = next(model.parameters())
+            loss = loss * float("nan") if kind == "loss" else \
+                loss + 0.0 * torch.sqrt(0.0 * w.abs().sum())
+        return loss, metrics
+    return loss_fn
+
+
+@pytest.mark.parametrize("kind, n, bad, message", [
+    ("loss", 3, 1, r"^the loss of micro-batch 1 \(of 3\) is nan: the run stops here and writes "
+                   r"no checkpoint for this step$"),
+    ("grad", 3, 2, r"^a gradient of micro-batch 2 \(of 3\) is NaN/inf \(its loss, [\d.]+, is "
+                   r"finite\): the run stops here"),
+    ("grad", 1, 0, r"^the gradient norm after micro-batch 0 \(of 1\) is nan \(the losses were "
+                   r"finite\): the run stops here"),
+], ids=["loss", "grad_of_one_of_three", "grad_of_the_only_one"])
+def test_a_nan_names_its_micro_batch_and_nothing_steps(kind, n, bad, message):
+    from tether.config import TrainConfig
+    from tether.engine.optimize import build_optimizer, build_scheduler, train_step
+
+    model = CausalLMLogps(tiny_llama(vocab_size=64), chunk_size=16)
+    opt = build_optimizer(model, TrainConfig(lr=1e-2))
+    sched = build_scheduler(opt, TrainConfig(lr=1e-2), total_steps=4)
+    batch = _batch([5, 6, 7])
+    micro = [dict(_slice(batch, slice(i, i + 1)), index=i) for i in range(3)][:n]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=message):
+        train_step(model, micro, loss_fn=_poisoned(bad, kind),
+                   count_units=lambda mb: int(mb["loss_mask"].sum()), optimizer=opt,
+                   scheduler=sched, device=torch.device("cpu"), precision="fp32",
+                   max_grad_norm=1.0)
+    for k, v in model.state_dict().items():  # clipping on: no parameter has stepped
+        assert torch.equal(v, before[k]), k

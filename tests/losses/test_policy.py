@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tether.losses import aggregate, clipped_surrogate, value_loss
+from tether.losses import aggregate, clipped_surrogate, truncated_is_weight, value_loss
 
 
 def t(*rows):
@@ -128,3 +128,30 @@ def test_value_loss_hand_values():
     assert m["vf_clipfrac"] == pytest.approx(0.5)
     unclipped, _ = value_loss(values, old, returns, mask, clip=None)
     assert_close(unclipped.detach(), t([0.5, 0.5, 0.0]))
+
+
+def test_truncated_is_weight_hand_values():
+    """Trainer (old) log-probs vs the sampler's (vLLM's) for 4 tokens + 1 padding token, cap 2:
+      t0: trainer -1.0, sampler -1.0          -> ratio 1            w = 1,   |diff| 0
+      t1: trainer -1.0, sampler -1.0 - ln 3   -> ratio 3 > 2        w = 2,   |diff| ln 3 = 1.0986123
+      t2: trainer -2.0, sampler -2.0 + ln 2   -> ratio 1/2          w = 0.5, |diff| ln 2 = 0.6931472
+      t3: trainer -0.5, sampler -0.5 - ln 1.5 -> ratio 1.5          w = 1.5, |diff| ln 1.5 = 0.4054651
+      t4: padding (sampler 40: must not matter)                     w = 1
+    logp_diff = (0 + 1.0986123 + 0.6931472 + 0.4054651) / 4 = 0.5493061
+    tis_weight_mean = (1 + 2 + 0.5 + 1.5) / 4 = 1.25, tis_clipfrac = 1/4.
+    A per-token loss [1, 1, 1, 1, 0] times w: [1, 2, 0.5, 1.5, 0]; the weight has no gradient."""
+    trainer = t([-1.0, -1.0, -2.0, -0.5, 0.0]).requires_grad_()
+    sampler = t([-1.0, -1.0 - math.log(3), -2.0 + math.log(2), -0.5 - math.log(1.5), 40.0])
+    mask = torch.tensor([[True, True, True, True, False]])
+    w, m = truncated_is_weight(trainer, sampler, mask, cap=2.0)
+    assert_close(w, t([1.0, 2.0, 0.5, 1.5, 1.0]))
+    assert not w.requires_grad
+    assert_close(w * t([1.0, 1.0, 1.0, 1.0, 0.0]), t([1.0, 2.0, 0.5, 1.5, 0.0]))
+    assert m["logp_diff"] == pytest.approx(0.5493061, abs=1e-7)
+    assert m["tis_weight_mean"] == pytest.approx(1.25)
+    assert m["tis_clipfrac"] == pytest.approx(0.25)
+    # the same log-probs (the trainer samples itself): weight 1 everywhere, no mismatch
+    w, m = truncated_is_weight(trainer, trainer.detach(), mask, cap=2.0)
+    assert_close(w, torch.ones_like(w)) and m["logp_diff"] == 0.0
+    with pytest.raises(ValueError, match="cap"):
+        truncated_is_weight(trainer, sampler, mask, cap=0.0)

@@ -11,6 +11,13 @@ Atomicity: everything is written into a hidden temporary directory, each file is
 directory is renamed into place (atomic on POSIX), and only then is the `latest` pointer replaced
 (write + fsync + rename). A crash at any point leaves the previous checkpoint and pointer intact;
 a half-written temporary directory is never taken for a checkpoint and is swept on the next save.
+Pruning renames an old checkpoint to a hidden name before deleting it, so a crash mid-delete
+never leaves a half checkpoint under a `step-*` name.
+
+Checking: state.json records each file's size. `latest` takes the newest checkpoint that passes
+`problem` (state.json complete and valid JSON, every file there with its recorded size, every
+safetensors header whole and its data all there); one that fails is named with the reason on
+stderr and the one before it is used.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +35,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tether.engine import dist
+from tether.errors import TetherError
 
 LATEST = "latest"
 STATE = "state.json"
+FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+STATE_KEYS = ("step", "trainer", "optimizer_groups", "scheduler", "python_random")
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -60,6 +71,10 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
+    for name, p in params.items():
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise ValueError(f"checkpoint does not match the model: {name} is "
+                             f"{tuple(state[name].shape)} there, {tuple(p.shape)} here")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(_place_like(state[name].to(p.dtype), p))
@@ -139,18 +154,19 @@ def save(ckpt_root: str | Path, step: int, *, model: nn.Module,
     if torch.cuda.is_available():
         rng["torch_cuda"] = torch.cuda.get_rng_state()
     save_file(rng, tmp / "rng.safetensors")
-    for f in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+    for f in FILES:
         _fsync_path(tmp / f)
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     state = {"step": step, "trainer": trainer_state, "optimizer_groups": groups,
-             "scheduler": sched, "python_random": _py_random_state()}
+             "scheduler": sched, "python_random": _py_random_state(),
+             "files": {f: (tmp / f).stat().st_size for f in FILES}}
     _fsync_write(tmp / STATE, json.dumps(state, indent=1).encode())  # written last
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_path(root)
     _write_pointer(root, final.name)
-    _prune(root, keep_last)
+    _prune(root, keep_last, step)
     dist.barrier()
     return final
 
@@ -167,30 +183,103 @@ def _write_pointer(root: Path, name: str) -> None:
     _fsync_path(root)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    steps = sorted(p for p in root.glob("step-*") if (p / STATE).is_file())
+def _prune(root: Path, keep_last: int, step: int) -> None:
+    """Keep the newest `keep_last` checkpoints up to `step` (0: all); those after `step`, left
+    by a run resumed from an earlier one, are replaced when the run gets there."""
+    steps = sorted(p for p in root.glob("step-*") if p.name <= f"step-{step:06d}")
     for old in steps[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = root / f".tmp-prune-{old.name}"
+        os.rename(old, doomed)  # atomic: never a half-deleted checkpoint under its own name
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def problem(ckpt: str | Path) -> str | None:
+    """Why the checkpoint directory `ckpt` cannot be resumed from, or None if it is complete.
+    Reads state.json and the safetensors headers only (fast for any size)."""
+    ckpt = Path(ckpt)
+    if not (ckpt / STATE).is_file():
+        return f"no {STATE} (its save never finished)"
+    try:
+        state = json.loads((ckpt / STATE).read_text())
+    except (OSError, ValueError) as err:
+        return f"{STATE} is not valid JSON ({err})"
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else STATE_KEYS
+    if missing:
+        return f"{STATE} lacks {', '.join(missing)}"
+    sizes = state.get("files") or {}
+    for name in FILES:
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if name in sizes and size != sizes[name]:
+            return f"{name} is {size} bytes but {sizes[name]} were written"
+        if why := _safetensors_problem(path, size):
+            return f"{name} {why}"
+    return None
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    """A safetensors file is 8 bytes of header length, the JSON header, then the data."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or 8 + n > size:
+            return f"is truncated ({size} bytes, its header cut)"
+        try:
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                      default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "has a corrupt header"
+    if 8 + n + end != size:
+        return f"is truncated ({size} of {8 + n + end} bytes)"
+    return None
 
 
 def latest(ckpt_root: str | Path) -> Path | None:
-    """The newest complete checkpoint: the `latest` pointer, or the highest complete step."""
+    """The newest complete checkpoint: the `latest` pointer's, else the highest step that passes
+    `problem`. Each newer one that fails is named on stderr with the reason."""
     root = Path(ckpt_root)
+    candidates = sorted(root.glob("step-*"), reverse=True)
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / STATE).is_file():
-            return candidate
-    complete = sorted(p for p in root.glob("step-*") if (p / STATE).is_file())
-    return complete[-1] if complete else None
+        named = root / pointer.read_text(errors="replace").strip()
+        if named in candidates:  # normally the newest already; first in any case
+            candidates.remove(named)
+            candidates.insert(0, named)
+    skipped = []
+    for ckpt in candidates:
+        if not ckpt.is_dir():
+            continue
+        why = problem(ckpt)
+        if why is None:
+            for bad, reason in skipped:
+                _note(f"tether: checkpoint {bad} is unusable ({reason}); using {ckpt.name}")
+            return ckpt
+        skipped.append((ckpt, why))
+    for bad, reason in skipped:
+        _note(f"tether: checkpoint {bad} is unusable ({reason})")
+    return None
+
+
+def _note(line: str) -> None:
+    if dist.is_main():
+        print(line, file=sys.stderr, flush=True)
 
 
 def load(ckpt_dir: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
          scheduler=None, restore_rng: bool = True) -> dict[str, Any]:
     """Restore what `save` wrote; returns the trainer state (step, data position, ...)."""
     ckpt = Path(ckpt_dir)
+    if why := problem(ckpt):
+        raise TetherError(f"checkpoint {ckpt} is unusable: {why}")
     state = json.loads((ckpt / STATE).read_text())
-    load_trainable_state(model, load_file(ckpt / "model.safetensors"))
+    try:
+        load_trainable_state(model, load_file(ckpt / "model.safetensors"))
+    except ValueError as err:
+        raise TetherError(f"checkpoint {ckpt}: {err} (was it saved with another "
+                          "model.name_or_path or model.lora?)") from None
     if optimizer is not None:
         load_optimizer_state(model, optimizer, load_file(ckpt / "optimizer.safetensors"),
                              state["optimizer_groups"])
@@ -229,7 +318,6 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
 
     from tether.config import ModelConfig, from_dict
     from tether.engine.models import load_tokenizer
-    from tether.errors import TetherError
 
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():

@@ -13,8 +13,8 @@ A finished row emits pad tokens with mask False until every row is finished (or
 
 The loop calls the model's own forward with `past_key_values`, not transformers' `generate`, so
 that it returns exactly what RL needs: the sampled tokens, their log-probs, masks, truncation
-flags. Another engine (vLLM on a GPU machine) plugs in by implementing `GenerationBackend`; see
-docs/generation.md. Only this PyTorch backend ships.
+flags. Another engine plugs in by implementing `GenerationBackend`: vLLM does
+(`tether.engine.vllm_backend`, `generation.backend: vllm`); see docs/generation.md.
 
 `greedy_complete` (held-out accuracy in the recipes) is the same loop at temperature 0.
 """
@@ -114,8 +114,13 @@ class Rollout:
 class GenerationBackend(Protocol):
     """What the RL recipes need from a generation engine (docs/generation.md)."""
 
+    external_sampler: bool  # True: `Rollout.logps` come from another engine than the trainer's
+
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams,
                  generator: torch.Generator | None = None) -> Rollout: ...
+
+    def sync_weights(self) -> None:
+        """Called after every optimizer step: the engine samples from the new weights next."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +204,8 @@ class TorchBackend:
     stops when no row on any rank is still generating.
     """
 
+    external_sampler = False  # the policy samples itself: its log-probs are the trainer's
+
     def __init__(self, wrapper_or_model: nn.Module, tokenizer, *, precision: str = "fp32"):
         self.module = wrapper_or_model
         self.tokenizer = tokenizer
@@ -210,6 +217,9 @@ class TorchBackend:
         gen_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
         self.eos_ids = torch.tensor(sorted(e for e in eos if e is not None), dtype=torch.long)
+
+    def sync_weights(self) -> None:
+        """Nothing to do: the backend samples with the training model itself."""
 
     def _lm(self) -> nn.Module:
         m = self.module

@@ -322,7 +322,8 @@ def _interleaved_prefix_forward(base: nn.Module, embeds: torch.Tensor,
     prefix_pos, rest_pos = position_ids[first, :start], position_ids[:, start:]
     prefix_mask = create_causal_mask(config=config, inputs_embeds=prefix_h,
                                      attention_mask=attention_mask[first, :start].long(),
-                                     cache=prefix_cache, position_ids=prefix_pos)
+                                     position_ids=prefix_pos,
+                                     **{_cache_arg(create_causal_mask): prefix_cache})
     prefix_rope = base.rotary_emb(prefix_h, position_ids=prefix_pos)
     rest_rope = base.rotary_emb(rest_h, position_ids=rest_pos)
     rest_mask = None
@@ -336,7 +337,8 @@ def _interleaved_prefix_forward(base: nn.Module, embeds: torch.Tensor,
         if index == 0:  # sized against the cache, which now holds the prefix
             rest_mask = create_causal_mask(config=config, inputs_embeds=rest_h,
                                            attention_mask=attention_mask.long(),
-                                           cache=rest_cache, position_ids=rest_pos)
+                                           position_ids=rest_pos,
+                                           **{_cache_arg(create_causal_mask): rest_cache})
         rest_h = layer(rest_h, attention_mask=rest_mask, position_embeddings=rest_rope,
                        position_ids=rest_pos, use_cache=True, **{cache_arg: rest_cache})
     last_prefix = base.norm(prefix_h[:, -1:])[rows_of]  # (B, 1, H)

@@ -39,8 +39,8 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # a resumed run: drop lines logged after its checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if json.loads(line).get("step", 0) <= start_step] if start_step else []
+            kept = [line for line in self.path.read_text(errors="replace").splitlines()
+                    if _step_of(line) <= start_step] if start_step else []
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             try:
@@ -97,3 +97,11 @@ def _plain(v):
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; inf (dropped) for a line a killed run left cut short."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return math.inf

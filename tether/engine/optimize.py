@@ -146,7 +146,14 @@ def accumulate_gradients(model: nn.Module, micro_batches: Sequence[Any], *, loss
     ranks, so sum over micro-batches and ranks of the gradients = grad of (total loss / U).
     Returns loss (the global mean per unit), units (U), and the loss function's metrics summed
     over micro-batches and ranks.
+
+    A NaN/inf loss raises FloatingPointError naming its micro-batch before its backward; with
+    several micro-batches in one process the gradients are checked after each backward too, so
+    the message names the micro-batch whose backward made one NaN/inf (one norm over the
+    gradients per micro-batch). The caller prefixes the step; nothing has stepped yet.
     """
+    n = len(micro_batches)
+    check_grads = n > 1 and not dist.is_distributed()  # else train_step's norm check names it
     global_units = dist.all_reduce_sum(sum(count_units(mb) for mb in micro_batches)).item()
     if global_units <= 0:
         raise ValueError("this step has no loss units (no completion tokens in the batch)")
@@ -157,8 +164,12 @@ def accumulate_gradients(model: nn.Module, micro_batches: Sequence[Any], *, loss
         with autocast(device, precision):
             loss_sum, metrics = loss_fn(model, mb)
         if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"the loss of micro-batch {i} is {loss_sum.item()}")
+            raise FloatingPointError(f"the loss of micro-batch {i} (of {n}) is "
+                                     f"{loss_sum.item()}{STOPPED}")
         (loss_sum / global_units).backward()
+        if check_grads and not math.isfinite(_grad_norm(model)):
+            raise FloatingPointError(f"a gradient of micro-batch {i} (of {n}) is NaN/inf (its "
+                                     f"loss, {loss_sum.item():.6g}, is finite){STOPPED}")
         loss_total += loss_sum.item()
         for k, v in metrics.items():
             summed[k] = summed.get(k, 0.0) + float(v)
@@ -181,14 +192,16 @@ def train_step(model: nn.Module, micro_batches: Sequence[Any], *, loss_fn: LossF
     t0 = time.perf_counter()
     out = {"lr": optimizer.param_groups[0]["lr"]}
     in_backward = steps_in_backward_apply(optimizer, micro_batches, max_grad_norm)
+    n = len(micro_batches)
+    where = "micro-batch 0 (of 1)" if n == 1 else f"micro-batches 0-{n - 1} (of {n})"
     with (steps_in_backward(optimizer, late=[
-            m.weight for m in model.modules() if isinstance(m, nn.Embedding)])
+            m.weight for m in model.modules() if isinstance(m, nn.Embedding)], where=where)
           if in_backward else contextlib.nullcontext([])) as norms:
         out.update(accumulate_gradients(model, micro_batches, loss_fn=loss_fn,
                                         count_units=count_units, device=device,
                                         precision=precision))
     out["grad_norm"] = (math.sqrt(sum(n * n for n in norms)) if in_backward
-                        else clip_grad_norm(model, max_grad_norm))
+                        else clip_grad_norm(model, max_grad_norm, where))
     optimizer.step()  # after steps in backward no gradient is left: a no-op, kept for the scheduler
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -208,7 +221,8 @@ def steps_in_backward_apply(optimizer: torch.optim.Optimizer, micro_batches: Seq
 
 
 @contextlib.contextmanager
-def steps_in_backward(optimizer: torch.optim.Optimizer, late: Sequence[torch.Tensor] = ()):
+def steps_in_backward(optimizer: torch.optim.Optimizer, late: Sequence[torch.Tensor] = (),
+                      where: str = "the backward"):
     """While open, each parameter takes its AdamW step in backward, the moment autograd writes
     its gradient, which is then dropped; yields the list that collects each gradient's L2 norm.
     The parameters in `late` step when the block ends instead: an embedding matrix tied to the
@@ -225,22 +239,22 @@ def steps_in_backward(optimizer: torch.optim.Optimizer, late: Sequence[torch.Ten
     norms: list[float] = []
     late_ids = {id(p) for p in late}
     handles = [p.register_post_accumulate_grad_hook(
-        lambda p, group=group: _step_one(optimizer, group, p, norms))
+        lambda p, group=group: _step_one(optimizer, group, p, norms, where))
         for group in optimizer.param_groups for p in group["params"] if id(p) not in late_ids]
     try:
         yield norms
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if id(p) in late_ids and p.grad is not None:
-                    _step_one(optimizer, group, p, norms)
+                    _step_one(optimizer, group, p, norms, where)
     finally:
         for handle in handles:
             handle.remove()
 
 
 def _step_one(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor,
-              norms: list[float]) -> None:
-    norms.append(_finite(float(torch.linalg.vector_norm(p.grad))))
+              norms: list[float], where: str = "the backward") -> None:
+    norms.append(_finite(float(torch.linalg.vector_norm(p.grad)), where))
     state = optimizer.state[p]
     beta1, beta2 = group["betas"]
     adamw_step([p], [p.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
@@ -249,7 +263,7 @@ def _step_one(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor,
     p.grad = None
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+def clip_grad_norm(model: nn.Module, max_norm: float, where: str = "the backward") -> float:
     """Global L2 norm of the gradients (over all ranks), clipped to `max_norm` if > 0."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
@@ -257,12 +271,22 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
         norm = norm.full_tensor()
-    return _finite(float(norm))
+    return _finite(float(norm), where)
 
 
-def _finite(grad_norm: float) -> float:
+# the end of every NaN/inf message (the recipe puts "step N: " before it)
+STOPPED = ": the run stops here and writes no checkpoint for this step"
+
+
+def _grad_norm(model: nn.Module) -> float:
+    """L2 norm of the gradients this process holds (inf or NaN if one of them is)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _finite(grad_norm: float, where: str = "the backward") -> float:
     """`grad_norm`, or FloatingPointError if it is NaN or inf (the run must stop)."""
     if not math.isfinite(grad_norm):
-        raise FloatingPointError(f"gradient norm is {grad_norm}: the loss or a gradient went "
-                                 "NaN/inf")
+        raise FloatingPointError(f"the gradient norm after {where} is {grad_norm} (the losses "
+                                 f"were finite){STOPPED}")
     return grad_norm

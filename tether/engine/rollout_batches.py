@@ -27,6 +27,8 @@ class GRPOBatch:
     ref_logps: torch.Tensor | None  # (b, C) fp32; None when beta = 0
     prompt_index: torch.Tensor | None  # (b,) long: rows with one value share their prompt
     extra_units: float = 0.0  # denominator share of rows left out because their loss is 0
+    sampler_logps: torch.Tensor | None = None  # (b, C) fp32 log-probs from another sampling
+    #                                            engine (vLLM); None = the trainer sampled itself
 
     def to(self, device) -> "GRPOBatch":
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -34,10 +36,12 @@ class GRPOBatch:
 
 
 def micro_batches(r: Rollout, advantages: torch.Tensor, size: int,
-                  prompt_index: torch.Tensor | None = None) -> list[GRPOBatch]:
+                  prompt_index: torch.Tensor | None = None,
+                  sampler_logps: bool = False) -> list[GRPOBatch]:
     """`size` rows per micro-batch in rollout order (a group's rows together, so that they share
     one prompt forward when `prompt_index` is given), each trimmed to its own longest prompt and
-    completion. The global normalisation makes the split irrelevant to the result."""
+    completion. The global normalisation makes the split irrelevant to the result.
+    sampler_logps: carry the rollout's own log-probs (another engine sampled it: vLLM)."""
     ids, mask, pos = r.input_ids(), r.attention_mask(), r.position_ids()
     P, lengths = r.prompt_ids.shape[1], r.completion_lengths()
     out = []
@@ -47,7 +51,8 @@ def micro_batches(r: Rollout, advantages: torch.Tensor, size: int,
         out.append(GRPOBatch(ids[chunk, left:right], mask[chunk, left:right],
                              pos[chunk, left:right], P - left, r.completion_mask[chunk, :right - P],
                              advantages[chunk], None, None,
-                             None if prompt_index is None else prompt_index[chunk]))
+                             None if prompt_index is None else prompt_index[chunk],
+                             sampler_logps=r.logps[chunk, :right - P] if sampler_logps else None))
     return out
 
 
@@ -62,6 +67,8 @@ class PPOBatch:
     old_values: torch.Tensor  # (b, C) fp32 critic values before the update
     advantages: torch.Tensor  # (b, C) fp32 (whitened)
     returns: torch.Tensor  # (b, C) fp32 value targets
+    tis_weight: torch.Tensor  # (b, C) fp32 truncated importance weight of each token's policy
+    #                           loss vs the sampler (vLLM); all 1 when off (tether.losses)
 
     @property
     def prompt_len(self) -> int:

@@ -82,7 +82,7 @@ class UserGroups:
                     raise ConfigError(f"grpo.group_rewards.{group}: '{spec}' and '{specs[name]}' "
                                       f"would both be logged as reward/{name}; rename one")
                 if name not in functions:
-                    functions[name] = load_reward(spec)
+                    functions[name] = load_reward(spec, judge=gc_.judge)  # grpo.judge's judge
             per_group[group] = {reward_name(s): float(x) for s, x in zip(group_specs, w)}
         fallback = {name: w for name, _, w in default.components}
         if set(self.names) <= set(table):  # every group has its own: grpo.rewards goes unused

@@ -24,11 +24,12 @@ from tether.config import EvalConfig, ModelConfig
 from tether.data.formats import tokenize_rows
 from tether.data.collate import pad_collate
 from tether.engine import checkpoint
-from tether.engine.generate import SamplingParams, TorchBackend, encode_prompt, greedy_complete
+from tether.engine.generate import SamplingParams, encode_prompt, greedy_complete
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import autocast, resolve_precision
 from tether.engine.score import completion_logps
+from tether.engine.vllm_backend import make_backend
 from tether.errors import ConfigError
 from tether.eval.online import distinct_n, prompt_text
 from tether.eval.stats import mean_and_stderr, self_bleu, sequence_kl
@@ -123,7 +124,7 @@ def sample_set(model: CausalLMLogps, tokenizer, rows: list[dict], cfg: EvalConfi
     """cfg.samples_per_prompt completions per row, batch_size rows at a time, from one seeded
     generator: the same seed and batch size give the same completions on CPU."""
     G = cfg.samples_per_prompt
-    backend = TorchBackend(model, tokenizer, precision=precision)
+    backend = make_backend(cfg.generation, model, tokenizer, precision=precision, shared=True)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, group_size=G)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -137,7 +138,8 @@ def sample_set(model: CausalLMLogps, tokenizer, rows: list[dict], cfg: EvalConfi
         out.prompts += [r["prompt"] for r in chunk for _ in range(G)]
         for key in {k for r in chunk for k in r if k != "prompt"}:
             out.columns.setdefault(key, []).extend(r.get(key) for r in chunk for _ in range(G))
-        out.entropy_sum += float(rollout.entropy[rollout.completion_mask].sum())
+        out.entropy_sum += float("nan") if rollout.entropy is None else \
+            float(rollout.entropy[rollout.completion_mask].sum())  # vLLM gives none: nan
         out.tokens += int(rollout.completion_mask.sum())
         out.truncated += int(rollout.truncated.sum())
         advance()

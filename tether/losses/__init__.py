@@ -1,7 +1,7 @@
 """Pure loss functions: tensors and keyword floats in, (loss, metrics) out. Imports torch only."""
 
 from .kl import KL_ESTIMATORS, adaptive_kl_coef, kl_penalty
-from .policy import RATIO_LEVELS, clipped_surrogate, value_loss
+from .policy import RATIO_LEVELS, clipped_surrogate, truncated_is_weight, value_loss
 from .preference import (
     PAIRED_LOSSES,
     dpo_loss,
@@ -42,5 +42,6 @@ __all__ = [
     "process_reward_loss",
     "robust_dpo_loss",
     "simpo_loss",
+    "truncated_is_weight",
     "value_loss",
 ]

@@ -124,3 +124,39 @@ def value_loss(
         "value_error": masked_mean(unclipped.detach(), mask).item(),
     }
     return loss, metrics
+
+
+def truncated_is_weight(
+    trainer_logps: torch.Tensor,
+    sampler_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cap: float = 2.0,
+) -> tuple[torch.Tensor, dict]:
+    """Truncated importance sampling (TIS) for rollouts drawn by another engine (vLLM), as in
+    verl and TRL (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
+    RL training"). The sampler's distribution mu differs slightly from the trainer's pi_old
+    (other kernels, bf16), so the policy gradient is reweighted per token by
+
+        w_t = min(exp(logp_trainer_t - logp_sampler_t), cap) = min(pi_old(y_t) / mu(y_t), C)
+
+    and the per-token policy-gradient loss becomes w_t * loss_t. w_t is a constant (no
+    gradient). The mismatch itself is logged as
+
+        logp_diff = mean over masked tokens of |logp_sampler_t - logp_trainer_t|
+
+    trainer_logps, sampler_logps: (B, T) log-probs of the sampled tokens; mask: (B, T) bool.
+    Returns (w (B, T), 1 outside the mask; metrics over the masked tokens: logp_diff,
+    tis_weight_mean (mean w_t), tis_clipfrac (fraction with pi_old / mu > cap)).
+    """
+    if cap <= 0:
+        raise ValueError(f"the TIS cap must be > 0, got {cap}")
+    log_ratio = trainer_logps.detach() - sampler_logps.detach()  # (B, T)
+    ratio = torch.exp(torch.where(mask, log_ratio, torch.zeros_like(log_ratio)))
+    weight = ratio.clamp(max=cap)  # (B, T)
+    metrics = {
+        "logp_diff": masked_mean(log_ratio.abs(), mask).item(),
+        "tis_weight_mean": masked_mean(weight, mask).item(),
+        "tis_clipfrac": masked_mean((ratio > cap).float(), mask).item(),
+    }
+    return weight, metrics

@@ -34,6 +34,7 @@ from tether.data.preference import (PreferenceBatch, builtin_sentiment_rows, col
                                     load_preference_data)
 from tether.data.tasks import sentiment
 from tether.engine import checkpoint, dist
+from tether.engine.interrupt import TrainingSteps
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer, resolve_model_dir
@@ -320,7 +321,8 @@ def run(cfg: DPOConfig) -> dict:
 
     # --- train ----------------------------------------------------------------------------------
     history, margins = [], []
-    for step in range(start_step, total_steps):
+    steps = TrainingSteps(start_step, total_steps, ckpt_root, logger)  # Ctrl-C: save, stop
+    for step in steps:
         items = step_items(train_items, step, tc.batch_size, tc.seed)[
             dist.shard_indices(tc.batch_size)]
         micro_batches = [collate(items[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size])
@@ -371,7 +373,7 @@ def run(cfg: DPOConfig) -> dict:
         history.append(m["loss"])
         margins.append(metrics["rewards/margin"])
         logger.advance(step + 1, f"loss {m['loss']:.4f} acc {metrics['rewards/accuracy']:.2f}")
-        if step + 1 == total_steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+        if steps.checkpoint_due(step + 1, cfg.run.save_every):
             state = {"total_steps": total_steps}
             if group_weights is not None:
                 state["group_weights"] = group_weights.tolist()

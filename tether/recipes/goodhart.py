@@ -114,7 +114,8 @@ def train_proxy(cfg: GoodhartConfig, root: Path) -> dict:
 def eval_config(cfg: GoodhartConfig, per_prompt: int, precision: str) -> EvalConfig:
     return EvalConfig(model=cfg.model, samples_per_prompt=per_prompt,
                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, precision=precision,
-                      batch_size=max(1, cfg.batch_rows // per_prompt), progress=cfg.progress)
+                      batch_size=max(1, cfg.batch_rows // per_prompt), progress=cfg.progress,
+                      generation=cfg.generation)
 
 
 def best_of_n_stage(cfg, root, policy, tokenizer, task, proxy, proxy_path, precision) -> dict:

@@ -27,13 +27,14 @@ from typing import Callable
 import torch
 
 from tether.advantages import group_advantages, rloo_advantages
-from tether.config import GRPOConfig, GRPOParams, ModelConfig, save_config
+from tether.config import GenerationConfig, GRPOConfig, GRPOParams, ModelConfig, save_config
 from tether.data.prompts import SHOTS, load_rl_prompts
 from tether.data.tasks import segments
 from tether.data.tasks.arithmetic import DIFFICULTIES
 from tether.engine import checkpoint, dist
 from tether.engine.dist import global_mean, same_count_on_ranks
-from tether.engine.generate import SamplingParams, TorchBackend
+from tether.engine.generate import SamplingParams
+from tether.engine.interrupt import TrainingSteps
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer
@@ -42,11 +43,13 @@ from tether.engine.optimize import (build_optimizer, build_scheduler, resolve_pr
 from tether.engine.rollout_batches import GRPOBatch, micro_batches
 from tether.engine.score import score_logps
 from tether.engine.user_groups import UserGroups
+from tether.engine.vllm_backend import make_backend
 from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.report import finish_run
-from tether.losses import aggregate_sum, clipped_surrogate, kl_penalty, masked_sum
-from tether.rewards import WeightedSum, load_reward, reward_name
+from tether.losses import (aggregate_sum, clipped_surrogate, kl_penalty, masked_sum,
+                           truncated_is_weight)
+from tether.rewards import WeightedSum, judge_cost, judge_metrics, load_reward, reward_name
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,10 @@ class Objective:
     beta: float
     normalizer: float  # constant_normalizer: max_new_tokens
     temperature: float  # log-probs of softmax(logits / T), the distribution samples come from
+    tis_cap: float | None = None  # truncated importance sampling vs the sampler; None = off
 
 
-def build_objective(gc_: GRPOParams) -> Objective:
+def build_objective(gc_: GRPOParams, gen: GenerationConfig | None = None) -> Objective:
     if gc_.loss_type not in LOSS_TYPES:
         raise ConfigError(f"grpo.loss_type must be one of {', '.join(LOSS_TYPES)}, "
                           f"got '{gc_.loss_type}'")
@@ -109,18 +113,20 @@ def build_objective(gc_: GRPOParams) -> Objective:
     pick = lambda value, default: default if value is None else value  # noqa: E731
     return Objective(kind, pick(gc_.eps_low, kind.eps_low), pick(gc_.eps_high, kind.eps_high),
                      pick(gc_.dynamic_sampling, kind.dynamic_sampling), gc_.beta,
-                     float(gc_.max_new_tokens), gc_.temperature)
+                     float(gc_.max_new_tokens), gc_.temperature,
+                     gen.tis_cap if gen is not None and gen.tis else None)
 
 
-def build_rewards(gc_: GRPOParams) -> WeightedSum:
-    """A WeightedSum of the named reward functions, each logged as reward/<name>."""
+def build_rewards(gc_: GRPOParams, device=None) -> WeightedSum:
+    """A WeightedSum of the named reward functions, each logged as reward/<name> ("judge" is
+    the AI judge of `grpo.judge`, loaded once, on `device`)."""
     weights = gc_.reward_weights if gc_.reward_weights is not None else [1.0] * len(gc_.rewards)
     if not gc_.rewards:
         raise ConfigError("grpo.rewards is empty: name at least one reward function")
     if len(weights) != len(gc_.rewards):
         raise ConfigError(f"grpo.reward_weights has {len(weights)} entries for "
                           f"{len(gc_.rewards)} grpo.rewards")
-    return WeightedSum([(reward_name(name), load_reward(name), w)
+    return WeightedSum([(reward_name(name), load_reward(name, judge=gc_.judge, device=device), w)
                         for name, w in zip(gc_.rewards, weights)])
 
 
@@ -150,6 +156,11 @@ def grpo_loss(policy: CausalLMLogps, b: GRPOBatch, *, obj: Objective) -> tuple[t
                                      eps_high=obj.eps_high, level=obj.kind.ratio_level)
     n = mask.sum().item()
     out = {"_tokens": n, **{k: m[k] * n for k in ("clipfrac_low", "clipfrac_high", "approx_kl")}}
+    if b.sampler_logps is not None:  # another engine sampled: the mismatch, and TIS when on
+        weight, tm = truncated_is_weight(old, b.sampler_logps, mask, cap=obj.tis_cap or 1.0)
+        if obj.tis_cap is not None:
+            per_token = per_token * weight
+        out["logp_diff"] = tm["logp_diff"] * n
     if b.ref_logps is not None:
         kl = kl_penalty(logps, b.ref_logps, kind="k3")  # (b, C)
         per_token = per_token + obj.beta * torch.where(mask, kl, torch.zeros_like(kl))
@@ -176,8 +187,8 @@ def run(cfg: GRPOConfig) -> dict:
     device = dist.device()
     tc, gc_, run_dir = cfg.train, cfg.grpo, Path(cfg.run.output_dir)
     tc.precision = resolve_precision(tc.precision, device)
-    obj = build_objective(gc_)
-    rewards = build_rewards(gc_)
+    obj = build_objective(gc_, cfg.generation)
+    rewards = build_rewards(gc_, device)
     if gc_.prompts_per_step % dist.world_size():
         raise ConfigError(f"grpo.prompts_per_step ({gc_.prompts_per_step}) must divide by the "
                           f"world size ({dist.world_size()})")
@@ -214,7 +225,7 @@ def run(cfg: GRPOConfig) -> dict:
     policy = dist.shard(CausalLMLogps(model, chunk_size=tc.logprob_chunk_size).to(device))
     policy.train()
     reference = load_reference(cfg, device) if obj.beta > 0 and cfg.model.lora.r == 0 else None
-    backend = TorchBackend(policy, tokenizer, precision=tc.precision)
+    backend = make_backend(cfg.generation, policy, tokenizer, precision=tc.precision, seed=tc.seed)
     optimizer = build_optimizer(policy, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps * gc_.num_iterations)
 
@@ -251,7 +262,8 @@ def run(cfg: GRPOConfig) -> dict:
                             top_p=gc_.top_p, top_k=gc_.top_k, stop=tuple(gc_.stop),
                             group_size=gc_.group_size)
     history = []
-    for step in range(start_step, total_steps):
+    steps = TrainingSteps(start_step, total_steps, ckpt_root, logger)  # Ctrl-C: save, stop
+    for step in steps:
         # --- generate ---------------------------------------------------------------------------
         t0 = time.perf_counter()
         prompts = step_items(train_prompts, step, gc_.prompts_per_step, tc.seed)[
@@ -266,7 +278,9 @@ def run(cfg: GRPOConfig) -> dict:
         columns = {k: [prompts[i // G].columns.get(k) for i in range(B)]
                    for k in prompts[0].columns}
         asked = [prompts[i // G].prompt for i in range(B)]  # (B,) the prompt of each row
+        judged = judge_cost(rewards)  # None without the judge reward
         scores = rewards.score(asked, rollout.texts, **columns)
+        judged = judge_metrics(judged, judge_cost(rewards))  # {} or judge/calls, judge/seconds
         reward = torch.tensor(scores.total, dtype=torch.float32)  # (B,)
         equal = reward.view(-1, G).std(dim=1) == 0  # (n_prompts,) groups with one reward value
         keep = ~equal if obj.dynamic_sampling else torch.ones_like(equal)  # (n_prompts,)
@@ -288,7 +302,8 @@ def run(cfg: GRPOConfig) -> dict:
         chosen.completion_mask[len(real):] = False  # filler rows: no loss, no units
         share = rows // G  # one prompt forward per group
         batches = [b.to(device) for b in micro_batches(
-            chosen, advantages[rows], tc.micro_batch_size, share)]
+            chosen, advantages[rows], tc.micro_batch_size, share,
+            backend.external_sampler)]  # another engine sampled: keep its log-probs (TIS)
         if batches:
             batches[0].extra_units = skipped_units
         if reference is not None:  # frozen reference: `ref_logps`, for k3 in the loss
@@ -324,10 +339,11 @@ def run(cfg: GRPOConfig) -> dict:
                 except FloatingPointError as err:
                     raise FloatingPointError(f"step {step + 1}: {err}") from None
                 for k in ("_tokens", "_seqs", "clipfrac_low", "clipfrac_high", "approx_kl", "kl",
-                          "kl_k1"):
+                          "kl_k1", "logp_diff"):
                     sums[k] = sums.get(k, 0.0) + m.get(k, 0.0)
             else:  # every group was dropped: no update, the schedule still advances
                 scheduler.step()
+        backend.sync_weights()  # vLLM samples the next step from the new weights (hf: no-op)
         t3 = time.perf_counter()
 
         # --- log ------------------------------------------------------------------------------
@@ -356,8 +372,11 @@ def run(cfg: GRPOConfig) -> dict:
             "groups/kept": dist.all_reduce_sum(keep.sum().item()).item(),
             "optim/lr": m["lr"], "optim/grad_norm": m["grad_norm"],
             "timing/generate": t1 - t0, "timing/score": t2 - t1, "timing/update": t3 - t2,
+            **{k: dist.all_reduce_sum(v).item() for k, v in judged.items()},
             "memory/peak_mb": peak_memory_mb(),
         }
+        if backend.external_sampler:
+            metrics["generation/logp_diff"] = sums.get("logp_diff", 0.0) / tokens
         if obj.beta > 0:  # per sequence: summed over each completion, mean over the rows
             seqs = max(1.0, sums.get("_seqs", 0.0))
             metrics["kl/k1"] = sums.get("kl_k1", 0.0) / seqs
@@ -371,7 +390,7 @@ def run(cfg: GRPOConfig) -> dict:
                                  f"len {metrics['completions/mean_length']:.1f}")
 
         # --- checkpoint -------------------------------------------------------------------------
-        if step + 1 == total_steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+        if steps.checkpoint_due(step + 1, cfg.run.save_every):
             checkpoint.save(ckpt_root, step + 1, model=policy, optimizer=optimizer,
                             scheduler=scheduler,
                             trainer_state={"total_steps": total_steps, **groups.state()},

@@ -33,18 +33,22 @@ from tether.data.prompts import (PromptExample, builtin_prompt_rows, load_prompt
 from tether.data.tasks import builtin_sft_rows
 from tether.engine import checkpoint, dist
 from tether.engine.dist import global_mean
-from tether.engine.generate import SamplingParams, TorchBackend, seeded
+from tether.engine.generate import SamplingParams, seeded
+from tether.engine.interrupt import TrainingSteps
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer, load_value_model
 from tether.engine.optimize import build_scheduler, resolve_precision, step_items, train_step
 from tether.engine.rollout_batches import PPOBatch
 from tether.engine.score import TokenValues, score_rollout
+from tether.engine.vllm_backend import make_backend
 from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.report import finish_run
-from tether.losses import adaptive_kl_coef, aggregate_sum, clipped_surrogate, kl_penalty, value_loss
-from tether.rewards import RewardModelScorer, WeightedSum, load_reward, reward_name
+from tether.losses import (adaptive_kl_coef, aggregate_sum, clipped_surrogate, kl_penalty,
+                           truncated_is_weight, value_loss)
+from tether.rewards import (RewardModelScorer, WeightedSum, judge_cost, judge_metrics,
+                            load_reward, reward_name)
 
 # ------------------------------------------------------------------------------ data
 
@@ -72,7 +76,8 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[PromptExample], list[P
 
 def build_reward(pc: PPOParams, device) -> WeightedSum:
     """A WeightedSum of the reward model (component 'reward_model') and reward functions
-    (`tether.rewards.load_reward`: arithmetic, format or module:function), each logged alone."""
+    (`tether.rewards.load_reward`: arithmetic, format, judge (`ppo.judge`) or module:function),
+    each logged alone."""
     names = pc.rewards if pc.rewards is not None else ([] if pc.reward_model else ["arithmetic"])
     weights = pc.reward_weights if pc.reward_weights is not None else [1.0] * len(names)
     if len(weights) != len(names):
@@ -82,7 +87,7 @@ def build_reward(pc: PPOParams, device) -> WeightedSum:
     if pc.reward_model:
         components.append(("reward_model", RewardModelScorer(
             pc.reward_model, batch_size=pc.reward_batch_size, device=device), 1.0))
-    components += [(reward_name(name), load_reward(name), w)
+    components += [(reward_name(name), load_reward(name, judge=pc.judge, device=device), w)
                    for name, w in zip(names, weights)]
     if not components:
         raise ConfigError("no reward: set ppo.reward_model and/or ppo.rewards")
@@ -151,7 +156,7 @@ def ppo_loss(models: ActorCritic, b: PPOBatch, *, pc: PPOParams) -> tuple[torch.
     pg, pm = clipped_surrogate(logps, b.old_logps, b.advantages, mask,
                                eps_low=pc.clip_eps, eps_high=pc.clip_eps)
     vl, vm = value_loss(values, b.old_values, b.returns, mask, clip=pc.value_clip)
-    pg_sum, _ = aggregate_sum(pg, mask, mode="token_mean")
+    pg_sum, _ = aggregate_sum(pg * b.tis_weight, mask, mode="token_mean")  # weight 1 unless TIS
     vl_sum, _ = aggregate_sum(vl, mask, mode="token_mean")
     n = float(b.num_tokens)
     return pg_sum + pc.vf_coef * vl_sum, {
@@ -220,7 +225,7 @@ def run(cfg: PPOConfig) -> dict:
     updates_per_step = pc.update_epochs * pc.mini_batches
     optimizer = build_optimizer(models, cfg)
     scheduler = build_scheduler(optimizer, tc, total_steps * updates_per_step)
-    backend = TorchBackend(policy, tokenizer, precision=tc.precision)
+    backend = make_backend(cfg.generation, policy, tokenizer, precision=tc.precision, seed=tc.seed)
     sampling = SamplingParams(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature,
                               top_p=pc.top_p, top_k=pc.top_k, stop=tuple(pc.stop), group_size=G)
 
@@ -254,7 +259,8 @@ def run(cfg: PPOConfig) -> dict:
     diag.log(logger, start_step, eval_before, samples)
 
     history = []
-    for step in range(start_step, total_steps):
+    steps = TrainingSteps(start_step, total_steps, ckpt_root, logger)  # Ctrl-C: save, stop
+    for step in steps:
         rows = step_items(prompts, step, tc.batch_size, tc.seed)[dist.shard_indices(tc.batch_size)]
 
         # --- generate -------------------------------------------------------------------------
@@ -268,9 +274,11 @@ def run(cfg: PPOConfig) -> dict:
         t0 = time.perf_counter()
         columns = {k: [r.columns.get(k) for r in rows for _ in range(G)] for k in rows[0].columns}
         asked = [r.prompt for r in rows for _ in range(G)]  # (B,) the prompt of each row
+        judged = judge_cost(reward_fn)  # None without the judge reward
         sc = score_rollout(rollout, asked, columns,
                            policy=policy, reference=reference, critic=critic, reward_fn=reward_fn,
                            micro_batch_size=tc.micro_batch_size)
+        judged = judge_metrics(judged, judge_cost(reward_fn))  # {} or judge/calls, judge/seconds
         t_score = time.perf_counter() - t0
 
         # --- advantages: KL-shaped per-token rewards, GAE, whitening ---------------------------
@@ -280,8 +288,14 @@ def run(cfg: PPOConfig) -> dict:
         advantages, returns = gae(token_rewards, sc.values, mask, gamma=pc.gamma, lam=pc.lam)
         if pc.whiten_advantages:
             advantages = whiten(advantages, mask)
+        mismatch, tis = {}, torch.ones_like(sc.logps)  # another engine sampled: logp_diff, TIS
+        if backend.external_sampler:
+            w, tm = truncated_is_weight(sc.logps, rollout.logps, mask, cap=cfg.generation.tis_cap)
+            tis = w if cfg.generation.tis else tis
+            mismatch = {"generation/logp_diff": global_mean(tm["logp_diff"] * mask.sum().item(),
+                                                            mask.sum().item())}
         batch = PPOBatch(rollout.input_ids(), rollout.attention_mask(), rollout.position_ids(),
-                         mask, sc.logps, sc.values, advantages, returns)
+                         mask, sc.logps, sc.values, advantages, returns, tis)
 
         # --- update: update_epochs x mini_batches optimizer steps, micro-batched ---------------
         t0, mbs = time.perf_counter(), tc.micro_batch_size
@@ -305,6 +319,7 @@ def run(cfg: PPOConfig) -> dict:
                 sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) \
                     + m["grad_norm"] / updates_per_step
                 lr = m["lr"]
+        backend.sync_weights()  # vLLM samples the next step from the new weights (hf: no-op)
         t_update = time.perf_counter() - t0
 
         # --- KL controller, metrics, checkpoint ------------------------------------------------
@@ -326,9 +341,10 @@ def run(cfg: PPOConfig) -> dict:
             "value/explained_variance": explained_variance(sc.values, returns, mask).item(),
             "completions/mean_length": global_mean(lengths.sum().item(), B),
             "completions/truncated_frac": global_mean(rollout.truncated.sum().item(), B),
-            **diag.rollout_metrics(step + 1, asked, rollout.texts, columns),
+            **diag.rollout_metrics(step + 1, asked, rollout.texts, columns), **mismatch,
             "optim/lr": lr, "timing/generate": t_generate, "timing/score": t_score,
             "timing/update": t_update, "memory/peak_mb": peak_memory_mb(),
+            **{k: dist.all_reduce_sum(v).item() for k, v in judged.items()},
             "epoch": (step + 1) / steps_per_epoch}
         if pc.kl_target is not None:
             kl_coef = adaptive_kl_coef(kl_coef, mean_kl, target=pc.kl_target,
@@ -340,7 +356,7 @@ def run(cfg: PPOConfig) -> dict:
             diag.log(logger, step + 1, metrics)
         history.append(metrics)
         logger.advance(step + 1, f"reward {reward_mean:.3f} kl {mean_kl:.3f}")
-        if step + 1 == total_steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+        if steps.checkpoint_due(step + 1, cfg.run.save_every):
             checkpoint.save(ckpt_root, step + 1, model=models, optimizer=optimizer,
                             scheduler=scheduler, keep_last=cfg.run.keep_last,
                             trainer_state={"total_steps": total_steps, "kl_coef": kl_coef})

@@ -40,6 +40,7 @@ from tether.data.formats import read_rows, validate_row
 from tether.data.preference import pairs_by_score
 from tether.data.prompts import PROMPT_FORMATS, encode_prompt
 from tether.engine import dist
+from tether.engine.batchlog import read_partial
 from tether.engine.generate import SamplingParams, TorchBackend, seeded
 from tether.engine.models import cache_dir, load_causal_lm, load_tokenizer, resolve_model_dir
 from tether.engine.optimize import resolve_precision
@@ -106,21 +107,6 @@ def check(p: PrefsParams) -> None:
     if p.temperature <= 0 or p.batch_prompts < 1 or p.max_new_tokens < 1:
         raise ConfigError("prefs.temperature, prefs.batch_prompts and prefs.max_new_tokens "
                           "must be > 0")
-
-
-def read_partial(path: Path) -> dict[int, dict]:
-    """Sampled batches so far: {batch index: {"completions", "scores"}}. A last line cut off by
-    a kill is cut from the file (its batch is sampled again), so the next batch appended starts
-    on a line of its own."""
-    if not path.is_file():
-        return {}
-    data = path.read_bytes()
-    whole = data[:data.rfind(b"\n") + 1]
-    if len(whole) < len(data):
-        with path.open("r+b") as f:
-            f.truncate(len(whole))
-    records = (json.loads(line) for line in whole.decode("utf-8").splitlines())
-    return {record["batch"]: record for record in records}
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -27,6 +27,7 @@ import torch
 from tether.config import PRMConfig, save_config
 from tether.data.stepwise import StepExample, builtin_stepwise_rows, load_stepwise_data
 from tether.engine import checkpoint, dist
+from tether.engine.interrupt import TrainingSteps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_tokenizer, load_value_model, unwrap
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
@@ -206,7 +207,8 @@ def run(cfg: PRMConfig) -> dict:
 
     # --- train --------------------------------------------------------------------------------
     history = []
-    for step in range(start_step, total_steps):
+    steps = TrainingSteps(start_step, total_steps, ckpt_root, logger)  # Ctrl-C: save, stop
+    for step in steps:
         examples = step_items(train_examples, step, tc.batch_size, tc.seed)[
             dist.shard_indices(tc.batch_size)]
         micro_batches = [collate(examples[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size])
@@ -229,7 +231,7 @@ def run(cfg: PRMConfig) -> dict:
         history.append(m["loss"])
         logger.advance(step + 1, f"loss {m['loss']:.4f} step acc "
                                  f"{metrics['prm/step_accuracy']:.2f}")
-        if step + 1 == total_steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+        if steps.checkpoint_due(step + 1, cfg.run.save_every):
             checkpoint.save(ckpt_root, step + 1, model=model, optimizer=optimizer,
                             scheduler=scheduler, trainer_state={"total_steps": total_steps},
                             keep_last=cfg.run.keep_last)

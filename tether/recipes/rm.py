@@ -29,6 +29,7 @@ from tether.data.formats import (Rows, check_not_null, read_rows, split_indices,
                                  truncation_counts, truncation_message, validate_row)
 from tether.data.preference import drop_identical_pairs, tokenize_pair
 from tether.engine import checkpoint, dist
+from tether.engine.interrupt import TrainingSteps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import freeze_trunk, load_reward_model, load_tokenizer, unwrap
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
@@ -294,7 +295,8 @@ def run(cfg: RMConfig) -> dict:
 
     # --- train --------------------------------------------------------------------------------
     history = []
-    for step in range(start_step, total_steps):
+    steps = TrainingSteps(start_step, total_steps, ckpt_root, logger)  # Ctrl-C: save, stop
+    for step in steps:
         pairs = step_items(train_pairs, step, tc.batch_size, tc.seed)[
             dist.shard_indices(tc.batch_size)]
         micro_batches = [collate(pairs[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size])
@@ -317,7 +319,7 @@ def run(cfg: RMConfig) -> dict:
             logger.log(step + 1, metrics)
         history.append(m["loss"])
         logger.advance(step + 1, f"loss {m['loss']:.4f} acc {metrics['rm/accuracy']:.2f}")
-        if step + 1 == total_steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+        if steps.checkpoint_due(step + 1, cfg.run.save_every):
             checkpoint.save(ckpt_root, step + 1, model=model, optimizer=optimizer,
                             scheduler=scheduler, trainer_state={"total_steps": total_steps},
                             keep_last=cfg.run.keep_last)

@@ -19,6 +19,7 @@ from tether.data.formats import load_sft_examples, truncation_counts, truncation
 from tether.data.tasks import builtin_sft_rows, heldout_problems, task_accuracy
 from tether.engine import checkpoint, dist
 from tether.engine.generate import greedy_complete
+from tether.engine.interrupt import TrainingSteps
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer
@@ -145,7 +146,8 @@ def run(cfg: SFTConfig) -> dict:
 
     # --- train --------------------------------------------------------------------------------
     history = []
-    for step in range(start_step, total_steps):
+    steps = TrainingSteps(start_step, total_steps, ckpt_root, logger)  # Ctrl-C: save, stop
+    for step in steps:
         items = step_items(train_items, step, tc.batch_size, tc.seed)[
             dist.shard_indices(tc.batch_size)]
         micro_batches = [collate(items[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size])
@@ -168,7 +170,7 @@ def run(cfg: SFTConfig) -> dict:
             logger.log(step + 1, metrics)
         history.append(m["loss"])
         logger.advance(step + 1, f"loss {m['loss']:.4f}")
-        if step + 1 == total_steps or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+        if steps.checkpoint_due(step + 1, cfg.run.save_every):
             checkpoint.save(ckpt_root, step + 1, model=policy, optimizer=optimizer,
                             scheduler=scheduler, trainer_state={"total_steps": total_steps},
                             keep_last=cfg.run.keep_last)

@@ -10,6 +10,7 @@ functions through `call_reward`, which checks what comes back (`check_scores`).
 from tether.rewards.base import (GroupedRewards, RewardError, RewardFn, RewardScores, WeightedSum,
                                  builtin_rewards, call_reward, check_scores, load_python_reward,
                                  load_reward, reward_name)
+from tether.rewards.judge import JudgeReward, judge_cost, judge_metrics
 from tether.rewards.model import RewardModelScorer
 from tether.rewards.process import ProcessRewardScorer, ProcessScores, aggregate_steps
 from tether.rewards.verifiers import (ArithmeticVerifier, FormatReward, SentimentReward,
@@ -19,6 +20,7 @@ __all__ = [
     "ArithmeticVerifier",
     "FormatReward",
     "GroupedRewards",
+    "JudgeReward",
     "ProcessRewardScorer",
     "ProcessScores",
     "RewardError",
@@ -33,6 +35,8 @@ __all__ = [
     "builtin_rewards",
     "call_reward",
     "check_scores",
+    "judge_cost",
+    "judge_metrics",
     "load_python_reward",
     "load_reward",
     "reward_name",

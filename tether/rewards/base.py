@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from tether.errors import RewardError, TetherError
+from tether.rewards.judge import JudgeReward
 from tether.rewards.verifiers import (ArithmeticVerifier, FormatReward, SentimentReward,
                                      TerseReward, WorkedFormatReward)
 
@@ -98,14 +99,17 @@ def builtin_rewards() -> dict[str, type]:
             "terse": TerseReward, "worked": WorkedFormatReward}
 
 
-def load_reward(name: str) -> RewardFn:
+def load_reward(name: str, *, judge=None, device=None) -> RewardFn:
     """A reward function named in config: a built-in name (`builtin_rewards()`: "arithmetic",
-    "format", "sentiment", "terse", "worked"), a reward-model directory (one with config.json, e.g. the
-    RUN_DIR/reward_model that `tether rm` writes: a `RewardModelScorer`), or "module:function"
-    (imported now, only because it is named)."""
+    "format", "sentiment", "terse", "worked"), "judge" (a `JudgeReward` loaded from `judge`, the
+    recipe's `tether.config.JudgeParams`, on `device`), a reward-model directory (one with
+    config.json, e.g. the RUN_DIR/reward_model that `tether rm` writes: a `RewardModelScorer`),
+    or "module:function" (imported now, only because it is named)."""
     builtin = builtin_rewards()
     if name in builtin:
         return builtin[name]()
+    if name == "judge":
+        return JudgeReward(judge, device=device)
     if Path(name).is_dir():  # a directory that is not a model is an error naming it
         from tether.rewards.model import RewardModelScorer
 
@@ -113,10 +117,10 @@ def load_reward(name: str) -> RewardFn:
     if ":" not in name:
         import difflib
 
-        near = difflib.get_close_matches(name, list(builtin), n=1)
+        near = difflib.get_close_matches(name, [*builtin, "judge"], n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise RewardError(f"unknown reward function '{name}'{hint} (built-in: "
-                          f"{', '.join(builtin)}; or your own as 'module:function')")
+                          f"{', '.join(builtin)}, judge; or your own as 'module:function')")
     return load_python_reward(name)
 
 

@@ -1,0 +1,342 @@
+"""The vLLM backend without vLLM: backend selection and its errors, LoRA merged into plain
+transformers names, vLLM's outputs -> Rollout (by hand), weight sync after an update, and GRPO /
+PPO end to end through an in-process stand-in with vLLM's `LLM` shape. The same behaviour against
+the real vLLM is in test_vllm_real.py (skipped where vLLM is not installed)."""
+
+import copy
+import math
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from tether.config import GenerationConfig, GRPOConfig, PPOConfig, load_config
+from tether.engine import vllm_backend
+from tether.engine.generate import SamplingParams, TorchBackend, encode_prompt
+from tether.engine.models import tiny_llama
+from tether.engine.vllm_backend import VLLMBackend, hf_weights, make_backend, to_rollout
+from tether.errors import ConfigError
+
+# --- a stand-in with the shape of vllm.LLM / vllm.SamplingParams / vLLM's outputs ---------------
+
+
+@dataclass
+class Logprob:
+    logprob: float
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list
+    logprobs: list | None  # one {token_id: Logprob} per generated token
+    finish_reason: str
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list
+    outputs: list = field(default_factory=list)
+
+
+class FakeSamplingParams:
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+class FakeLLM:
+    """vllm.LLM's surface used by VLLMBackend: built from a weightless model directory with
+    load_format="dummy" (random weights), weights only through `collective_rpc("reload_weights",
+    ...)` (strict names: a plain transformers checkpoint's), sampling by a private transformers
+    model with tether's own sampler, results shaped like vLLM's RequestOutputs."""
+
+    instances: list = []
+
+    def __init__(self, **kwargs):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        assert kwargs["load_format"] == "dummy" and kwargs["logprobs_mode"] == "processed_logprobs"
+        self.kwargs = kwargs
+        config = AutoConfig.from_pretrained(kwargs["model"])
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            self.model = AutoModelForCausalLM.from_config(config).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(kwargs["tokenizer"])
+        self.reloads, self.prefix_resets = 0, 0
+        FakeLLM.instances.append(self)
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"]
+        weights = dict(kwargs["weights_iterator"])
+        expected = dict(self.model.named_parameters())  # tied weights once, as in vLLM
+        assert set(weights) == set(expected), set(weights) ^ set(expected)
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                expected[name].copy_(tensor)
+        self.reloads += 1
+        return [None]
+
+    def reset_prefix_cache(self):
+        self.prefix_resets += 1
+
+    def generate(self, prompts, sp, use_tqdm=False):
+        params = SamplingParams(max_new_tokens=sp.max_tokens, temperature=sp.temperature,
+                                top_p=sp.top_p, top_k=max(0, sp.top_k), stop=tuple(sp.stop or ()),
+                                group_size=sp.n)
+        gen = None if sp.seed is None else torch.Generator().manual_seed(sp.seed)
+        r = TorchBackend(self.model, self.tokenizer).generate(
+            [p["prompt_token_ids"] for p in prompts], params, generator=gen)
+        out = [RequestOutput(p["prompt_token_ids"]) for p in prompts]
+        for row in reversed(range(len(r.texts))):  # reversed: the backend must sort by index
+            toks = r.completion_ids[row][r.completion_mask[row]].tolist()
+            lps = r.logps[row][r.completion_mask[row]].tolist()
+            out[row // sp.n].outputs.append(CompletionOutput(
+                row % sp.n, r.texts[row], toks, [{t: Logprob(lp)} for t, lp in zip(toks, lps)],
+                "length" if r.truncated[row] else "stop"))
+        return out
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """`import vllm` resolves to the stand-in."""
+    module = types.SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeSamplingParams)
+    monkeypatch.setattr(vllm_backend, "import_vllm", lambda: module)
+    FakeLLM.instances = []
+    vllm_backend._SHARED.clear()
+    yield module
+    vllm_backend._SHARED.clear()
+
+
+@pytest.fixture
+def model(default_tokenizer):
+    return tiny_llama(vocab_size=len(default_tokenizer), hidden_size=32, layers=2, tie=True,
+                      pad_token_id=default_tokenizer.pad_token_id, seed=5).eval()
+
+
+# --- selection and errors ----------------------------------------------------------------------
+
+
+def test_hf_backend_is_the_default(model, default_tokenizer):
+    backend = make_backend(GenerationConfig(), model, default_tokenizer, precision="fp32")
+    assert isinstance(backend, TorchBackend) and not backend.external_sampler
+    backend.sync_weights()  # a no-op
+
+
+def test_bad_generation_keys_are_config_errors(model, default_tokenizer):
+    for gen, match in ((GenerationConfig(backend="sglang"), "generation.backend must be one of"),
+                       (GenerationConfig(backend="vllm", vllm_mode="server"), "colocate"),
+                       (GenerationConfig(tis_cap=0.0), "tis_cap")):
+        with pytest.raises(ConfigError, match=match):
+            make_backend(gen, model, default_tokenizer, precision="fp32")
+    with pytest.raises(ConfigError, match="generation.backend"):  # a typo names the key
+        load_config(GRPOConfig, None, ["--generation.backnd=vllm"])
+
+
+def test_vllm_missing_is_one_line_config_error(model, default_tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(ConfigError) as err:
+        make_backend(GenerationConfig(backend="vllm"), model, default_tokenizer, precision="fp32")
+    message = str(err.value)
+    assert "\n" not in message and "pip install 'tether[vllm]'" in message
+
+
+# --- weights: plain transformers names, LoRA merged without touching the training model --------
+
+
+def test_hf_weights_of_a_plain_model_are_its_parameters(model):
+    got = dict(hf_weights(model))
+    assert set(got) == {n for n, _ in model.named_parameters()}
+    assert all(torch.equal(got[n], p) for n, p in model.named_parameters())
+
+
+def test_hf_weights_merge_lora_like_peft(model):
+    """W' = W + (alpha / r) * B @ A for every adapted module, as peft's merge_and_unload
+    computes it, with the training model left as it was (adapters unmerged)."""
+    from tether.config import LoraConfig
+    from tether.engine.models import apply_lora
+
+    peft_model = apply_lora(copy.deepcopy(model), LoraConfig(r=4, alpha=8.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # B starts at 0: make the adapter do something
+    before = {n: p.clone() for n, p in peft_model.named_parameters()}
+    got = dict(hf_weights(peft_model))
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    assert set(got) == {n for n, _ in merged.named_parameters()}
+    for name, p in merged.named_parameters():
+        torch.testing.assert_close(got[name], p)
+    q = "model.layers.0.self_attn.q_proj.weight"  # by hand for one module
+    layer = peft_model.get_base_model().model.layers[0].self_attn.q_proj
+    by_hand = layer.base_layer.weight + 2.0 * layer.lora_B["default"].weight \
+        @ layer.lora_A["default"].weight
+    torch.testing.assert_close(got[q], by_hand)
+    assert not torch.equal(got[q], layer.base_layer.weight)
+    for name, p in peft_model.named_parameters():  # untouched
+        assert torch.equal(p, before[name]), name
+
+
+# --- vLLM's outputs -> Rollout, by hand ----------------------------------------------------------
+
+
+def test_to_rollout_by_hand():
+    """Two prompts (lengths 2 and 1), G = 2, pad id 0. vLLM returns each prompt's samples with
+    their index (here out of order), token ids up to and including EOS (id 2) or the token that
+    completed a stop string, and one {token: Logprob} per generated token:
+      prompt 0: sample 0 = [5, 2] (EOS, 'stop'), sample 1 = [7, 8, 9] ('length')
+      prompt 1: sample 0 = [4] ('stop', a stop string), sample 1 = [6, 6] ('length')
+    -> prompts left-padded [[3, 4], [3, 4], [0, 3], [0, 3]], completions right-padded to 3,
+    masks True on the returned tokens, truncated where finish_reason is 'length'."""
+    def comp(i, toks, lps, reason):
+        return CompletionOutput(i, f"t{i}", toks, [{t: Logprob(lp)} for t, lp in zip(toks, lps)],
+                                reason)
+    outputs = [RequestOutput([3, 4], [comp(1, [7, 8, 9], [-0.5, -1.5, -2.5], "length"),
+                                      comp(0, [5, 2], [-0.1, -0.2], "stop")]),
+               RequestOutput([3], [comp(0, [4], [-3.0], "stop"),
+                                   comp(1, [6, 6], [-0.25, -0.75], "length")])]
+    r = to_rollout([[3, 4], [3]], outputs, group_size=2, pad_id=0)
+    assert r.prompt_ids.tolist() == [[3, 4], [3, 4], [0, 3], [0, 3]]
+    assert r.prompt_mask.tolist() == [[True, True]] * 2 + [[False, True]] * 2
+    assert r.completion_ids.tolist() == [[5, 2, 0], [7, 8, 9], [4, 0, 0], [6, 6, 0]]
+    assert r.completion_mask.tolist() == [[True, True, False], [True, True, True],
+                                          [True, False, False], [True, True, False]]
+    torch.testing.assert_close(r.logps, torch.tensor([[-0.1, -0.2, 0.0], [-0.5, -1.5, -2.5],
+                                                      [-3.0, 0.0, 0.0], [-0.25, -0.75, 0.0]]))
+    assert r.truncated.tolist() == [False, True, False, True]
+    assert r.texts == ["t0", "t1", "t0", "t1"] and r.entropy is None and r.group_size == 2
+    assert r.position_ids()[3].tolist() == [0, 0, 1, 2, 2]  # from the first real prompt token
+    with pytest.raises(RuntimeError, match="expected 3"):
+        to_rollout([[3, 4], [3]], outputs, group_size=3, pad_id=0)
+
+
+# --- weight sync: a sample after an update comes from the updated weights ----------------------
+
+
+def test_sample_after_update_comes_from_updated_weights(fake_vllm, model, default_tokenizer):
+    """The engine starts with random (dummy) weights and gets the policy's before its first
+    sample. Zeroing the final norm's weight makes every hidden state 0, so every logit is 0: the
+    greedy token is id 0 with log-prob -ln V (V = 49152: -10.8027). Before `sync_weights` the
+    engine still samples the old weights; after it, exactly that."""
+    backend = make_backend(GenerationConfig(backend="vllm"), model, default_tokenizer,
+                           precision="fp32", seed=0)
+    assert isinstance(backend, VLLMBackend) and backend.external_sampler
+    ids = [encode_prompt(default_tokenizer, "What is 2 + 3?")]
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    first = backend.generate(ids, greedy)
+    llm = FakeLLM.instances[0]
+    assert llm.reloads == 1 and llm.kwargs["dtype"] == "float32"
+    assert first.completion_ids.tolist() == \
+        TorchBackend(model, default_tokenizer).generate(ids, greedy).completion_ids.tolist()
+    with torch.no_grad():
+        model.model.norm.weight.zero_()  # "the optimizer step"
+    stale = backend.generate(ids, greedy)
+    assert stale.completion_ids.tolist() == first.completion_ids.tolist()  # no copy shared
+    backend.sync_weights()
+    assert llm.reloads == 2 and llm.prefix_resets == 2
+    after = backend.generate(ids, greedy)
+    assert after.completion_ids.tolist() == [[0, 0, 0, 0]]
+    torch.testing.assert_close(after.logps, torch.full((1, 4), -math.log(49152)))
+
+
+def test_seeded_samples_repeat_and_shared_engine_is_reused(fake_vllm, model, default_tokenizer):
+    gen = GenerationConfig(backend="vllm")
+    backend = make_backend(gen, model, default_tokenizer, precision="bf16", shared=True)
+    ids = [encode_prompt(default_tokenizer, p) for p in ("Hi", "What is 2 + 3?")]
+    params = SamplingParams(max_new_tokens=6, group_size=3)
+    a = backend.generate(ids, params, generator=torch.Generator().manual_seed(7))
+    b = backend.generate(ids, params, generator=torch.Generator().manual_seed(7))
+    assert a.completion_ids.tolist() == b.completion_ids.tolist() and len(a.texts) == 6
+    assert FakeLLM.instances[0].kwargs["dtype"] == "bfloat16"
+    other = copy.deepcopy(model)  # the next checkpoint of an evaluation: same engine, new weights
+    again = make_backend(gen, other, default_tokenizer, precision="bf16", shared=True)
+    assert again is backend and len(FakeLLM.instances) == 1
+    again.generate(ids, params)
+    assert FakeLLM.instances[0].reloads == 2
+
+
+# --- the recipes through the stand-in -----------------------------------------------------------
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("tis", [False, True])
+def test_grpo_through_vllm_stand_in(fake_vllm, tiny_model_dir, tmp_path, tis):
+    """Every step samples through the engine, pushes the new weights after its update and logs
+    generation/logp_diff (the stand-in samples in fp32 like the trainer: the difference is
+    rounding); the held-out greedy evaluation samples through it too."""
+    cfg = load_config(GRPOConfig, None, [
+        f"--model.name_or_path={tiny_model_dir}", f"--run.output_dir={tmp_path / 'run'}",
+        "--model.lora.r=4", "--train.max_steps=2", "--train.precision=fp32",
+        "--grpo.group_size=4", "--grpo.prompts_per_step=2", "--grpo.max_new_tokens=6",
+        "--grpo.task_size=16", "--run.eval_generations=2", "--grpo.rewards=[format]",
+        "--run.progress=false", "--run.tensorboard=false", "--run.report=false",
+        "--generation.backend=vllm", f"--generation.tis={str(tis).lower()}"])
+    from tether.recipes import grpo
+
+    out = grpo.run(cfg)
+    llm = FakeLLM.instances[0]
+    assert len(FakeLLM.instances) == 1 and llm.reloads == 1 + 2  # first sample + 2 steps
+    for row in out["history"]:
+        assert 0 <= row["generation/logp_diff"] < 1e-3, row["generation/logp_diff"]
+        assert math.isnan(row["policy/entropy"])  # vLLM returns no entropy
+    assert any("generation/logp_diff" in r for r in _metrics(tmp_path / "run"))
+
+
+def test_ppo_through_vllm_stand_in(fake_vllm, tiny_model_dir, tmp_path):
+    cfg = load_config(PPOConfig, None, [
+        f"--model.name_or_path={tiny_model_dir}", f"--run.output_dir={tmp_path / 'run'}",
+        "--train.max_steps=2", "--train.batch_size=4", "--train.micro_batch_size=2",
+        "--train.precision=fp32", "--ppo.max_new_tokens=6", "--ppo.update_epochs=1",
+        "--run.eval_generations=2", "--run.progress=false", "--run.tensorboard=false",
+        "--run.report=false", "--generation.backend=vllm", "--generation.tis=true"])
+    from tether.recipes import ppo
+
+    out = ppo.run(cfg)
+    assert FakeLLM.instances[0].reloads == 1 + 2
+    assert all(0 <= h["generation/logp_diff"] < 1e-3 for h in out["history"])
+
+
+def test_grpo_loss_weights_tokens_by_tis(default_tokenizer, model):
+    """One prompt, G = 2, 3 tokens each, advantages A = [1, 0.5], num_iterations 1 (ratio 1, so
+    each token's clipped-surrogate loss is -A). The sampler's log-probs are the trainer's minus
+    log r with r = [[3, 0.5, 1.5], [1, 1, 4]]; cap 2 gives w = min(r, 2) =
+    [[2, .5, 1.5], [1, 1, 2]].
+    grpo aggregates per sequence (mean over its tokens, summed over sequences):
+      TIS on:  -(2 + .5 + 1.5) / 3 * 1 - (1 + 1 + 2) / 3 * 0.5 = -4/3 - 2/3 = -2
+      TIS off: -1 - 0.5 = -1.5
+    logp_diff = mean |log r| = (ln 3 + ln 2 + ln 1.5 + 0 + 0 + ln 4) / 6
+              = (1.0986123 + 0.6931472 + 0.4054651 + 1.3862944) / 6 = 0.5972532
+    (times the 6 tokens in the summed metric)."""
+    from tether.config import GRPOParams
+    from tether.engine.logprobs import CausalLMLogps
+    from tether.engine.rollout_batches import micro_batches
+    from tether.recipes.grpo import build_objective, grpo_loss
+
+    policy = CausalLMLogps(model)
+    ids = [encode_prompt(default_tokenizer, "What is 2 + 3?")]
+    rollout = TorchBackend(policy, default_tokenizer).generate(
+        ids, SamplingParams(max_new_tokens=3, group_size=2),
+        generator=torch.Generator().manual_seed(0))
+    assert rollout.completion_mask.all()  # no EOS in 3 tokens of this random model
+    [b] = micro_batches(rollout, torch.tensor([1.0, 0.5]), 2, sampler_logps=True)
+    with torch.no_grad():
+        trainer = policy(b.input_ids, b.attention_mask, b.position_ids, start=b.start)
+    r = torch.tensor([[3.0, 0.5, 1.5], [1.0, 1.0, 4.0]])
+    b.sampler_logps = trainer - r.log()
+    params = GRPOParams(group_size=2)
+    on = build_objective(params, GenerationConfig(backend="vllm", tis=True, tis_cap=2.0))
+    off = build_objective(params, GenerationConfig(backend="vllm"))
+    assert on.tis_cap == 2.0 and off.tis_cap is None
+    loss_on, m = grpo_loss(policy, b, obj=on)
+    loss_off, _ = grpo_loss(policy, b, obj=off)
+    assert loss_on.item() == pytest.approx(-2.0, abs=1e-5)
+    assert loss_off.item() == pytest.approx(-1.5, abs=1e-5)
+    assert m["logp_diff"] / m["_tokens"] == pytest.approx(0.5972532, abs=1e-5)

@@ -1,0 +1,188 @@
+"""Bad command lines, one table: what a new user types wrong (commands, config keys and values,
+config files, model directories, output and checkpoint directories) and the one line `tether`
+must answer with, naming the key, file or checkpoint, exit status 2 and no traceback.
+
+Data files and rows have their own table (tests/data/test_bad_inputs.py); this one goes through
+`tether.cli.main` in-process, as the `tether` command does, so each case costs at most a tiny
+model's load. Two cases run the real `python -m tether` in a subprocess.
+
+Each case: (name, argv, message). In argv, {model} is a tiny model directory, {tmp} the test's
+own directory, {run} a fresh run directory; BASE (a seconds-long SFT run) is appended to recipe
+commands. `setup` (SETUPS[name]) prepares files first. The message is a regular expression
+searched in the last line of stderr.
+"""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tether.cli import main
+
+BASE = ["--train.max_steps=1", "--train.batch_size=2", "--train.micro_batch_size=2",
+        "--train.precision=fp32", "--data.max_length=64", "--run.progress=false",
+        "--run.tensorboard=false", "--run.eval_generations=0", "--run.report=false"]
+RECIPE = ["--model.name_or_path={model}", "--run.output_dir={run}", *BASE]
+
+CASES = [  # (name, argv, message)
+    # --- command line ---------------------------------------------------------------------------
+    ("unknown_command", ["sfx"], r"unknown command 'sfx'; did you mean 'sft'\?"),
+    ("keys_without_recipe", ["keys"], r"usage: tether keys RECIPE \(one of sft, dpo"),
+    ("keys_unknown_recipe", ["keys", "sfft"], r"usage: tether keys RECIPE"),
+    ("two_config_files", ["sft", "a.yaml", "b.yaml"],
+     r"unexpected argument 'b.yaml' \(only one CONFIG.yaml is taken\)"),
+    ("export_one_argument", ["export", "{tmp}"], r"usage: tether export RUN_DIR OUT_DIR"),
+    ("export_not_a_run", ["export", "{tmp}/nope", "{tmp}/out"],
+     r"{tmp}/nope is not a tether run directory \(no config.yaml\)"),
+    ("export_run_without_checkpoint", ["export", "{tmp}/run0", "{tmp}/out"],
+     r"{tmp}/run0/checkpoints holds no complete checkpoint to export"),
+    ("report_unknown_option", ["report", "{tmp}", "--bogus"], r"unknown option '--bogus'"),
+    ("report_no_run_dir", ["report", "{tmp}/nope"], r"run directory '{tmp}/nope' does not exist"),
+    ("override_without_value_last", ["sft", "--train.lr"],
+     r"override '--train.lr' must look like --section.key=value"),
+    # --- config values out of range or of the wrong kind ----------------------------------------
+    ("batch_size_zero", ["sft", "--train.batch_size=0"],
+     r"config key 'train.batch_size' must be > 0, got 0"),
+    ("micro_batch_size_negative", ["sft", "--train.micro_batch_size=-2"],
+     r"config key 'train.micro_batch_size' must be > 0, got -2"),
+    ("lr_negative", ["dpo", "--train.lr=-1e-5"], r"config key 'train.lr' must be > 0, got -1e-05"),
+    ("lr_nan", ["sft", "--train.lr=nan"], r"config key 'train.lr' must be a number, got nan"),
+    ("log_every_zero", ["sft", "--run.log_every=0"], r"'run.log_every' must be > 0, got 0"),
+    ("chunk_size_zero", ["sft", "--train.logprob_chunk_size=0"],
+     r"'train.logprob_chunk_size' must be > 0"),
+    ("eval_fraction_above_one", ["sft", "--data.eval_fraction=1.5"],
+     r"'data.eval_fraction' must be in \[0, 1\), got 1.5"),
+    ("warmup_ratio_two", ["sft", "--train.warmup_ratio=2"],
+     r"'train.warmup_ratio' must be in \[0, 1\], got 2.0"),
+    ("save_every_negative", ["sft", "--run.save_every=-1"], r"'run.save_every' must be >= 0"),
+    ("epochs_zero", ["sft", "--train.epochs=0"], r"'train.epochs' must be > 0, got 0.0"),
+    ("max_length_zero", ["sft", "--data.max_length=0"], r"'data.max_length' must be > 0"),
+    ("lora_rank_negative", ["sft", "--model.lora.r=-4"], r"'model.lora.r' must be >= 0, got -4"),
+    ("grad_norm_negative", ["sft", "--train.max_grad_norm=-1"],
+     r"'train.max_grad_norm' must be >= 0"),
+    ("dpo_beta_negative", ["dpo", "--dpo.beta=-0.1"], r"'dpo.beta' must be > 0, got -0.1"),
+    ("resume_a_path", ["sft", "--run.resume={tmp}/run0"],
+     r"config key 'run.resume' must be true or false, got '{tmp}/run0'"),
+    ("section_given_a_value", ["sft", "--train=3"],
+     r"config key 'train' is a section; give it a mapping"),
+    ("yaml_lr_nan", ["sft", "{tmp}/nan.yaml"], r"config key 'train.lr' must be a number, got nan"),
+    ("yaml_section_a_list", ["sft", "{tmp}/list.yaml"],
+     r"config key 'train' is a section; give it a mapping"),
+    ("config_a_directory", ["sft", "{tmp}"], r"{tmp}: is a directory; give a CONFIG.yaml file"),
+    ("batch_not_multiple_of_micro", ["sft", *RECIPE, "--train.batch_size=3"],
+     r"train.batch_size \(3\) must be a multiple of train.micro_batch_size \(2\) x world size"),
+    ("precision_unknown", ["sft", *RECIPE, "--train.precision=fp16"],
+     r"train.precision must be one of \('auto', 'bf16', 'fp32'\), got 'fp16'"),
+    ("schedule_misspelled", ["sft", *RECIPE, "--train.schedule=cosin"],
+     r"train.schedule must be one of \('cosine', 'linear', 'constant'\), got 'cosin'"),
+    ("batch_larger_than_data", ["sft", *RECIPE, "--train.batch_size=400"],
+     r"train.batch_size \(400\) exceeds the \d+ training examples"),
+    # --- files: data, models, output ------------------------------------------------------------
+    ("eval_path_missing", ["sft", *RECIPE, "--data.eval_path={tmp}/held_out.jsonl"],
+     r"data file not found: {tmp}/held_out.jsonl"),
+    ("model_dir_missing", ["sft", *RECIPE, "--model.name_or_path={tmp}/no_model"],
+     r"model.name_or_path: {tmp}/no_model is not a model directory \(no config.json\)"),
+    ("model_dir_without_safetensors", ["sft", *RECIPE, "--model.name_or_path={tmp}/no_weights"],
+     r"{tmp}/no_weights has no \*.safetensors weights; tether loads safetensors only"),
+    ("gguf_file_missing", ["sft", *RECIPE, "--model.gguf_file=m.gguf"],
+     r"model.gguf_file: no GGUF file at {model}/m.gguf"),
+    ("lora_target_unknown", ["sft", *RECIPE, "--model.lora.r=4",
+                             "--model.lora.target_modules=qq_proj"],
+     r"model.lora.target_modules: no module named \['qq_proj'\] in this model"),
+    ("output_dir_is_a_file", ["sft", *RECIPE, "--run.output_dir={tmp}/a_file"],
+     r"{tmp}/a_file: File exists"),
+    # --- checkpoints ----------------------------------------------------------------------------
+    ("resume_without_checkpoint", ["sft", *RECIPE, "--run.resume=true"],
+     r"run.resume is true but {run}/checkpoints holds no checkpoint"),
+    ("resume_only_checkpoint_corrupt", ["sft", *RECIPE, "--run.resume=true"],
+     r"run.resume is true but {run}/checkpoints holds no checkpoint"),
+    ("resume_checkpoint_of_another_model", ["sft", *RECIPE, "--run.resume=true"],
+     r"checkpoint {run}/checkpoints/step-000001: checkpoint does not match the model: "
+     r"model.model.embed_tokens.weight is \(32, 32\) there, \(\d+, 32\) here \(was it saved "
+     r"with another model.name_or_path or model.lora\?\)"),
+]
+
+
+def _foreign_checkpoint(run: Path) -> Path:
+    """A complete checkpoint of a model that is not the run's (vocabulary 32, untied)."""
+    from tests.engine.test_checkpoint import _setup
+    from tether.engine import checkpoint
+
+    model, opt, sched = _setup()
+    return checkpoint.save(run / "checkpoints", 1, model=model, optimizer=opt, scheduler=sched,
+                           trainer_state={})
+
+
+def _corrupt_checkpoint(run: Path) -> None:
+    path = _foreign_checkpoint(run) / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _no_weights(tmp: Path, model: Path) -> None:
+    shutil.copytree(model, tmp / "no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
+
+
+SETUPS = {
+    "yaml_lr_nan": lambda tmp, run, model: (tmp / "nan.yaml").write_text("train:\n  lr: .nan\n"),
+    "yaml_section_a_list": lambda tmp, run, model: (tmp / "list.yaml").write_text(
+        "train:\n  - lr\n"),
+    "export_run_without_checkpoint": lambda tmp, run, model: (
+        (tmp / "run0").mkdir(), (tmp / "run0" / "config.yaml").write_text("model: {}\n")),
+    "model_dir_without_safetensors": lambda tmp, run, model: _no_weights(tmp, model),
+    "output_dir_is_a_file": lambda tmp, run, model: (tmp / "a_file").write_text("x"),
+    "resume_only_checkpoint_corrupt": lambda tmp, run, model: _corrupt_checkpoint(run),
+    "resume_checkpoint_of_another_model": lambda tmp, run, model: _foreign_checkpoint(run),
+}
+
+
+def test_the_table_has_the_cases_the_hardening_issue_asks_for():
+    assert len(CASES) >= 25
+    assert len({name for name, *_ in CASES}) == len(CASES)
+    assert set(SETUPS) <= {name for name, *_ in CASES}
+
+
+def _fill(text: str, **where) -> str:
+    for key, value in where.items():
+        text = text.replace("{" + key + "}", str(value))
+    return text
+
+
+@pytest.mark.parametrize("name, argv, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_command_line_is_one_clear_line(tmp_path, tiny_model_dir, capsys, monkeypatch, name,
+                                            argv, message):
+    monkeypatch.chdir(tmp_path)  # a stray relative path lands here, never in the repository
+    run = tmp_path / "run"
+    where = {"tmp": tmp_path, "run": run, "model": tiny_model_dir}
+    if name in SETUPS:
+        SETUPS[name](tmp_path, run, tiny_model_dir)
+    status = main([_fill(a, **where) for a in argv])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith("tether:")]
+    assert status == 2, (status, err[-2000:])
+    assert "Traceback" not in out + err
+    assert lines and lines[-1].startswith("tether: error: "), err[-2000:]
+    assert len([line for line in lines if line.startswith("tether: error")]) == 1
+    pattern = _fill(message, **{k: re.escape(str(v)) for k, v in where.items()})
+    assert re.search(pattern, lines[-1]), lines[-1]
+    if name == "resume_only_checkpoint_corrupt":  # the line before names the bad checkpoint
+        assert re.search(r"tether: checkpoint .*step-000001 is unusable \(model.safetensors is "
+                         r"100 bytes but \d+ were written\)", lines[0]), lines
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sft", "--train.batch_size=eight"],
+     "config key 'train.batch_size' must be an integer, got 'eight'"),
+    (["report"], "usage: tether report RUN_DIR [--out FILE]"),
+], ids=["wrong_type", "report_without_run"])
+def test_the_installed_command_prints_one_line_and_exits_2(argv, message):
+    """The real process: `python -m tether` (what the `tether` script runs)."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "tether", *argv], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"tether: error: {message}"], proc.stderr
+
