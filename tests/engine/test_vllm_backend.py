@@ -66,7 +66,7 @@ class FakeLLM:
             torch.manual_seed(123)
             self.model = AutoModelForCausalLM.from_config(config).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(kwargs["tokenizer"])
-        self.reloads, self.prefix_resets = 0, 0
+        self.reloads, self.prefix_resets, self.applied = 0, 0, 0
         FakeLLM.instances.append(self)
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
@@ -79,6 +79,10 @@ class FakeLLM:
                 expected[name].copy_(tensor)
         self.reloads += 1
         return [None]
+
+    def apply_model(self, func):
+        self.applied += 1
+        return [func(self.model)]
 
     def reset_prefix_cache(self):
         self.prefix_resets += 1
@@ -236,7 +240,7 @@ def test_sample_after_update_comes_from_updated_weights(fake_vllm, model, defaul
     stale = backend.generate(ids, greedy)
     assert stale.completion_ids.tolist() == first.completion_ids.tolist()  # no copy shared
     backend.sync_weights()
-    assert llm.reloads == 2 and llm.prefix_resets == 2
+    assert llm.reloads == 2 and llm.prefix_resets == 2 and llm.applied == 2  # refresh_tied_head
     after = backend.generate(ids, greedy)
     assert after.completion_ids.tolist() == [[0, 0, 0, 0]]
     torch.testing.assert_close(after.logps, torch.full((1, 4), -math.log(49152)))

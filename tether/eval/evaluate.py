@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -238,7 +238,7 @@ def tax_metrics(model: CausalLMLogps, tokenizer, task: EvalTask, cfg: EvalConfig
     if task.name != "sentiment":
         from tether.data.tasks.sentiment import N_HELDOUT, sentiment_score
 
-        one = EvalConfig(**{**asdict(cfg), "samples_per_prompt": 1})
+        one = replace(cfg, samples_per_prompt=1)
         texts = sample_set(model, tokenizer, sentiment_rows(N_HELDOUT), one, precision=precision,
                            advance=lambda: None).texts
         out["tax/sentiment"] = sum(map(sentiment_score, texts)) / len(texts)
