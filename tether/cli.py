@@ -378,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tether: interrupted", file=sys.stderr)
         return 130
+    finally:  # the vLLM engine (or server process) that evaluations shared, if one was started
+        from tether.engine.vllm_backend import close_shared
+
+        close_shared()
 
 
 def entry() -> None:

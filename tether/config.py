@@ -145,7 +145,9 @@ class GenerationConfig:
     engine samples the rollouts, and the sampler/trainer log-prob correction
     (docs/generation.md)."""
     backend: str = "hf"  # hf: the policy samples itself (KV cache) | vllm: `tether[vllm]`
-    vllm_mode: str = "colocate"  # colocate: a vllm.LLM in the trainer process (the only mode yet)
+    # colocate: a vllm.LLM in the trainer process | server: the same engine in a child process
+    # that tether starts and stops, weights pushed through shared memory
+    vllm_mode: str = "colocate"
     vllm_dtype: str = "auto"  # auto (the policy's train.precision) | bfloat16 | float16 | float32
     vllm_gpu_memory_utilization: float = 0.3  # share of the GPU (on CPU: of host memory) it reserves
     vllm_max_model_len: int | None = None  # null: the model's max_position_embeddings

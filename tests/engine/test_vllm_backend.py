@@ -1,13 +1,15 @@
 """The vLLM backend without vLLM: backend selection and its errors, LoRA merged into plain
 transformers names, vLLM's outputs -> Rollout (by hand), weight sync after an update, and GRPO /
-PPO end to end through an in-process stand-in with vLLM's `LLM` shape. The same behaviour against
-the real vLLM is in test_vllm_real.py (skipped where vLLM is not installed)."""
+PPO end to end through a stand-in with vLLM's `LLM` shape (tests/engine/fake_vllm.py), in the
+trainer process and, for `generation.vllm_mode: server`, in a child process. The same behaviour
+against the real vLLM is in test_vllm_real.py (skipped where vLLM is not installed)."""
 
 import copy
 import math
+import multiprocessing
+import os
 import sys
 import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -18,90 +20,12 @@ from tether.engine import vllm_backend
 from tether.engine.generate import SamplingParams, TorchBackend, encode_prompt
 from tether.engine.models import tiny_llama
 from tether.engine.vllm_backend import VLLMBackend, hf_weights, make_backend, to_rollout
+from tether.engine.vllm_server import VLLMServerBackend, copy_into, one_line, shared_copy
 from tether.errors import ConfigError
+from tests.engine.fake_vllm import (CompletionOutput, FakeLLM, FakeSamplingParams, Logprob,
+                                    RequestOutput, write_fake_vllm_package)
 
-# --- a stand-in with the shape of vllm.LLM / vllm.SamplingParams / vLLM's outputs ---------------
-
-
-@dataclass
-class Logprob:
-    logprob: float
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list
-    logprobs: list | None  # one {token_id: Logprob} per generated token
-    finish_reason: str
-
-
-@dataclass
-class RequestOutput:
-    prompt_token_ids: list
-    outputs: list = field(default_factory=list)
-
-
-class FakeSamplingParams:
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
-
-
-class FakeLLM:
-    """vllm.LLM's surface used by VLLMBackend: built from a weightless model directory with
-    load_format="dummy" (random weights), weights only through `collective_rpc("reload_weights",
-    ...)` (strict names: a plain transformers checkpoint's), sampling by a private transformers
-    model with tether's own sampler, results shaped like vLLM's RequestOutputs."""
-
-    instances: list = []
-
-    def __init__(self, **kwargs):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        assert kwargs["load_format"] == "dummy" and kwargs["logprobs_mode"] == "processed_logprobs"
-        self.kwargs = kwargs
-        config = AutoConfig.from_pretrained(kwargs["model"])
-        with torch.random.fork_rng():
-            torch.manual_seed(123)
-            self.model = AutoModelForCausalLM.from_config(config).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(kwargs["tokenizer"])
-        self.reloads, self.prefix_resets, self.applied = 0, 0, 0
-        FakeLLM.instances.append(self)
-
-    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-        assert method == "reload_weights" and kwargs["is_checkpoint_format"]
-        weights = dict(kwargs["weights_iterator"])
-        expected = dict(self.model.named_parameters())  # tied weights once, as in vLLM
-        assert set(weights) == set(expected), set(weights) ^ set(expected)
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                expected[name].copy_(tensor)
-        self.reloads += 1
-        return [None]
-
-    def apply_model(self, func):
-        self.applied += 1
-        return [func(self.model)]
-
-    def reset_prefix_cache(self):
-        self.prefix_resets += 1
-
-    def generate(self, prompts, sp, use_tqdm=False):
-        params = SamplingParams(max_new_tokens=sp.max_tokens, temperature=sp.temperature,
-                                top_p=sp.top_p, top_k=max(0, sp.top_k), stop=tuple(sp.stop or ()),
-                                group_size=sp.n)
-        gen = None if sp.seed is None else torch.Generator().manual_seed(sp.seed)
-        r = TorchBackend(self.model, self.tokenizer).generate(
-            [p["prompt_token_ids"] for p in prompts], params, generator=gen)
-        out = [RequestOutput(p["prompt_token_ids"]) for p in prompts]
-        for row in reversed(range(len(r.texts))):  # reversed: the backend must sort by index
-            toks = r.completion_ids[row][r.completion_mask[row]].tolist()
-            lps = r.logps[row][r.completion_mask[row]].tolist()
-            out[row // sp.n].outputs.append(CompletionOutput(
-                row % sp.n, r.texts[row], toks, [{t: Logprob(lp)} for t, lp in zip(toks, lps)],
-                "length" if r.truncated[row] else "stop"))
-        return out
+# --- the stand-in (tests/engine/fake_vllm.py) in place of vllm ---------------------------------
 
 
 @pytest.fixture
@@ -113,6 +37,19 @@ def fake_vllm(monkeypatch):
     vllm_backend._SHARED.clear()
     yield module
     vllm_backend._SHARED.clear()
+
+
+@pytest.fixture
+def server_vllm(fake_vllm, tmp_path, monkeypatch):
+    """Server mode through the stand-in: the spawned child gets the parent's sys.path, on which
+    a fake `vllm` package (tmp_path/fakevllm/vllm) re-exports FakeLLM and FakeSamplingParams.
+    The parent itself never imports it (`fake_vllm` answers its `import_vllm`)."""
+    root = write_fake_vllm_package(tmp_path / "fakevllm")
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH")) if p))
+    yield fake_vllm
+    assert multiprocessing.active_children() == []  # every test stops its child
 
 
 @pytest.fixture
@@ -132,7 +69,8 @@ def test_hf_backend_is_the_default(model, default_tokenizer):
 
 def test_bad_generation_keys_are_config_errors(model, default_tokenizer):
     for gen, match in ((GenerationConfig(backend="sglang"), "generation.backend must be one of"),
-                       (GenerationConfig(backend="vllm", vllm_mode="server"), "colocate"),
+                       (GenerationConfig(backend="vllm", vllm_mode="serve"),
+                        "generation.vllm_mode must be one of colocate, server"),
                        (GenerationConfig(tis_cap=0.0), "tis_cap")):
         with pytest.raises(ConfigError, match=match):
             make_backend(gen, model, default_tokenizer, precision="fp32")
@@ -262,6 +200,80 @@ def test_seeded_samples_repeat_and_shared_engine_is_reused(fake_vllm, model, def
     assert FakeLLM.instances[0].reloads == 2
 
 
+# --- server mode: the engine in a child process -----------------------------------------------
+
+
+def test_server_sample_after_update_comes_from_updated_weights(server_vllm, model,
+                                                               default_tokenizer):
+    """test_sample_after_update_comes_from_updated_weights with the engine in a child process
+    (made shared, so `close_shared` stops it). The weights reach the child through shared memory:
+    allocated at the first push, written in place at the next. Before `sync_weights` the child
+    still samples the old weights; after it, token 0 with log-prob -ln 49152 = -10.8027."""
+    gen = GenerationConfig(backend="vllm", vllm_mode="server")
+    backend = make_backend(gen, model, default_tokenizer, precision="fp32", shared=True)
+    assert isinstance(backend, VLLMServerBackend) and backend.external_sampler
+    try:
+        ids = [encode_prompt(default_tokenizer, "What is 2 + 3?")]
+        greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+        first = backend.generate(ids, greedy)
+        process, buffers = backend.process, dict(backend._weights)
+        assert process.is_alive() and backend.syncs == 1
+        assert all(t.is_shared() for t in buffers.values())
+        assert first.completion_ids.tolist() == \
+            TorchBackend(model, default_tokenizer).generate(ids, greedy).completion_ids.tolist()
+        with torch.no_grad():
+            model.model.norm.weight.zero_()  # "the optimizer step"
+        stale = backend.generate(ids, greedy)
+        assert stale.completion_ids.tolist() == first.completion_ids.tolist()
+        backend.sync_weights()
+        norm = backend._weights["model.norm.weight"]
+        assert norm is buffers["model.norm.weight"] and not norm.any()  # in place
+        after = backend.generate(ids, greedy)
+        assert after.completion_ids.tolist() == [[0, 0, 0, 0]]
+        torch.testing.assert_close(after.logps, torch.full((1, 4), -math.log(49152)))
+    finally:
+        vllm_backend.close_shared()
+    assert not process.is_alive() and process.exitcode == 0 and not vllm_backend._SHARED
+
+
+def test_server_error_is_one_line_and_close_stops_the_child(server_vllm, model,
+                                                            default_tokenizer):
+    """A prompt token outside the vocabulary fails in the child (the embedding's IndexError);
+    the parent raises it as one line naming the mode, and the server keeps serving. close()
+    stops the child: "close", then it exits by itself (exit code 0)."""
+    backend = make_backend(GenerationConfig(backend="vllm", vllm_mode="server"), model,
+                           default_tokenizer, precision="fp32")
+    greedy = SamplingParams(max_new_tokens=2, temperature=0.0)
+    try:
+        with pytest.raises(RuntimeError) as err:
+            backend.generate([[len(default_tokenizer) + 5]], greedy)
+        message = str(err.value)
+        assert message.startswith("generation.vllm_mode: server: generate failed: IndexError")
+        assert "\n" not in message
+        process = backend.process
+        assert process.is_alive()
+        assert backend.generate([[1, 2]], greedy).completion_ids.shape[0] == 1
+    finally:
+        backend.close()
+    assert not process.is_alive() and process.exitcode == 0 and backend.process is None
+
+
+def test_shared_weights_and_one_line_by_hand():
+    """shared_copy: equal values in shared memory; copy_into: in place, the same names and
+    shapes or a RuntimeError; one_line collapses newlines."""
+    weights = [("a", torch.tensor([1.0, 2.0])), ("b", torch.zeros(2, 2))]
+    buffers = shared_copy(weights)
+    a = buffers["a"]
+    assert a.is_shared() and a.tolist() == [1.0, 2.0] and a is not weights[0][1]
+    copy_into(buffers, [("a", torch.tensor([3.0, 4.0])), ("b", torch.ones(2, 2))])
+    assert buffers["a"] is a and a.tolist() == [3.0, 4.0] and buffers["b"].sum() == 4
+    with pytest.raises(RuntimeError, match="weight a \\(3,\\) does not match"):
+        copy_into(buffers, [("a", torch.zeros(3))])
+    with pytest.raises(RuntimeError, match="lacks \\['b'\\]"):
+        copy_into(buffers, [("a", torch.zeros(2))])
+    assert one_line(ValueError("bad\n  thing")) == "ValueError: bad thing"
+
+
 # --- the recipes through the stand-in -----------------------------------------------------------
 
 
@@ -292,6 +304,25 @@ def test_grpo_through_vllm_stand_in(fake_vllm, tiny_model_dir, tmp_path, tis):
         assert 0 <= row["generation/logp_diff"] < 1e-3, row["generation/logp_diff"]
         assert math.isnan(row["policy/entropy"])  # vLLM returns no entropy
     assert any("generation/logp_diff" in r for r in _metrics(tmp_path / "run"))
+
+
+def test_grpo_through_vllm_server_stand_in(server_vllm, tiny_model_dir, tmp_path):
+    """test_grpo_through_vllm_stand_in's run with the engine in a child process: the sampler's
+    log-probs match the trainer's every step (the child got each update), and the run stops
+    the child at its end (the fixture checks no child is left)."""
+    cfg = load_config(GRPOConfig, None, [
+        f"--model.name_or_path={tiny_model_dir}", f"--run.output_dir={tmp_path / 'run'}",
+        "--model.lora.r=4", "--train.max_steps=2", "--train.precision=fp32",
+        "--grpo.group_size=4", "--grpo.prompts_per_step=2", "--grpo.max_new_tokens=6",
+        "--grpo.task_size=16", "--run.eval_generations=2", "--grpo.rewards=[format]",
+        "--run.progress=false", "--run.tensorboard=false", "--run.report=false",
+        "--generation.backend=vllm", "--generation.vllm_mode=server"])
+    from tether.recipes import grpo
+
+    out = grpo.run(cfg)
+    assert len(out["history"]) == 2 and not FakeLLM.instances  # no engine in this process
+    for row in out["history"]:
+        assert 0 <= row["generation/logp_diff"] < 1e-3, row["generation/logp_diff"]
 
 
 def test_ppo_through_vllm_stand_in(fake_vllm, tiny_model_dir, tmp_path):

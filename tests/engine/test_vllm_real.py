@@ -4,6 +4,7 @@ its own venv and runs this file). A tiny random Llama with the default tokenizer
 built weightless and receives the policy's weights, then the updated weights after a change."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -40,9 +41,11 @@ def model(default_tokenizer):
     return tiny(default_tokenizer).eval()
 
 
-@pytest.fixture
-def backend(model, default_tokenizer):
-    backend = make_backend(GEN, model, default_tokenizer, precision="fp32", seed=0)
+@pytest.fixture(params=["colocate", "server"])
+def backend(request, model, default_tokenizer):
+    """The engine in this process, or in a child process that tether starts and stops."""
+    gen = replace(GEN, vllm_mode=request.param)
+    backend = make_backend(gen, model, default_tokenizer, precision="fp32", seed=0)
     yield backend
     backend.close()
 

@@ -16,6 +16,13 @@ from typing import Callable
 from tether.errors import ConfigError
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a temporary sibling, then an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_partial(path: Path) -> dict[int, dict]:
     """Sampled batches so far: {batch index: record}. A last line cut off by a kill is cut from
     the file (its batch is sampled again), so the next batch appended starts on a line of its

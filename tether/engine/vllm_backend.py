@@ -6,7 +6,9 @@
     backend.sync_weights()   # TorchBackend: a no-op; VLLMBackend: new weights into vLLM
 
 `generation.backend: hf` is `TorchBackend` (the policy samples itself). `generation.backend: vllm`
-is `VLLMBackend`: a `vllm.LLM` colocated in the trainer process. The engine is built from the
+is `VLLMBackend`: a `vllm.LLM` colocated in the trainer process (`generation.vllm_mode: colocate`),
+or `VLLMServerBackend` (tether/engine/vllm_server.py, `vllm_mode: server`): the same engine in a
+child process that tether starts and stops. The engine is built from the
 policy's config and tokenizer alone (`load_format="dummy"`: random weights, nothing read from
 disk) and then receives the policy's own weights, the same way it receives them after every
 optimizer step: `LLM.collective_rpc("reload_weights", weights_iterator=...)`, the worker's
@@ -31,7 +33,7 @@ import gc
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -42,6 +44,7 @@ from tether.engine.generate import Rollout, SamplingParams, TorchBackend, left_p
 from tether.errors import ConfigError
 
 BACKENDS = ("hf", "vllm")
+VLLM_MODES = ("colocate", "server")
 INSTALL_HINT = ("pip install 'tether[vllm]' (a GPU machine), or `make vllm` for the CPU build in "
                 "its own venv (docs/generation.md)")
 
@@ -51,8 +54,8 @@ def check_generation(gen: GenerationConfig) -> None:
     if gen.backend not in BACKENDS:
         raise ConfigError(f"generation.backend must be one of {', '.join(BACKENDS)}, "
                           f"got '{gen.backend}'")
-    if gen.vllm_mode != "colocate":
-        raise ConfigError(f"generation.vllm_mode: only 'colocate' is implemented, got "
+    if gen.vllm_mode not in VLLM_MODES:
+        raise ConfigError(f"generation.vllm_mode must be one of {', '.join(VLLM_MODES)}, got "
                           f"'{gen.vllm_mode}' (docs/generation.md)")
     if gen.tis_cap <= 0:
         raise ConfigError(f"generation.tis_cap must be > 0, got {gen.tis_cap}")
@@ -73,12 +76,13 @@ _SHARED: dict[str, "VLLMBackend"] = {}  # shared=True: one engine per model shap
 
 def make_backend(gen: GenerationConfig, module: nn.Module, tokenizer, *, precision: str,
                  seed: int = 0, shared: bool = False):
-    """The run's one generation backend: TorchBackend (hf) or VLLMBackend (vllm).
+    """The run's one generation backend: TorchBackend (hf), VLLMBackend (vllm, colocate) or
+    VLLMServerBackend (vllm, server). The caller stops it with `close_backend` when done.
 
     shared=True (evaluations that load one checkpoint after another: `tether eval`, goodhart):
     a vLLM engine built earlier in this process for a model of the same config, dtype and
     settings is reused; it samples from `module`'s weights after the next push (no new engine,
-    nothing read from disk)."""
+    nothing read from disk). `close_shared()` stops those engines."""
     check_generation(gen)
     if gen.backend == "hf":
         return TorchBackend(module, tokenizer, precision=precision)
@@ -87,16 +91,32 @@ def make_backend(gen: GenerationConfig, module: nn.Module, tokenizer, *, precisi
         raise ConfigError("generation.backend: vllm runs on one process so far (each rank would "
                           "need its own engine or a tensor-parallel group); use backend: hf "
                           "under torchrun")
+    if gen.vllm_mode == "server":
+        from tether.engine.vllm_server import VLLMServerBackend as cls
+    else:
+        cls = VLLMBackend
     if not shared:
-        return VLLMBackend(module, tokenizer, gen=gen, precision=precision, seed=seed)
+        return cls(module, tokenizer, gen=gen, precision=precision, seed=seed)
     key = repr((_causal_lm(module).config.to_json_string(), len(tokenizer),
                 vllm_dtype(gen, precision), gen, seed))
     backend = _SHARED.get(key)
     if backend is None:
-        backend = _SHARED[key] = VLLMBackend(module, tokenizer, gen=gen, precision=precision,
-                                             seed=seed)
+        backend = _SHARED[key] = cls(module, tokenizer, gen=gen, precision=precision, seed=seed)
     backend.module, backend.tokenizer, backend._stale = module, tokenizer, True
     return backend
+
+
+def close_backend(backend) -> None:
+    """Stop what a backend holds (a vLLM engine, a server process); TorchBackend holds none."""
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
+
+
+def close_shared() -> None:
+    """Stop the engines `make_backend(..., shared=True)` kept (the end of an evaluation)."""
+    while _SHARED:
+        _SHARED.popitem()[1].close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +184,51 @@ def engine_dir(lm: nn.Module, tokenizer, root: Path) -> Path:
     return root
 
 
+def engine_kwargs(gen: GenerationConfig, precision: str, seed: int, root: Path) -> dict:
+    """`vllm.LLM(**kwargs)` for the weightless model directory `root` (random "dummy" weights
+    until the first push)."""
+    kwargs = dict(model=str(root), tokenizer=str(root), load_format="dummy",
+                  dtype=vllm_dtype(gen, precision), seed=seed,
+                  enforce_eager=gen.vllm_enforce_eager, enable_prefix_caching=True,
+                  logprobs_mode="processed_logprobs",
+                  # on CPU: the share of host memory vLLM reserves (weights + KV cache)
+                  gpu_memory_utilization=gen.vllm_gpu_memory_utilization)
+    if gen.vllm_max_model_len is not None:
+        kwargs["max_model_len"] = gen.vllm_max_model_len
+    if gen.vllm_kv_cache_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(gen.vllm_kv_cache_gib * 2 ** 30)
+    return kwargs
+
+
+def sampling_kwargs(params: SamplingParams, seed: int | None) -> dict:
+    """tether SamplingParams -> `vllm.SamplingParams(**kwargs)` (n = group_size, processed
+    log-probs of the sampled token only)."""
+    return dict(n=params.group_size, temperature=params.temperature, top_p=params.top_p,
+                top_k=params.top_k if params.top_k > 0 else -1,
+                max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
+                include_stop_str_in_output=True, logprobs=0, seed=seed,
+                skip_special_tokens=True)
+
+
+def push_weights(llm, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Load `weights` (plain transformers names) into the engine in place, redo the tied head's
+    post-load step, reset the prefix cache (its prompt KV came from the old weights)."""
+    try:  # the worker's in-place reload: load_weights, then the kernel repacking again
+        llm.collective_rpc("reload_weights", kwargs=dict(
+            weights_iterator=weights, is_checkpoint_format=True))
+    except (AttributeError, NotImplementedError):  # a vLLM without Worker.reload_weights
+        llm.apply_model(lambda model: model.load_weights(weights))
+    llm.apply_model(refresh_tied_head)
+    llm.reset_prefix_cache()
+
+
+def shutdown_engine(llm) -> None:
+    """Stop a vllm.LLM's engine core (its memory is freed once the LLM is dropped)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if hasattr(core, "shutdown"):
+        core.shutdown()
+
+
 def refresh_tied_head(model: nn.Module) -> None:
     """Runs inside vLLM's worker. With tied embeddings the lm_head shares the embedding's weight
     and is never loaded by name, so the reload does not redo its post-load step; on CPU that step
@@ -208,27 +273,19 @@ class VLLMBackend:
         self.syncs = 0  # weight pushes so far
 
     def engine_kwargs(self, root: Path) -> dict:
-        gen = self.gen
-        kwargs = dict(model=str(root), tokenizer=str(root), load_format="dummy",
-                      dtype=vllm_dtype(gen, self.precision), seed=self.seed,
-                      enforce_eager=gen.vllm_enforce_eager, enable_prefix_caching=True,
-                      logprobs_mode="processed_logprobs",
-                      # on CPU: the share of host memory vLLM reserves (weights + KV cache)
-                      gpu_memory_utilization=gen.vllm_gpu_memory_utilization)
-        if gen.vllm_max_model_len is not None:
-            kwargs["max_model_len"] = gen.vllm_max_model_len
-        if gen.vllm_kv_cache_gib is not None:
-            kwargs["kv_cache_memory_bytes"] = int(gen.vllm_kv_cache_gib * 2 ** 30)
-        return kwargs
+        return engine_kwargs(self.gen, self.precision, self.seed, root)
+
+    def _model_dir(self) -> Path:
+        """A fresh temporary directory with the policy's config and tokenizer (no weights)."""
+        self._dir = tempfile.TemporaryDirectory(prefix="tether-vllm-")
+        return engine_dir(_causal_lm(self.module), self.tokenizer, Path(self._dir.name))
 
     def _engine(self):
         if self.llm is None:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # weights reachable
             if self._llm_factory is None:
                 self._llm_factory = import_vllm().LLM
-            self._dir = tempfile.TemporaryDirectory(prefix="tether-vllm-")
-            root = engine_dir(_causal_lm(self.module), self.tokenizer, Path(self._dir.name))
-            self.llm = self._llm_factory(**self.engine_kwargs(root))
+            self.llm = self._llm_factory(**self.engine_kwargs(self._model_dir()))
             self._stale = True
         return self.llm
 
@@ -238,23 +295,14 @@ class VLLMBackend:
         if self.llm is None:
             self._stale = True
             return
-        weights = list(hf_weights(self.module))
-        try:  # the worker's in-place reload: load_weights, then the kernel repacking again
-            self.llm.collective_rpc("reload_weights", kwargs=dict(
-                weights_iterator=weights, is_checkpoint_format=True))
-        except (AttributeError, NotImplementedError):  # a vLLM without Worker.reload_weights
-            self.llm.apply_model(lambda model: model.load_weights(weights))
-        self.llm.apply_model(refresh_tied_head)
-        self.llm.reset_prefix_cache()  # its cached prompt KV came from the old weights
+        push_weights(self.llm, list(hf_weights(self.module)))
         self._stale = False
         self.syncs += 1
 
     def close(self) -> None:
         """Shut the engine down and free its memory (a later `generate` builds a new one)."""
         if self.llm is not None:
-            core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-            if hasattr(core, "shutdown"):
-                core.shutdown()
+            shutdown_engine(self.llm)
             self.llm = None
             gc.collect()
         if self._dir is not None:
@@ -266,11 +314,13 @@ class VLLMBackend:
         the sampled token only)."""
         if self._sampling_params is None:
             self._sampling_params = import_vllm().SamplingParams
-        return self._sampling_params(
-            n=params.group_size, temperature=params.temperature, top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-            stop=list(params.stop) or None, include_stop_str_in_output=True, logprobs=0,
-            seed=seed, skip_special_tokens=True)
+        return self._sampling_params(**sampling_kwargs(params, seed))
+
+    def _samples(self, requests: list[dict], params: SamplingParams,
+                 seed: int | None) -> list[list["Sample"]]:
+        """Each request's completions as plain Samples."""
+        return plain_outputs(self.llm.generate(requests, self.vllm_params(params, seed),
+                                               use_tqdm=False))
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams,
@@ -278,28 +328,51 @@ class VLLMBackend:
         params.check()
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("generate needs at least one prompt, each of at least one token")
-        llm = self._engine()
+        self._engine()
         if self._stale:
             self.sync_weights()
         # the draws are a function of the generator's state (a resumed run draws the same)
         seed = None if generator is None else int(torch.randint(2 ** 31 - 1, (1,),
                                                                 generator=generator))
-        outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids],
-                               self.vllm_params(params, seed), use_tqdm=False)
-        return to_rollout(prompt_ids, outputs, params.group_size, self.pad_id)
+        samples = self._samples([{"prompt_token_ids": list(p)} for p in prompt_ids], params, seed)
+        return rollout_of(prompt_ids, samples, params.group_size, self.pad_id)
+
+
+class Sample(NamedTuple):
+    """One vLLM completion as plain data (what crosses the server's pipe)."""
+    index: int  # its place among the prompt's n samples
+    text: str
+    token_ids: list[int]
+    logps: list[float] | None  # the sampled tokens' log-probs
+    finish_reason: str | None  # 'stop' | 'length' | ...
+
+
+def plain_outputs(outputs) -> list[list[Sample]]:
+    """vLLM's RequestOutputs -> per request, its CompletionOutputs as Samples (in vLLM's order)."""
+    return [[Sample(c.index, c.text, list(c.token_ids),
+                    None if c.logprobs is None else
+                    [logprob_of(c.logprobs[t], tok) for t, tok in enumerate(c.token_ids)],
+                    c.finish_reason) for c in out.outputs] for out in outputs]
 
 
 def to_rollout(prompt_ids: list[list[int]], outputs, group_size: int, pad_id: int) -> Rollout:
     """vLLM's RequestOutputs (one per prompt, `group_size` CompletionOutputs each, in request
-    order) -> a Rollout: prompts left-padded and repeated G times, completions right-padded,
-    mask True on every returned token (vLLM returns the EOS / stop-completing token),
-    `truncated` where finish_reason is 'length', log-probs of the sampled tokens, no entropy."""
+    order) -> a Rollout (`rollout_of`)."""
+    return rollout_of(prompt_ids, plain_outputs(outputs), group_size, pad_id)
+
+
+def rollout_of(prompt_ids: list[list[int]], samples: list[list[Sample]], group_size: int,
+               pad_id: int) -> Rollout:
+    """Each prompt's `group_size` Samples -> a Rollout: prompts left-padded and repeated G times,
+    completions right-padded (each prompt's samples sorted by index), mask True on every returned
+    token (vLLM returns the EOS / stop-completing token), `truncated` where finish_reason is
+    'length', log-probs of the sampled tokens, no entropy."""
     G = group_size
-    if len(outputs) != len(prompt_ids):
-        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts")
+    if len(samples) != len(prompt_ids):
+        raise RuntimeError(f"vLLM returned {len(samples)} outputs for {len(prompt_ids)} prompts")
     completions = []
-    for out in outputs:
-        comps = sorted(out.outputs, key=lambda c: c.index)
+    for out in samples:
+        comps = sorted(out, key=lambda c: c.index)
         if len(comps) != G:
             raise RuntimeError(f"vLLM returned {len(comps)} samples of a prompt, expected {G}")
         completions += comps
@@ -314,9 +387,8 @@ def to_rollout(prompt_ids: list[list[int]], outputs, group_size: int, pad_id: in
         if n:
             ids[row, :n] = torch.tensor(list(c.token_ids), dtype=torch.long)
             mask[row, :n] = True
-            if c.logprobs is not None:
-                logps[row, :n] = torch.tensor([logprob_of(c.logprobs[t], tok)
-                                               for t, tok in enumerate(c.token_ids)])
+            if c.logps is not None:
+                logps[row, :n] = torch.tensor(c.logps, dtype=torch.float32)
     truncated = torch.tensor([c.finish_reason == "length" for c in completions])  # (B,)
     return Rollout(prompt_ids=unique_ids.repeat_interleave(G, dim=0),
                    prompt_mask=unique_mask.repeat_interleave(G, dim=0),

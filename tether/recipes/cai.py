@@ -34,7 +34,7 @@ from tether.config import CAIConfig, ModelConfig, PrefsParams, save_config
 from tether.data.prompts import encode_prompt
 from tether.data.tasks.sentiment import sentiment_score
 from tether.engine import checkpoint, dist
-from tether.engine.batchlog import logged_batches, settings_guard
+from tether.engine.batchlog import logged_batches, settings_guard, write_atomic
 from tether.engine.generate import SamplingParams, TorchBackend, seeded
 from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import resolve_precision
@@ -42,7 +42,7 @@ from tether.errors import ConfigError
 from tether.eval.evaluate import progress_bar
 from tether.judge.constitution import (as_messages, clean_revision, critique_turns, degenerate,
                                        load_constitution, pick_principles, revision_turns)
-from tether.recipes.prefs import load_prompts, write_atomic
+from tether.recipes.prefs import load_prompts
 from tether.recipes.rlhf import finished, mark_finished, positive_tone, resumable
 
 RL_STAGES = {"dpo": ("dpo",), "rm_ppo": ("rm", "ppo")}

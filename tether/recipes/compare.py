@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from tether.config import CompareConfig, EvalConfig, save_config
+from tether.engine.batchlog import write_atomic
 from tether.errors import ConfigError, TetherError
 
 METHODS = ("dpo", "ppo", "grpo", "bon")
@@ -203,9 +204,7 @@ def cached_row(path: Path) -> dict | None:
 
 
 def save_row(path: Path, row: dict | list) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(row, indent=1))
 
 
 def run(cfg: CompareConfig) -> dict:

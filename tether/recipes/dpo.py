@@ -176,8 +176,7 @@ def score_reference(cfg: DPOConfig, policy: CausalLMLogps, items: list, needed: 
 
 @torch.no_grad()
 def evaluate(policy, batches: list[PreferenceBatch], loss_fn, device, precision, *, kto: bool):
-    """(mean loss per pair, reward accuracy) on the held-out pairs; nan when there are none."""
-    was_training = policy.training
+    """(mean loss per pair, reward accuracy) on held-out pairs (nan: none); ends in train mode."""
     policy.eval()
     if kto:  # the reference point from all held-out mismatched sequences
         kl = kto_kl(policy, batches, device, precision)
@@ -189,7 +188,7 @@ def evaluate(policy, batches: list[PreferenceBatch], loss_fn, device, precision,
         total += sum(v for k, v in m.items() if k.startswith("_loss/"))
         correct += sum(v for k, v in m.items() if k.startswith("_correct/"))
         pairs += batch.num_pairs
-    policy.train(was_training)
+    policy.train()
     total, correct, pairs = (dist.all_reduce_sum(x).item() for x in (total, correct, pairs))
     return (total / pairs, correct / pairs) if pairs else (float("nan"), float("nan"))
 
@@ -232,8 +231,7 @@ def run(cfg: DPOConfig) -> dict:
         cfg.data, tokenizer, unpaired=unpaired, rows=builtin, soft_label_key=dc.soft_label_key,
         source="built-in sentiment preference set" if builtin else None)
     n_gen = cfg.run.eval_generations if builtin or cfg.rewards.gold else 0  # held-out prompts
-    heldout = [sentiment.heldout_prompts()[i % sentiment.N_HELDOUT]["prompt"]  # cycled past 48
-               for i in range(n_gen)] if builtin else \
+    heldout = [r["prompt"] for r in sentiment.heldout_prompts(n_gen)] if builtin else \
         online.item_prompts(eval_items, tokenizer)[:n_gen]
     if len(train_items) < tc.batch_size:
         raise ConfigError(f"train.batch_size ({tc.batch_size}) exceeds the {len(train_items)} "
@@ -346,12 +344,11 @@ def run(cfg: DPOConfig) -> dict:
                         if k not in TRAIN_STEP_KEYS and not k.startswith("_")})
         group_pairs = torch.tensor([m[f"_pairs/{g}"] for g in range(len(groups))])
         group_loss = torch.tensor([m[f"_loss/{g}"] for g in range(len(groups))])
-        if named_groups:
-            for g, name in enumerate(groups):
-                if group_pairs[g] > 0:
-                    name = name or "none"
-                    metrics[f"rewards/accuracy/{name}"] = m[f"_correct/{g}"] / group_pairs[g].item()
-                    metrics[f"loss/group/{name}"] = (group_loss[g] / group_pairs[g]).item()
+        for g, name in enumerate(groups if named_groups else []):  # pairs of each named group
+            if group_pairs[g] > 0:
+                pairs_g, name = group_pairs[g].item(), name or "none"
+                metrics[f"rewards/accuracy/{name}"] = m[f"_correct/{g}"] / pairs_g
+                metrics[f"loss/group/{name}"] = group_loss[g].item() / pairs_g
         if group_weights is not None:  # mean loss of each group seen this step (0 if absent)
             group_weights, _ = group_robust_weights(group_loss / group_pairs.clamp(min=1),
                                                     group_weights, step_size=dc.group_step_size)
@@ -374,9 +371,8 @@ def run(cfg: DPOConfig) -> dict:
         margins.append(metrics["rewards/margin"])
         logger.advance(step + 1, f"loss {m['loss']:.4f} acc {metrics['rewards/accuracy']:.2f}")
         if steps.checkpoint_due(step + 1, cfg.run.save_every):
-            state = {"total_steps": total_steps}
-            if group_weights is not None:
-                state["group_weights"] = group_weights.tolist()
+            state = {"total_steps": total_steps, **({} if group_weights is None else
+                                                    {"group_weights": group_weights.tolist()})}
             checkpoint.save(ckpt_root, step + 1, model=policy, optimizer=optimizer,
                             scheduler=scheduler, trainer_state=state, keep_last=cfg.run.keep_last)
     logger.close()

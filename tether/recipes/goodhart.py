@@ -33,6 +33,7 @@ import yaml
 
 from tether.config import EvalConfig, GoodhartConfig, ModelConfig, save_config
 from tether.engine import checkpoint
+from tether.engine.batchlog import write_atomic
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import resolve_precision
@@ -49,12 +50,6 @@ PROXY_HELDOUT = 40  # the last pairs of the built-in set: the proxy's held-out a
 
 def say(message: str) -> None:
     print(f"goodhart: {message}", flush=True)
-
-
-def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    tmp.replace(path)
 
 
 def cached(path: Path, key: dict) -> dict | None:
@@ -148,7 +143,7 @@ def best_of_n_stage(cfg, root, policy, tokenizer, task, proxy, proxy_path, preci
     out = {"key": key, "scored_by": [task.gold_name, proxy_path], "gold": rows(gold),
            "proxy": rows(scores), "texts": rows(texts),
            "seconds": round(time.perf_counter() - t0, 1)}
-    write_json(path, out)
+    write_atomic(path, json.dumps(out, indent=1, ensure_ascii=False))
     return out
 
 
@@ -232,7 +227,7 @@ def rl_points(cfg, rl_dir: Path, reference, tokenizer, task, proxy, proxy_path,
             if result is None:
                 result = eval_checkpoint(cfg, ckpt, sections, reference, tokenizer, task, proxy,
                                          key, precision, progress)
-                write_json(path, result)
+                write_atomic(path, json.dumps(result, indent=1, ensure_ascii=False))
             m = result["metrics"]
             points.append({"step": result["step"], "kl": m["kl/k3"], "kl_k1": m["kl/k1"],
                            "d": math.sqrt(max(0.0, m["kl/k3"])), "gold": m["gold/mean"],
@@ -396,6 +391,6 @@ def run(cfg: GoodhartConfig) -> dict:
         "path": str(root / "goodhart.json"), "plot": str(root / "goodhart.png"),
     }
     plot(points, baseline, fits, root / "goodhart.png")
-    write_json(root / "goodhart.json", result)
+    write_atomic(root / "goodhart.json", json.dumps(result, indent=1, ensure_ascii=False))
     print_table(result)
     return result

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,9 +29,7 @@ import torch
 
 from tether.advantages import group_advantages, rloo_advantages
 from tether.config import GenerationConfig, GRPOConfig, GRPOParams, ModelConfig, save_config
-from tether.data.prompts import SHOTS, load_rl_prompts
-from tether.data.tasks import segments
-from tether.data.tasks.arithmetic import DIFFICULTIES
+from tether.data.tasks.rl import load_task_prompts
 from tether.engine import checkpoint, dist
 from tether.engine.dist import global_mean, same_count_on_ranks
 from tether.engine.generate import SamplingParams
@@ -43,13 +42,13 @@ from tether.engine.optimize import (build_optimizer, build_scheduler, resolve_pr
 from tether.engine.rollout_batches import GRPOBatch, micro_batches
 from tether.engine.score import score_logps
 from tether.engine.user_groups import UserGroups
-from tether.engine.vllm_backend import make_backend
+from tether.engine.vllm_backend import close_backend, make_backend
 from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.report import finish_run
 from tether.losses import (aggregate_sum, clipped_surrogate, kl_penalty, masked_sum,
                            truncated_is_weight)
-from tether.rewards import WeightedSum, judge_cost, judge_metrics, load_reward, reward_name
+from tether.rewards import WeightedSum, judge_cost, judge_metrics, load_rewards
 
 
 @dataclass(frozen=True)
@@ -78,9 +77,6 @@ LOSS_TYPES = {
     # Ahmadian et al. 2024: leave-one-out baseline, no std division
     "rloo": LossType(rloo_advantages, "sequence_mean", "token", 0.2, 0.2, False),
 }
-
-
-TASKS = {"arithmetic": load_rl_prompts, "segments": segments.load_segment_prompts}  # grpo.task
 
 
 @dataclass
@@ -120,14 +116,10 @@ def build_objective(gc_: GRPOParams, gen: GenerationConfig | None = None) -> Obj
 def build_rewards(gc_: GRPOParams, device=None) -> WeightedSum:
     """A WeightedSum of the named reward functions, each logged as reward/<name> ("judge" is
     the AI judge of `grpo.judge`, loaded once, on `device`)."""
-    weights = gc_.reward_weights if gc_.reward_weights is not None else [1.0] * len(gc_.rewards)
     if not gc_.rewards:
         raise ConfigError("grpo.rewards is empty: name at least one reward function")
-    if len(weights) != len(gc_.rewards):
-        raise ConfigError(f"grpo.reward_weights has {len(weights)} entries for "
-                          f"{len(gc_.rewards)} grpo.rewards")
-    return WeightedSum([(reward_name(name), load_reward(name, judge=gc_.judge, device=device), w)
-                        for name, w in zip(gc_.rewards, weights)])
+    return WeightedSum(load_rewards(gc_.rewards, gc_.reward_weights, section="grpo",
+                                    judge=gc_.judge, device=device))
 
 
 # --- update: one micro-batch of rollout rows -> summed loss ------------------------------------
@@ -183,6 +175,11 @@ def load_reference(cfg: GRPOConfig, device) -> CausalLMLogps:
 
 
 def run(cfg: GRPOConfig) -> dict:
+    with ExitStack() as cleanup:  # stops the generation backend's engine / server process
+        return _run(cfg, cleanup)
+
+
+def _run(cfg: GRPOConfig, cleanup: ExitStack) -> dict:
     dist.init()
     device = dist.device()
     tc, gc_, run_dir = cfg.train, cfg.grpo, Path(cfg.run.output_dir)
@@ -197,19 +194,8 @@ def run(cfg: GRPOConfig) -> dict:
 
     # --- data: prompt rows (TRL prompt-only format) or a built-in task; user groups ------------
     tokenizer = load_tokenizer(cfg.model)
-    task = gc_.task if cfg.data.path is None else None  # None: the rows of data.path
-    if task is not None and task not in TASKS:
-        raise ConfigError(f"grpo.task must be one of {', '.join(TASKS)}, got '{gc_.task}'")
-    if cfg.data.path is None and gc_.task_difficulty not in DIFFICULTIES:
-        raise ConfigError(f"grpo.task_difficulty must be one of {', '.join(DIFFICULTIES)}, "
-                          f"got '{gc_.task_difficulty}'")
-    if cfg.data.path is None and not 0 <= gc_.task_shots <= len(SHOTS):
-        raise ConfigError(f"grpo.task_shots must be between 0 and {len(SHOTS)}, "
-                          f"got {gc_.task_shots}")
-    train_prompts, eval_prompts = TASKS[task or "arithmetic"](
-        cfg.data, tokenizer, n_eval=cfg.run.eval_generations, task_size=gc_.task_size,
-        difficulty=gc_.task_difficulty, shots=gc_.task_shots,
-        system_prompt=gc_.task_system_prompt)
+    task, train_prompts, eval_prompts = load_task_prompts(cfg.data, gc_, tokenizer,
+                                                          n_eval=cfg.run.eval_generations)
     groups = UserGroups(gc_, train_prompts + eval_prompts, rewards, task=task)
     rewards = groups.rewards  # each row scored by its user group's functions
     if len(train_prompts) < gc_.prompts_per_step:
@@ -226,6 +212,7 @@ def run(cfg: GRPOConfig) -> dict:
     policy.train()
     reference = load_reference(cfg, device) if obj.beta > 0 and cfg.model.lora.r == 0 else None
     backend = make_backend(cfg.generation, policy, tokenizer, precision=tc.precision, seed=tc.seed)
+    cleanup.callback(close_backend, backend)
     optimizer = build_optimizer(policy, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps * gc_.num_iterations)
 

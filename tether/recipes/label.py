@@ -33,11 +33,10 @@ from tether.config import LabelConfig, LabelParams
 from tether.data.formats import read_rows, validate_row
 from tether.data.preference import rows_hash
 from tether.engine import dist
-from tether.engine.batchlog import read_partial
+from tether.engine.batchlog import read_partial, write_atomic
 from tether.errors import ConfigError, DataError
 from tether.eval.evaluate import progress_bar
 from tether.judge import DEFAULT_PRINCIPLE, Judge, keep_confident, label_row
-from tether.recipes.prefs import write_atomic
 
 
 class Pair(NamedTuple):

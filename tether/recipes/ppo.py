@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,14 +42,14 @@ from tether.engine.models import load_causal_lm, load_tokenizer, load_value_mode
 from tether.engine.optimize import build_scheduler, resolve_precision, step_items, train_step
 from tether.engine.rollout_batches import PPOBatch
 from tether.engine.score import TokenValues, score_rollout
-from tether.engine.vllm_backend import make_backend
+from tether.engine.vllm_backend import close_backend, make_backend
 from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.report import finish_run
 from tether.losses import (adaptive_kl_coef, aggregate_sum, clipped_surrogate, kl_penalty,
                            truncated_is_weight, value_loss)
 from tether.rewards import (RewardModelScorer, WeightedSum, judge_cost, judge_metrics,
-                            load_reward, reward_name)
+                            load_rewards)
 
 # ------------------------------------------------------------------------------ data
 
@@ -79,16 +80,11 @@ def build_reward(pc: PPOParams, device) -> WeightedSum:
     (`tether.rewards.load_reward`: arithmetic, format, judge (`ppo.judge`) or module:function),
     each logged alone."""
     names = pc.rewards if pc.rewards is not None else ([] if pc.reward_model else ["arithmetic"])
-    weights = pc.reward_weights if pc.reward_weights is not None else [1.0] * len(names)
-    if len(weights) != len(names):
-        raise ConfigError(f"ppo.reward_weights has {len(weights)} entries for {len(names)} "
-                          "ppo.rewards")
-    components = []
+    components = load_rewards(names, pc.reward_weights, section="ppo", judge=pc.judge,
+                              device=device)
     if pc.reward_model:
-        components.append(("reward_model", RewardModelScorer(
+        components.insert(0, ("reward_model", RewardModelScorer(
             pc.reward_model, batch_size=pc.reward_batch_size, device=device), 1.0))
-    components += [(reward_name(name), load_reward(name, judge=pc.judge, device=device), w)
-                   for name, w in zip(names, weights)]
     if not components:
         raise ConfigError("no reward: set ppo.reward_model and/or ppo.rewards")
     return WeightedSum(components)
@@ -189,6 +185,11 @@ def check_batch_sizes(cfg: PPOConfig) -> tuple[int, int]:
 
 
 def run(cfg: PPOConfig) -> dict:
+    with ExitStack() as cleanup:  # stops the generation backend's engine / server process
+        return _run(cfg, cleanup)
+
+
+def _run(cfg: PPOConfig, cleanup: ExitStack) -> dict:
     dist.init()
     device = dist.device()
     tc, pc, run_dir = cfg.train, cfg.ppo, Path(cfg.run.output_dir)
@@ -226,6 +227,7 @@ def run(cfg: PPOConfig) -> dict:
     optimizer = build_optimizer(models, cfg)
     scheduler = build_scheduler(optimizer, tc, total_steps * updates_per_step)
     backend = make_backend(cfg.generation, policy, tokenizer, precision=tc.precision, seed=tc.seed)
+    cleanup.callback(close_backend, backend)
     sampling = SamplingParams(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature,
                               top_p=pc.top_p, top_k=pc.top_k, stop=tuple(pc.stop), group_size=G)
 

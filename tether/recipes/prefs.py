@@ -27,7 +27,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import random
 import time
 from dataclasses import asdict
@@ -40,7 +39,7 @@ from tether.data.formats import read_rows, validate_row
 from tether.data.preference import pairs_by_score
 from tether.data.prompts import PROMPT_FORMATS, encode_prompt
 from tether.engine import dist
-from tether.engine.batchlog import read_partial
+from tether.engine.batchlog import read_partial, write_atomic
 from tether.engine.generate import SamplingParams, TorchBackend, seeded
 from tether.engine.models import cache_dir, load_causal_lm, load_tokenizer, resolve_model_dir
 from tether.engine.optimize import resolve_precision
@@ -107,12 +106,6 @@ def check(p: PrefsParams) -> None:
     if p.temperature <= 0 or p.batch_prompts < 1 or p.max_new_tokens < 1:
         raise ConfigError("prefs.temperature, prefs.batch_prompts and prefs.max_new_tokens "
                           "must be > 0")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def build(p: PrefsParams, *, precision: str = "auto", progress: bool = True,

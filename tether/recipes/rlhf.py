@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from tether.config import RLHFConfig, save_config
 from tether.engine import checkpoint, dist
+from tether.engine.batchlog import write_atomic
 from tether.recipes.prefs import build as build_prefs
 
 STAGES = ("sft", "rm", "ppo")
@@ -48,9 +48,7 @@ def finished(stage_dir: Path) -> dict | None:
 
 def mark_finished(stage_dir: Path, record: dict) -> None:
     if dist.is_main():
-        tmp = stage_dir / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, stage_dir / MARKER)
+        write_atomic(stage_dir / MARKER, json.dumps(record, indent=1))
     dist.barrier()
 
 
@@ -86,9 +84,7 @@ def builtin_ppo_prompts(root: Path, train_pairs: Path | None = None) -> tuple[Pa
     if dist.is_main():
         root.mkdir(parents=True, exist_ok=True)
         for path, rows in zip(paths, (train, heldout_prompts())):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, path)
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     dist.barrier()
     return paths
 

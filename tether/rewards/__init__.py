@@ -9,7 +9,7 @@ functions through `call_reward`, which checks what comes back (`check_scores`).
 
 from tether.rewards.base import (GroupedRewards, RewardError, RewardFn, RewardScores, WeightedSum,
                                  builtin_rewards, call_reward, check_scores, load_python_reward,
-                                 load_reward, reward_name)
+                                 load_reward, load_rewards, reward_name)
 from tether.rewards.judge import JudgeReward, judge_cost, judge_metrics
 from tether.rewards.model import RewardModelScorer
 from tether.rewards.process import ProcessRewardScorer, ProcessScores, aggregate_steps
@@ -39,5 +39,6 @@ __all__ = [
     "judge_metrics",
     "load_python_reward",
     "load_reward",
+    "load_rewards",
     "reward_name",
 ]

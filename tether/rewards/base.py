@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from tether.errors import RewardError, TetherError
+from tether.errors import ConfigError, RewardError, TetherError
 from tether.rewards.judge import JudgeReward
 from tether.rewards.verifiers import (ArithmeticVerifier, FormatReward, SentimentReward,
                                      TerseReward, WorkedFormatReward)
@@ -122,6 +122,19 @@ def load_reward(name: str, *, judge=None, device=None) -> RewardFn:
         raise RewardError(f"unknown reward function '{name}'{hint} (built-in: "
                           f"{', '.join(builtin)}, judge; or your own as 'module:function')")
     return load_python_reward(name)
+
+
+def load_rewards(names: list[str], weights: list[float] | None, *, section: str, judge=None,
+                 device=None) -> list[tuple[str, RewardFn, float]]:
+    """[(logged name, function, weight)] of a recipe's `<section>.rewards` and
+    `<section>.reward_weights` (None: all 1); a weight count that does not match is an error
+    naming both keys."""
+    weights = [1.0] * len(names) if weights is None else weights
+    if len(weights) != len(names):
+        raise ConfigError(f"{section}.reward_weights has {len(weights)} entries for "
+                          f"{len(names)} {section}.rewards")
+    return [(reward_name(name), load_reward(name, judge=judge, device=device), w)
+            for name, w in zip(names, weights)]
 
 
 def reward_name(spec: str) -> str:

@@ -68,9 +68,10 @@ def split_prompts(seed: int = 0) -> tuple[list[dict], list[dict]]:
 
 
 def heldout_prompts(n: int | None = None) -> list[dict]:
-    """The first n held-out prompts (all 48 when n is None); none of them is in the shipped set."""
+    """The first n held-out prompts (all 48 when n is None; cycled when n > 48); none of them is
+    in the shipped set."""
     held = split_prompts()[1]
-    return held if n is None else held[:n]
+    return held if n is None else [held[i % len(held)] for i in range(n)]
 
 
 # The larger pool of `tether prefs` (the built preference set of `tether rm` and `tether rlhf`):
