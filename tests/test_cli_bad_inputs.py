@@ -87,6 +87,9 @@ CASES = [  # (name, argv, message)
      r"model.name_or_path: {tmp}/no_model is not a model directory \(no config.json\)"),
     ("model_dir_without_safetensors", ["sft", *RECIPE, "--model.name_or_path={tmp}/no_weights"],
      r"{tmp}/no_weights has no \*.safetensors weights; tether loads safetensors only"),
+    ("attn_implementation_unknown", ["sft", *RECIPE, "--model.attn_implementation=flash9"],
+     r"model.attn_implementation 'flash9': Specified `attn_implementation=\"flash9\"` is not "
+     r"supported \(sdpa and eager always work\)"),
     ("gguf_file_missing", ["sft", *RECIPE, "--model.gguf_file=m.gguf"],
      r"model.gguf_file: no GGUF file at {model}/m.gguf"),
     ("lora_target_unknown", ["sft", *RECIPE, "--model.lora.r=4",

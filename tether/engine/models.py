@@ -100,15 +100,28 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
-    """fp32 weights (the master copy; bf16 runs under autocast), safetensors only."""
-    path = resolve_model_dir(cfg)
+def from_pretrained(auto_class, path: Path, cfg: ModelConfig, **kwargs) -> PreTrainedModel:
+    """`auto_class.from_pretrained` in fp32 from safetensors only, with the config's
+    trust_remote_code and attn_implementation; an attention implementation transformers rejects
+    or cannot load here is a ConfigError naming model.attn_implementation."""
     if not any(path.glob("*.safetensors")):
         raise ConfigError(f"{path} has no *.safetensors weights; tether loads safetensors only")
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=True,
-        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
-    return _finish(model, cfg)
+    try:
+        return auto_class.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+            **kwargs)
+    except (ValueError, ImportError) as err:
+        if "attn_implementation" not in str(err) and "Attention" not in str(err):
+            raise
+        first = str(err).split(". ")[0]
+        raise ConfigError(f"model.attn_implementation '{cfg.attn_implementation}': {first} "
+                          "(sdpa and eager always work)") from None
+
+
+def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
+    """fp32 weights (the master copy; bf16 runs under autocast), safetensors only."""
+    return _finish(from_pretrained(AutoModelForCausalLM, resolve_model_dir(cfg), cfg), cfg)
 
 
 def load_reward_model(cfg: ModelConfig, pad_token_id: int | None) -> PreTrainedModel:
@@ -118,12 +131,8 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None) -> PreTrainedM
     fully trainable (peft modules_to_save)."""
     from transformers import AutoModelForSequenceClassification
 
-    path = resolve_model_dir(cfg)
-    if not any(path.glob("*.safetensors")):
-        raise ConfigError(f"{path} has no *.safetensors weights; tether loads safetensors only")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32, use_safetensors=True,
-        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    model = from_pretrained(AutoModelForSequenceClassification, resolve_model_dir(cfg), cfg,
+                            num_labels=1)
     model.config.pad_token_id = pad_token_id
     return _finish(model, cfg, task_type="SEQ_CLS", modules_to_save=["score"])
 
@@ -156,16 +165,12 @@ def load_value_model(cfg: ModelConfig, pad_token_id: int | None) -> PreTrainedMo
     from transformers import AutoConfig, AutoModelForTokenClassification
 
     path = resolve_model_dir(cfg)
-    if not any(path.glob("*.safetensors")):
-        raise ConfigError(f"{path} has no *.safetensors weights; tether loads safetensors only")
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     config.num_labels = 1
     config.classifier_dropout = 0.0  # values must be deterministic functions of the weights
     config.token_classification_bias = False  # the same head shape as a reward model's score
     config.pad_token_id = pad_token_id
-    model = AutoModelForTokenClassification.from_pretrained(
-        path, config=config, dtype=torch.float32, use_safetensors=True,
-        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    model = from_pretrained(AutoModelForTokenClassification, path, cfg, config=config)
     return _finish(model, cfg, task_type="TOKEN_CLS", modules_to_save=["score"])
 
 
