@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tether.advantages import (gae, group_advantages, group_dro_weights, reinforce_pp_advantages,
-                               rloo_advantages, sequence_group_weights, whiten)
+from tether.advantages import (gae, group_advantages, group_dro_weights, group_reward_gains,
+                               reinforce_pp_advantages, rloo_advantages, sequence_group_weights,
+                               whiten)
 
 
 def t(*rows):
@@ -123,6 +124,22 @@ def test_group_dro_weights_absent_group_keeps_its_logit():
     assert_close(same, t(0.2, 0.3, 0.5))
     still, _ = group_dro_weights(t(0.0, 1.0), torch.tensor([1, 1]), t(0.4, 0.6), step_size=0.0)
     assert_close(still, t(0.4, 0.6))
+
+
+def test_group_reward_gains_hand_value():
+    """b = [0.2, NaN, 0.5], r = [0.5, 0.9, 7.0], counts = [4, 4, 0]: group 0 gains
+    0.5 - 0.2 = 0.3; group 1 has its first rows, so b_1 = 0.9 and its gain is 0; group 2 has no
+    rows and keeps b_2 = 0.5. The gains of groups 0 and 1 into `group_dro_weights` (step 1,
+    w = [0.5, 0.5]): average gain 0.15, deficit = [-0.15, 0.15], w ∝ [0.5 e^-0.15, 0.5 e^0.15] ->
+    [1 / (1 + e^0.3), e^0.3 / (1 + e^0.3)] = [0.425557, 0.574443]: the group that has not
+    improved gains weight although its reward (0.9) is the higher one."""
+    gains, b = group_reward_gains(t(0.5, 0.9, 7.0), torch.tensor([4, 4, 0]),
+                                  torch.tensor([0.2, math.nan, 0.5], dtype=torch.float64))
+    assert_close(b, torch.tensor([0.2, 0.9, 0.5], dtype=torch.float64))
+    assert_close(gains[:2], torch.tensor([0.3, 0.0], dtype=torch.float64))
+    w, _ = group_dro_weights(gains[:2], torch.tensor([4, 4]),
+                             torch.tensor([0.5, 0.5], dtype=torch.float64), step_size=1.0)
+    assert_close(w, torch.tensor([0.425557, 0.574443], dtype=torch.float64), atol=1e-6, rtol=0)
 
 
 def test_sequence_group_weights_hand_value():

@@ -235,6 +235,26 @@ def group_dro_weights(
     return group_robust_weights(deficit, weights, step_size=step_size)
 
 
+def group_reward_gains(
+    group_rewards: torch.Tensor, counts: torch.Tensor, baseline: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user group's gain over its own start, the signal of `group_fairness: dro_gain`
+    ("every group improves relative to the average"): a group's baseline is its mean reward the
+    first step it has rows (NaN until then), and its gain is its mean reward minus that:
+
+        b_g <- r_g   the first step with counts_g > 0;   gain_g = r_g - b_g
+
+    Worked example: b = [0.2, NaN], r = [0.5, 0.9], counts = [4, 4] -> b = [0.2, 0.9],
+    gains = [0.3, 0.0] (group 1's first step: gain 0). Fed to `group_dro_weights` in place of
+    the rewards, the group with the smaller gain gains weight, whatever its reward level.
+
+    group_rewards, counts, baseline: (K,). Returns (gains (K,), new baseline (K,)); a group
+    without rows keeps its baseline and its gain is not used (counts 0)."""
+    first = (counts > 0) & baseline.isnan()
+    baseline = torch.where(first, group_rewards.to(baseline.dtype), baseline)
+    return group_rewards.to(baseline.dtype) - baseline, baseline
+
+
 def sequence_group_weights(
     weights: torch.Tensor, group_ids: torch.Tensor, counts: torch.Tensor
 ) -> torch.Tensor:

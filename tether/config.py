@@ -406,7 +406,8 @@ class GRPOParams:
     # a group not listed uses `rewards` / `reward_weights`; {} with task segments: the task's own
     group_rewards: dict[str, list[str]] = field(default_factory=dict)
     group_reward_weights: dict[str, list[float]] = field(default_factory=dict)  # null/absent: 1s
-    group_fairness: str = "none"  # none | dro (groups whose mean reward lags weigh more)
+    # none | dro (a group whose mean reward lags weighs more) | dro_gain (whose gain lags)
+    group_fairness: str = "none"
     group_step_size: float = 0.2  # dro: exponentiated-gradient step on the reward deficits
     judge: JudgeParams = field(default_factory=JudgeParams)  # the `judge` reward's judge
 

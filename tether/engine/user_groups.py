@@ -10,9 +10,11 @@ keeps the weights between steps, sums over ranks and names the metrics.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from tether.advantages import group_dro_weights, sequence_group_weights
+from tether.advantages import group_dro_weights, group_reward_gains, sequence_group_weights
 from tether.config import GRPOParams
 from tether.data.tasks import segments
 from tether.engine import dist
@@ -20,7 +22,7 @@ from tether.errors import ConfigError
 from tether.losses import kl_penalty
 from tether.rewards import GroupedRewards, WeightedSum, load_reward, reward_name
 
-FAIRNESS = ("none", "dro")
+FAIRNESS = ("none", "dro", "dro_gain")
 NO_GROUP = "none"  # the group of a row without one, when other rows have one
 
 
@@ -49,9 +51,10 @@ class UserGroups:
         for p in prompts if grouped else ():  # every row names its group, for the rewards
             p.columns["group"] = _group_of(p.columns.get("group"))
         self.names = sorted({p.columns["group"] for p in prompts}) if grouped else []
-        self.fair, self.step_size = gc_.group_fairness == "dro", gc_.group_step_size
+        self.fair, self.step_size = gc_.group_fairness != "none", gc_.group_step_size
+        self.gain = gc_.group_fairness == "dro_gain"  # DRO on each group's gain over its start
         if self.fair and len(self.names) < 2:
-            raise ConfigError(f"grpo.group_fairness=dro needs prompts of at least 2 groups (their "
+            raise ConfigError(f"grpo.group_fairness={gc_.group_fairness} needs prompts of at least 2 groups (their "
                               f"`group` field), got {self.names or 'none'}")
         table, weights = gc_.group_rewards, gc_.group_reward_weights
         if not table and task == "segments":  # the built-in task's groups want their own
@@ -59,6 +62,7 @@ class UserGroups:
         self.rewards = self._routed(gc_, table, weights, rewards) if table else rewards
         K = max(1, len(self.names))
         self.weights = torch.full((K,), 1.0 / K, dtype=torch.float64)  # (K,)
+        self.baseline = torch.full((K,), math.nan, dtype=torch.float64)  # (K,) dro_gain's starts
         self._step: tuple[torch.Tensor, torch.Tensor] | None = None  # (sums (K,), counts (K,))
 
     def _routed(self, gc_: GRPOParams, table: dict, weights: dict, default: WeightedSum):
@@ -111,7 +115,10 @@ class UserGroups:
         self._step = (sums, counts)
         if not self.fair:
             return torch.ones_like(reward)
-        self.weights, _ = group_dro_weights(sums / counts.clamp(min=1), counts, self.weights,
+        signal = sums / counts.clamp(min=1)  # (K,) the step's mean reward of each group
+        if self.gain:
+            signal, self.baseline = group_reward_gains(signal, counts, self.baseline)
+        self.weights, _ = group_dro_weights(signal, counts, self.weights,
                                             step_size=self.step_size)
         return sequence_group_weights(self.weights, ids, counts).to(reward.dtype)
 
@@ -147,7 +154,11 @@ class UserGroups:
 
     def state(self) -> dict:
         """What a checkpoint keeps: the fairness weights by group name."""
-        return {"group_weights": dict(zip(self.names, self.weights.tolist()))} if self.fair else {}
+        out = {"group_weights": dict(zip(self.names, self.weights.tolist()))} if self.fair else {}
+        if self.gain:  # NaN (no rows yet) saved as None
+            out["group_baselines"] = {n: None if math.isnan(b) else b
+                                      for n, b in zip(self.names, self.baseline.tolist())}
+        return out
 
     def load_state(self, state: dict) -> None:
         if self.fair:
@@ -156,6 +167,10 @@ class UserGroups:
                 raise ConfigError(f"the checkpoint's group weights are for groups {sorted(saved)}, "
                                   f"this run's prompts have {self.names}")
             self.weights = torch.tensor([saved[name] for name in self.names], dtype=torch.float64)
+        if self.gain:
+            saved = state.get("group_baselines", {})
+            self.baseline = torch.tensor([math.nan if saved.get(n) is None else saved[n]
+                                          for n in self.names], dtype=torch.float64)
 
     def summary(self, before: dict, after: dict) -> list[str]:
         """Console lines: each group's held-out reward (and accuracy) before -> after."""
