@@ -378,10 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tether: interrupted", file=sys.stderr)
         return 130
-    finally:  # the vLLM engine (or server process) that evaluations shared, if one was started
-        from tether.engine.vllm_backend import close_shared
-
-        close_shared()
+    finally:  # the vLLM engines (or server processes) evaluations shared; none unless the
+        # backend module was imported, so a command that never sampled imports nothing here
+        backends = sys.modules.get("tether.engine.vllm_backend")
+        if backends is not None:
+            backends.close_shared()
 
 
 def entry() -> None:

@@ -283,18 +283,23 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("tis", [False, True])
-def test_grpo_through_vllm_stand_in(fake_vllm, tiny_model_dir, tmp_path, tis):
-    """Every step samples through the engine, pushes the new weights after its update and logs
-    generation/logp_diff (the stand-in samples in fp32 like the trainer: the difference is
-    rounding); the held-out greedy evaluation samples through it too."""
-    cfg = load_config(GRPOConfig, None, [
+def _grpo_cfg(tiny_model_dir, tmp_path, *extra: str) -> GRPOConfig:
+    """Two GRPO steps of 2 prompts x 4 samples on the tiny model, sampling through vLLM."""
+    return load_config(GRPOConfig, None, [
         f"--model.name_or_path={tiny_model_dir}", f"--run.output_dir={tmp_path / 'run'}",
         "--model.lora.r=4", "--train.max_steps=2", "--train.precision=fp32",
         "--grpo.group_size=4", "--grpo.prompts_per_step=2", "--grpo.max_new_tokens=6",
         "--grpo.task_size=16", "--run.eval_generations=2", "--grpo.rewards=[format]",
         "--run.progress=false", "--run.tensorboard=false", "--run.report=false",
-        "--generation.backend=vllm", f"--generation.tis={str(tis).lower()}"])
+        "--generation.backend=vllm", *extra])
+
+
+@pytest.mark.parametrize("tis", [False, True])
+def test_grpo_through_vllm_stand_in(fake_vllm, tiny_model_dir, tmp_path, tis):
+    """Every step samples through the engine, pushes the new weights after its update and logs
+    generation/logp_diff (the stand-in samples in fp32 like the trainer: the difference is
+    rounding); the held-out greedy evaluation samples through it too."""
+    cfg = _grpo_cfg(tiny_model_dir, tmp_path, f"--generation.tis={str(tis).lower()}")
     from tether.recipes import grpo
 
     out = grpo.run(cfg)
@@ -310,13 +315,7 @@ def test_grpo_through_vllm_server_stand_in(server_vllm, tiny_model_dir, tmp_path
     """test_grpo_through_vllm_stand_in's run with the engine in a child process: the sampler's
     log-probs match the trainer's every step (the child got each update), and the run stops
     the child at its end (the fixture checks no child is left)."""
-    cfg = load_config(GRPOConfig, None, [
-        f"--model.name_or_path={tiny_model_dir}", f"--run.output_dir={tmp_path / 'run'}",
-        "--model.lora.r=4", "--train.max_steps=2", "--train.precision=fp32",
-        "--grpo.group_size=4", "--grpo.prompts_per_step=2", "--grpo.max_new_tokens=6",
-        "--grpo.task_size=16", "--run.eval_generations=2", "--grpo.rewards=[format]",
-        "--run.progress=false", "--run.tensorboard=false", "--run.report=false",
-        "--generation.backend=vllm", "--generation.vllm_mode=server"])
+    cfg = _grpo_cfg(tiny_model_dir, tmp_path, "--generation.vllm_mode=server")
     from tether.recipes import grpo
 
     out = grpo.run(cfg)

@@ -112,7 +112,9 @@ def from_pretrained(auto_class, path: Path, cfg: ModelConfig, **kwargs) -> PreTr
             trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
             **kwargs)
     except (ValueError, ImportError) as err:
-        if "attn_implementation" not in str(err) and "Attention" not in str(err):
+        about_attention = "attn_implementation" in str(err) or (  # transformers' two messages:
+            isinstance(err, ImportError) and "Attention" in str(err))  # unknown / not installed
+        if not about_attention:
             raise
         first = str(err).split(". ")[0]
         raise ConfigError(f"model.attn_implementation '{cfg.attn_implementation}': {first} "

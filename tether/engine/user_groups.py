@@ -54,8 +54,8 @@ class UserGroups:
         self.fair, self.step_size = gc_.group_fairness != "none", gc_.group_step_size
         self.gain = gc_.group_fairness == "dro_gain"  # DRO on each group's gain over its start
         if self.fair and len(self.names) < 2:
-            raise ConfigError(f"grpo.group_fairness={gc_.group_fairness} needs prompts of at least 2 groups (their "
-                              f"`group` field), got {self.names or 'none'}")
+            raise ConfigError(f"grpo.group_fairness={gc_.group_fairness} needs prompts of at "
+                              f"least 2 groups (their `group` field), got {self.names or 'none'}")
         table, weights = gc_.group_rewards, gc_.group_reward_weights
         if not table and task == "segments":  # the built-in task's groups want their own
             table, weights = segments.GROUP_REWARDS, segments.GROUP_REWARD_WEIGHTS
@@ -153,7 +153,8 @@ class UserGroups:
         return out
 
     def state(self) -> dict:
-        """What a checkpoint keeps: the fairness weights by group name."""
+        """What a checkpoint keeps: the fairness weights by group name (dro_gain: and the
+        baselines)."""
         out = {"group_weights": dict(zip(self.names, self.weights.tolist()))} if self.fair else {}
         if self.gain:  # NaN (no rows yet) saved as None
             out["group_baselines"] = {n: None if math.isnan(b) else b
