@@ -19,7 +19,8 @@ from tether.config import GenerationConfig, GRPOConfig, PPOConfig, load_config
 from tether.engine import vllm_backend
 from tether.engine.generate import SamplingParams, TorchBackend, encode_prompt
 from tether.engine.models import tiny_llama
-from tether.engine.vllm_backend import VLLMBackend, hf_weights, make_backend, to_rollout
+from tether.engine.vllm_backend import (VLLMBackend, hf_weights, make_backend, plain_outputs,
+                                        rollout_of)
 from tether.engine.vllm_server import VLLMServerBackend, copy_into, one_line, shared_copy
 from tether.errors import ConfigError
 from tests.engine.fake_vllm import (CompletionOutput, FakeLLM, FakeSamplingParams, Logprob,
@@ -125,7 +126,7 @@ def test_hf_weights_merge_lora_like_peft(model):
 # --- vLLM's outputs -> Rollout, by hand ----------------------------------------------------------
 
 
-def test_to_rollout_by_hand():
+def test_vllm_outputs_to_rollout_by_hand():
     """Two prompts (lengths 2 and 1), G = 2, pad id 0. vLLM returns each prompt's samples with
     their index (here out of order), token ids up to and including EOS (id 2) or the token that
     completed a stop string, and one {token: Logprob} per generated token:
@@ -140,7 +141,7 @@ def test_to_rollout_by_hand():
                                       comp(0, [5, 2], [-0.1, -0.2], "stop")]),
                RequestOutput([3], [comp(0, [4], [-3.0], "stop"),
                                    comp(1, [6, 6], [-0.25, -0.75], "length")])]
-    r = to_rollout([[3, 4], [3]], outputs, group_size=2, pad_id=0)
+    r = rollout_of([[3, 4], [3]], plain_outputs(outputs), group_size=2, pad_id=0)
     assert r.prompt_ids.tolist() == [[3, 4], [3, 4], [0, 3], [0, 3]]
     assert r.prompt_mask.tolist() == [[True, True]] * 2 + [[False, True]] * 2
     assert r.completion_ids.tolist() == [[5, 2, 0], [7, 8, 9], [4, 0, 0], [6, 6, 0]]
@@ -152,7 +153,7 @@ def test_to_rollout_by_hand():
     assert r.texts == ["t0", "t1", "t0", "t1"] and r.entropy is None and r.group_size == 2
     assert r.position_ids()[3].tolist() == [0, 0, 1, 2, 2]  # from the first real prompt token
     with pytest.raises(RuntimeError, match="expected 3"):
-        to_rollout([[3, 4], [3]], outputs, group_size=3, pad_id=0)
+        rollout_of([[3, 4], [3]], plain_outputs(outputs), group_size=3, pad_id=0)
 
 
 # --- weight sync: a sample after an update comes from the updated weights ----------------------

@@ -355,12 +355,6 @@ def plain_outputs(outputs) -> list[list[Sample]]:
                     c.finish_reason) for c in out.outputs] for out in outputs]
 
 
-def to_rollout(prompt_ids: list[list[int]], outputs, group_size: int, pad_id: int) -> Rollout:
-    """vLLM's RequestOutputs (one per prompt, `group_size` CompletionOutputs each, in request
-    order) -> a Rollout (`rollout_of`)."""
-    return rollout_of(prompt_ids, plain_outputs(outputs), group_size, pad_id)
-
-
 def rollout_of(prompt_ids: list[list[int]], samples: list[list[Sample]], group_size: int,
                pad_id: int) -> Rollout:
     """Each prompt's `group_size` Samples -> a Rollout: prompts left-padded and repeated G times,
