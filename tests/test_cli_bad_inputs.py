@@ -39,7 +39,21 @@ CASES = [  # (name, argv, message)
      r"{tmp}/nope is not a tether run directory \(no config.yaml\)"),
     ("export_run_without_checkpoint", ["export", "{tmp}/run0", "{tmp}/out"],
      r"{tmp}/run0/checkpoints holds no complete checkpoint to export"),
+    ("export_into_a_folder_with_files", ["export", "{run}", "{tmp}/mine"],
+     r"{tmp}/mine exists and is not empty; choose a new folder, or pass --force"),
+    ("export_into_the_current_folder", ["export", "{run}", "."],
+     r"{tmp} exists and is not empty; choose a new folder, or pass --force"),
+    ("export_onto_the_run", ["export", "{run}", "{run}", "--force"],
+     r"{run} is inside the run directory {run}; export to a folder outside the run"),
+    ("export_inside_the_run", ["export", "{run}", "{run}/checkpoints/out", "--force"],
+     r"{run}/checkpoints/out is inside the run directory {run}"),
+    ("export_unknown_option", ["export", "{run}", "{tmp}/out", "--forse"],
+     r"unknown option '--forse'; usage: tether export RUN_DIR OUT_DIR \[--force\]"),
     ("report_unknown_option", ["report", "{tmp}", "--bogus"], r"unknown option '--bogus'"),
+    ("report_over_the_metrics", ["report", "{run}", "--out", "{run}/metrics.jsonl"],
+     r"--out {run}/metrics.jsonl is a file of the run that tether report did not write"),
+    ("report_over_a_user_file", ["report", "{run}", "--out={tmp}/notes.html"],
+     r"--out {tmp}/notes.html is an existing file that tether report did not write"),
     ("report_no_run_dir", ["report", "{tmp}/nope"], r"run directory '{tmp}/nope' does not exist"),
     ("override_without_value_last", ["sft", "--train.lr"],
      r"override '--train.lr' must look like --section.key=value"),
@@ -102,6 +116,8 @@ CASES = [  # (name, argv, message)
      r"run.resume is true but {run}/checkpoints holds no checkpoint"),
     ("resume_only_checkpoint_corrupt", ["sft", *RECIPE, "--run.resume=true"],
      r"run.resume is true but {run}/checkpoints holds no checkpoint"),
+    ("resume_only_checkpoint_byte_flipped", ["sft", *RECIPE, "--run.resume=true"],
+     r"run.resume is true but {run}/checkpoints holds no checkpoint"),
     ("resume_checkpoint_of_another_model", ["sft", *RECIPE, "--run.resume=true"],
      r"checkpoint {run}/checkpoints/step-000001: checkpoint does not match the model: "
      r"model.model.embed_tokens.weight is \(32, 32\) there, \(\d+, 32\) here \(was it saved "
@@ -124,10 +140,35 @@ def _corrupt_checkpoint(run: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
 
 
+def _flipped_checkpoint(run: Path) -> None:
+    """Same size, whole header, one bit of the weights changed: only the checksum tells."""
+    path = _foreign_checkpoint(run) / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _finished_run(run: Path) -> None:
+    """A run directory as a finished run leaves it (config, metrics, a checkpoint)."""
+    _foreign_checkpoint(run)
+    (run / "config.yaml").write_text("model: {}\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss/sft": 2.0}\n')
+
+
+def _user_files(tmp: Path, run: Path) -> None:
+    _finished_run(run)
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "notes.txt").write_text("keep me")
+    (tmp / "notes.html").write_text("<html>my notes</html>")
+
+
 def _no_weights(tmp: Path, model: Path) -> None:
     shutil.copytree(model, tmp / "no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
 
 
+USER_FILE_CASES = ("export_into_a_folder_with_files", "export_into_the_current_folder",
+                   "export_onto_the_run", "export_inside_the_run", "export_unknown_option",
+                   "report_over_the_metrics", "report_over_a_user_file")
 SETUPS = {
     "yaml_lr_nan": lambda tmp, run, model: (tmp / "nan.yaml").write_text("train:\n  lr: .nan\n"),
     "yaml_section_a_list": lambda tmp, run, model: (tmp / "list.yaml").write_text(
@@ -138,7 +179,13 @@ SETUPS = {
     "output_dir_is_a_file": lambda tmp, run, model: (tmp / "a_file").write_text("x"),
     "resume_only_checkpoint_corrupt": lambda tmp, run, model: _corrupt_checkpoint(run),
     "resume_checkpoint_of_another_model": lambda tmp, run, model: _foreign_checkpoint(run),
+    "resume_only_checkpoint_byte_flipped": lambda tmp, run, model: _flipped_checkpoint(run),
+    **{name: lambda tmp, run, model: _user_files(tmp, run) for name in USER_FILE_CASES},
 }
+
+# what the setups wrote that a refused command must leave byte for byte
+KEPT = {"mine/notes.txt": "keep me", "notes.html": "<html>my notes</html>",
+        "run/metrics.jsonl": '{"step": 1, "loss/sft": 2.0}\n', "run/config.yaml": "model: {}\n"}
 
 
 def test_the_table_has_the_cases_the_hardening_issue_asks_for():
@@ -170,6 +217,10 @@ def test_bad_command_line_is_one_clear_line(tmp_path, tiny_model_dir, capsys, mo
     assert len([line for line in lines if line.startswith("tether: error")]) == 1
     pattern = _fill(message, **{k: re.escape(str(v)) for k, v in where.items()})
     assert re.search(pattern, lines[-1]), lines[-1]
+    if name in USER_FILE_CASES:
+        for rel, text in KEPT.items():  # refused: nothing of the user's or the run's changed
+            assert (tmp_path / rel).read_text() == text, rel
+        assert (run / "checkpoints" / "step-000001" / "model.safetensors").is_file()
     if name == "resume_only_checkpoint_corrupt":  # the line before names the bad checkpoint
         assert re.search(r"tether: checkpoint .*step-000001 is unusable \(model.safetensors is "
                          r"100 bytes but \d+ were written\)", lines[0]), lines

@@ -212,8 +212,10 @@ other commands:
                            sample held-out prompts with the model and its reference: gold and
                            proxy reward, KL (k1, k3), entropy, distinct-n, self-BLEU, length,
                            alignment tax; writes eval.json (RUN_DIR/eval.json for a run)
-  export RUN_DIR OUT_DIR   write a run's latest weights as a plain HF model directory
-                           (LoRA adapters merged) that from_pretrained loads
+  export RUN_DIR OUT_DIR [--force]
+                           write a run's latest weights as a plain HF model directory
+                           (LoRA adapters merged) that from_pretrained loads; an existing
+                           non-empty OUT_DIR only with --force (replaces export's files only)
   keys RECIPE              list every config key of a recipe with its default
   report RUN_DIR [--out FILE]
                            one self-contained HTML file of a run: curves, warnings, the
@@ -278,11 +280,14 @@ def cmd_keys(args: list[str]) -> int:
 
 
 def cmd_export(args: list[str]) -> int:
-    if len(args) != 2:
-        raise TetherError("usage: tether export RUN_DIR OUT_DIR")
+    paths = [a for a in args if a != "--force"]
+    unknown = [a for a in paths if a.startswith("--")]
+    if unknown or len(paths) != 2:
+        raise TetherError(f"{f'unknown option {unknown[0]!r}; ' if unknown else ''}"
+                          "usage: tether export RUN_DIR OUT_DIR [--force]")
     from tether.engine.checkpoint import export_run
 
-    out = export_run(Path(args[0]), Path(args[1]))
+    out = export_run(Path(paths[0]), Path(paths[1]), force="--force" in args)
     print(f"exported to {out}")
     return 0
 

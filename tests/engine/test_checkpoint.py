@@ -159,6 +159,12 @@ def _grown(path):  # a whole safetensors file whose size is not the one written
     save_file(tensors, path)
 
 
+def _flip_a_byte(path):  # same size, whole header: only the checksum can tell
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 CORRUPTIONS = [  # (what, file, damage, the reason `latest` prints)
     ("model_missing", "model.safetensors", lambda p: p.unlink(), "model.safetensors is missing"),
     ("optimizer_truncated", "optimizer.safetensors", _truncate,
@@ -169,6 +175,10 @@ CORRUPTIONS = [  # (what, file, damage, the reason `latest` prints)
     ("state_json_lacks_step", "state.json", _json_lacks_step, "state.json lacks step"),
     ("state_json_missing", "state.json", lambda p: p.unlink(), "no state.json"),
     ("model_other_size", "model.safetensors", _grown, "model.safetensors is .* but .* written"),
+    ("model_byte_flipped", "model.safetensors", _flip_a_byte,
+     "model.safetensors does not match the checksum written with it"),
+    ("optimizer_byte_flipped", "optimizer.safetensors", _flip_a_byte,
+     "optimizer.safetensors does not match the checksum"),
 ]
 
 
@@ -240,3 +250,43 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
         checkpoint.save(tmp_path, step, model=model, optimizer=opt, scheduler=sched,
                         trainer_state={}, keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000002", "step-000003"]
+
+
+def _tiny_export_model():
+    from tether.engine.models import tiny_llama
+
+    return tiny_llama(vocab_size=64, tie=True, pad_token_id=0)
+
+
+def test_export_with_force_replaces_only_what_an_export_wrote(tmp_path, default_tokenizer):
+    """Into a folder holding a user's file: refused without force; with force the export's files
+    land, the user's file is untouched, and a file only the previous export wrote (listed in
+    its manifest) is removed on the next forced export."""
+    from tether.errors import TetherError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(TetherError, match="exists and is not empty"):
+        checkpoint.export(_tiny_export_model(), default_tokenizer, out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    checkpoint.export(_tiny_export_model(), default_tokenizer, out, force=True)
+    written = set(json.loads((out / checkpoint.EXPORT_MANIFEST).read_text())["files"])
+    assert {"config.json", "model.safetensors"} <= written
+    assert {p.name for p in out.iterdir()} == written | {"notes.txt", checkpoint.EXPORT_MANIFEST}
+    # a file the previous export claimed but this one does not write goes; the user's stays
+    (out / "stale.json").write_text("{}")
+    (out / checkpoint.EXPORT_MANIFEST).write_text(json.dumps({"files": [*written, "stale.json",
+                                                                        "../escape"]}))
+    checkpoint.export(_tiny_export_model(), default_tokenizer, out, force=True)
+    assert not (out / "stale.json").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not list(tmp_path.glob(".out-export-*"))  # the staging folder is gone
+
+
+def test_export_into_a_new_or_empty_folder_needs_no_force(tmp_path, default_tokenizer):
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        checkpoint.export(_tiny_export_model(), default_tokenizer, out)
+        assert (out / "config.json").is_file() and (out / checkpoint.EXPORT_MANIFEST).is_file()

@@ -243,6 +243,8 @@ def test_cli_writes_the_report(tmp_path, capsys):
     parser, text = parse(tmp_path / "x.html")
     assert [img["data-metrics"] for img in parser.images] == ["loss/sft"]
     assert "1 line(s) of metrics.jsonl" in text  # the torn last line is skipped, and said so
+    assert main(["report", str(run), "--out", str(tmp_path / "x.html")]) == 0  # its own: replaced
+    assert main(["report", str(run)]) == 0 and main(["report", str(run)]) == 0
 
 
 @pytest.mark.parametrize("args, named", [

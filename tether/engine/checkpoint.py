@@ -14,19 +14,22 @@ a half-written temporary directory is never taken for a checkpoint and is swept 
 Pruning renames an old checkpoint to a hidden name before deleting it, so a crash mid-delete
 never leaves a half checkpoint under a `step-*` name.
 
-Checking: state.json records each file's size. `latest` takes the newest checkpoint that passes
-`problem` (state.json complete and valid JSON, every file there with its recorded size, every
-safetensors header whole and its data all there); one that fails is named with the reason on
-stderr and the one before it is used.
+Checking: state.json records each file's size and SHA-256. `latest` takes the newest checkpoint
+that passes `problem` (state.json complete and valid JSON, every file there with its recorded size,
+every safetensors header whole and its data all there, every file's bytes the ones written); one
+that fails is named with the reason on stderr and the one before it is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 import sys
+import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +162,8 @@ def save(ckpt_root: str | Path, step: int, *, model: nn.Module,
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     state = {"step": step, "trainer": trainer_state, "optimizer_groups": groups,
              "scheduler": sched, "python_random": _py_random_state(),
-             "files": {f: (tmp / f).stat().st_size for f in FILES}}
+             "files": {f: (tmp / f).stat().st_size for f in FILES},
+             "sha256": {f: file_sha256(tmp / f) for f in FILES}}
     _fsync_write(tmp / STATE, json.dumps(state, indent=1).encode())  # written last
     if final.exists():
         shutil.rmtree(final)
@@ -194,8 +198,9 @@ def _prune(root: Path, keep_last: int, step: int) -> None:
 
 
 def problem(ckpt: str | Path) -> str | None:
-    """Why the checkpoint directory `ckpt` cannot be resumed from, or None if it is complete.
-    Reads state.json and the safetensors headers only (fast for any size)."""
+    """Why the checkpoint directory `ckpt` cannot be resumed from, or None if it is complete:
+    state.json, each file's size and safetensors header, then each file's SHA-256 against the
+    one written with it (about a second per GB)."""
     ckpt = Path(ckpt)
     if not (ckpt / STATE).is_file():
         return f"no {STATE} (its save never finished)"
@@ -216,7 +221,16 @@ def problem(ckpt: str | Path) -> str | None:
             return f"{name} is {size} bytes but {sizes[name]} were written"
         if why := _safetensors_problem(path, size):
             return f"{name} {why}"
+    digests = state.get("sha256") or {}  # absent in checkpoints written before checksums
+    for name in FILES:
+        if name in digests and file_sha256(ckpt / name) != digests[name]:
+            return f"{name} does not match the checksum written with it (its bytes changed)"
     return None
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _safetensors_problem(path: Path, size: int) -> str | None:
@@ -297,23 +311,77 @@ def load(ckpt_dir: str | Path, *, model: nn.Module, optimizer: torch.optim.Optim
     return {"step": state["step"], **state["trainer"]}
 
 
-def export(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
-    """Write a plain HF directory (safetensors) that `from_pretrained` loads; LoRA is merged."""
-    out = Path(out_dir)
+EXPORT_MANIFEST = ".tether-export.json"  # the files one export wrote, so --force replaces only them
+
+
+def export_target_problem(out: Path, run_dir: Path | None, force: bool) -> str | None:
+    """Why `out` may not receive an export (None: it may): never the run directory or a folder
+    inside it; an existing non-empty folder only with `force`."""
+    out = out.resolve()
+    if run_dir is not None:
+        run = run_dir.resolve()
+        if out == run or run in out.parents:
+            return f"{out} is inside the run directory {run}; export to a folder outside the run"
+    if out.exists() and not out.is_dir():
+        return f"{out} exists and is not a directory"
+    if out.is_dir() and any(out.iterdir()) and not force:
+        return (f"{out} exists and is not empty; choose a new folder, or pass --force to "
+                "replace the files an export writes there (other files are kept)")
+    return None
+
+
+def export(model: nn.Module, tokenizer, out_dir: str | Path, *, force: bool = False,
+           run_dir: Path | None = None) -> Path:
+    """Write a plain HF directory (safetensors) that `from_pretrained` loads; LoRA is merged.
+
+    A new or empty `out_dir` is written whole and renamed into place (atomic). An existing
+    non-empty one is refused unless `force`; then each exported file replaces its namesake
+    (os.replace, atomic per file), files a previous export listed in its manifest and this one
+    does not write are removed, and every other file in the folder is left alone."""
+    out = Path(out_dir).resolve()
+    if why := export_target_problem(out, run_dir, force):
+        raise TetherError(why)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-export-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        written = sorted(p.name for p in tmp.iterdir())
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps({"files": written}) + "\n")
+        if not out.exists():
+            os.rename(tmp, out)
+            return out
+        if not any(out.iterdir()):
+            out.rmdir()
+            os.rename(tmp, out)
+            return out
+        previous = _manifest_files(out)
+        for name in [*written, EXPORT_MANIFEST]:
+            os.replace(tmp / name, out / name)
+        for name in set(previous) - set(written):
+            if (out / name).is_file():
+                (out / name).unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def export_run(run_dir: Path, out_dir: Path) -> Path:
-    """`tether export RUN_DIR OUT_DIR`: the run's latest checkpoint as a plain HF directory."""
+def _manifest_files(out: Path) -> list[str]:
+    """The plain file names a previous export into `out` listed (none if no readable manifest)."""
+    try:
+        files = json.loads((out / EXPORT_MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [f for f in files if isinstance(f, str) and f == Path(f).name and f != EXPORT_MANIFEST]
+
+
+def export_run(run_dir: Path, out_dir: Path, *, force: bool = False,
+               inside_run: bool = False) -> Path:
+    """`tether export RUN_DIR OUT_DIR [--force]`: the run's latest checkpoint as a plain HF
+    directory (`export`'s rules for the target, checked before any model loads). `inside_run`:
+    a pipeline's own stage output folder inside the stage's run directory (rlhf, cai)."""
     import yaml
 
     from tether.config import ModelConfig, from_dict
@@ -325,6 +393,10 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     ckpt = latest(run_dir / "checkpoints")
     if ckpt is None:
         raise TetherError(f"{run_dir / 'checkpoints'} holds no complete checkpoint to export")
+    protected = None if inside_run else run_dir
+    if why := export_target_problem(Path(out_dir), protected, force):
+        raise TetherError(why)
+    save = partial(export, out_dir=out_dir, force=force, run_dir=protected)
     sections = yaml.safe_load(config_path.read_text()) or {}
     model_cfg = from_dict(ModelConfig, sections.get("model", {}), prefix="model.")
     if "rm" in sections:  # a `tether rm` run: a sequence classifier with a score head
@@ -333,7 +405,7 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
         tokenizer = load_tokenizer(model_cfg)
         reward_model = load_reward_model(model_cfg, tokenizer.pad_token_id)
         load(ckpt, model=reward_model, restore_rng=False)
-        return export(reward_model, tokenizer, out_dir)
+        return save(reward_model, tokenizer)
     if "prm" in sections:  # a `tether prm` run: a token classifier scoring each step separator
         from tether.engine.models import load_value_model
 
@@ -345,9 +417,9 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
         prm = sections["prm"] or {}
         process_model.config.tether_prm = {"step_separator": prm.get("step_separator", "\n"),
                                            "aggregate": prm.get("aggregate", "min")}
-        return export(process_model, tokenizer, out_dir)
+        return save(process_model, tokenizer)
     model, tokenizer = run_policy(sections, ckpt)
-    return export(model, tokenizer, out_dir)
+    return save(model, tokenizer)
 
 
 def run_policy(sections: dict, ckpt: Path):

@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from html import escape
@@ -487,21 +488,50 @@ def html_samples(run: Run) -> str:
 def render_html(run: Run, written: str) -> str:
     """The whole report as one HTML string (pure apart from matplotlib)."""
     title = escape(f"tether report: {run.run_dir}")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{title}</title><style>{CSS}</style></head><body>"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + GENERATOR
+            + f"<title>{title}</title><style>{CSS}</style></head><body>"
             + html_header(run, written) + html_curves(run) + html_warnings(run.records)
             + html_eval(run) + html_samples(run) + "</body></html>\n")
 
 
+GENERATOR = '<meta name="generator" content="tether report">'  # marks a file report wrote
+
+
+def out_problem(run_dir: Path, out: Path) -> str | None:
+    """Why `out` may not receive the report (None: it may). The report writes a new file, or
+    replaces a report it wrote before; it never writes over another file, least of all one of
+    the run's (metrics.jsonl, config.yaml, checkpoints)."""
+    if out.is_dir():
+        return f"--out {out} is a directory; name a file"
+    if not out.exists():
+        return None
+    try:
+        with out.open("rb") as f:
+            head = f.read(4096)
+        ours = GENERATOR.encode() in head or b"<title>tether report: " in head  # or an older one
+    except OSError as err:
+        return f"--out {out}: {err.strerror}"
+    if ours:
+        return None
+    inside = Path(run_dir).resolve() in out.resolve().parents
+    return (f"--out {out} is {'a file of the run' if inside else 'an existing file'} that "
+            "tether report did not write; name a new file")
+
+
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write RUN_DIR's report (default RUN_DIR/report.html) and return its path. A missing run
-    directory or metrics.jsonl, or an unreadable eval.json, is a TetherError naming it."""
+    directory or metrics.jsonl, an unreadable eval.json, or an `out` that is not a new file or
+    an earlier report (`out_problem`) is a TetherError naming it."""
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     out = Path(out) if out is not None else run_dir / "report.html"
+    if why := out_problem(run_dir, out):
+        raise TetherError(why)
     written = datetime.now().astimezone().isoformat(timespec="seconds")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(run, written), encoding="utf-8")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(render_html(run, written), encoding="utf-8")
+    os.replace(tmp, out)
     return out
 
 

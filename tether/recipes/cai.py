@@ -335,7 +335,8 @@ def run(cfg: CAIConfig) -> dict:
             out = runner(resumable(stage_config(cfg, dirs, name), stage_dir))
             if name in ("sft", "dpo"):  # a plain HF directory for the next stage / the eval
                 checkpoint.export_run(stage_dir, stage_dir / ("model" if name == "sft"
-                                                              else "policy"))
+                                                              else "policy"),
+                                      force=True, inside_run=True)
             del out
             record = train_summary(name, stage_dir)
         gc.collect()

@@ -376,7 +376,7 @@ def _run(cfg: PPOConfig, cleanup: ExitStack) -> dict:
     # --- save: the policy as a plain HF directory (LoRA merged) ---------------------------------
     out_dir = run_dir / "policy"
     if dist.world_size() == 1 and dist.is_main():  # under FSDP2: `tether export` from checkpoints
-        checkpoint.export(policy.model, tokenizer, out_dir)
+        checkpoint.export(policy.model, tokenizer, out_dir, force=True)  # its own output
     dist.barrier()
     logger.print(f"policy: {out_dir} (AutoModelForCausalLM.from_pretrained)")
     finish_run(run_dir, logger, cfg.run.report)

@@ -248,7 +248,7 @@ def run(cfg: PRMConfig) -> dict:
         # the separator and aggregate travel with the weights (ProcessRewardScorer reads them)
         model.config.tether_prm = {"step_separator": pc.step_separator,
                                    "aggregate": pc.aggregate}
-        checkpoint.export(model.eval(), tokenizer, out_dir)
+        checkpoint.export(model.eval(), tokenizer, out_dir, force=True)  # its own output
     dist.barrier()
     fmt = lambda key: f"{eval_before[key]:.1%} -> {eval_after[key]:.1%}"  # noqa: E731
     logger.print(f"held-out solutions ({len(eval_examples)}): step accuracy "

@@ -148,7 +148,8 @@ def run(cfg: RLHFConfig) -> dict:
         out = runners[name](stage_cfg)
         if name == "sft":  # a plain HF directory that the RM and PPO stages load
             if dist.is_main():
-                checkpoint.export_run(stage_dir, outputs["sft"])
+                checkpoint.export_run(stage_dir, outputs["sft"], force=True,
+                                      inside_run=True)
             dist.barrier()
         timings[name] = time.perf_counter() - t0
         record = {"stage": name, "output": str(outputs[name]), "seconds": round(timings[name], 1),

@@ -333,7 +333,7 @@ def run(cfg: RMConfig) -> dict:
     if dist.world_size() == 1 and dist.is_main():  # under FSDP2: `tether export` from checkpoints
         if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter in, keep the score head
             model = model.merge_and_unload()
-        checkpoint.export(model.eval(), tokenizer, out_dir)
+        checkpoint.export(model.eval(), tokenizer, out_dir, force=True)  # its own output
     dist.barrier()
     logger.print(f"held-out pairs ({len(eval_pairs)}): accuracy {eval_before['eval/accuracy']:.1%}"
                  f" -> {eval_after['eval/accuracy']:.1%}, margin {eval_before['eval/margin']:.3f}"
