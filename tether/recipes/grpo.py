@@ -31,6 +31,7 @@ from tether.advantages import group_advantages, rloo_advantages
 from tether.config import GenerationConfig, GRPOConfig, GRPOParams, ModelConfig, save_config
 from tether.data.tasks.rl import load_task_prompts
 from tether.engine import checkpoint, dist
+from tether.engine.backends import close_backend, make_backend
 from tether.engine.dist import global_mean, same_count_on_ranks
 from tether.engine.generate import SamplingParams
 from tether.engine.interrupt import TrainingSteps
@@ -42,7 +43,6 @@ from tether.engine.optimize import (build_optimizer, build_scheduler, resolve_pr
 from tether.engine.rollout_batches import GRPOBatch, micro_batches
 from tether.engine.score import score_logps
 from tether.engine.user_groups import UserGroups
-from tether.engine.vllm_backend import close_backend, make_backend
 from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.report import finish_run

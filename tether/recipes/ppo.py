@@ -33,6 +33,7 @@ from tether.data.prompts import (PromptExample, builtin_prompt_rows, load_prompt
                                  tokenize_prompt_rows)
 from tether.data.tasks import builtin_sft_rows
 from tether.engine import checkpoint, dist
+from tether.engine.backends import close_backend, make_backend
 from tether.engine.dist import global_mean
 from tether.engine.generate import SamplingParams, seeded
 from tether.engine.interrupt import TrainingSteps
@@ -42,7 +43,6 @@ from tether.engine.models import load_causal_lm, load_tokenizer, load_value_mode
 from tether.engine.optimize import build_scheduler, resolve_precision, step_items, train_step
 from tether.engine.rollout_batches import PPOBatch
 from tether.engine.score import TokenValues, score_rollout
-from tether.engine.vllm_backend import close_backend, make_backend
 from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.report import finish_run
