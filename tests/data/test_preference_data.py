@@ -5,12 +5,12 @@ import json
 
 import pytest
 
+from scripts.build_sentiment_prefs import MIN_GAP, cut_unfinished, pair
 from tether.config import DataConfig
 from tether.data.formats import render_chat, text_ids
 from tether.data.preference import (PreferencePair, UnpairedExample, builtin_preference_rows,
                                     builtin_sentiment_rows, load_preference_data, tokenize_pair)
 from tether.data.tasks import sentiment
-from tether.data.tasks.build_sentiment_prefs import MIN_GAP, cut_unfinished, pair
 from tether.data.tasks.arithmetic import extract_answer
 from tether.errors import DataError
 
