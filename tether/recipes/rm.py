@@ -37,7 +37,7 @@ from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, 
 from tether.errors import ConfigError, DataError
 from tether.eval.report import finish_run
 from tether.losses import bradley_terry_loss
-from tether.recipes.prefs import build as build_prefs
+from tether.recipes.preference_set import build as build_prefs
 
 ECE_BINS = 5
 
