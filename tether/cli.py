@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:  # the vLLM engines (or server processes) evaluations shared; none unless the
         # backend module was imported, so a command that never sampled imports nothing here
-        backends = sys.modules.get("tether.engine.vllm_backend")
+        backends = sys.modules.get("tether.engine.backends")
         if backends is not None:
             backends.close_shared()
 

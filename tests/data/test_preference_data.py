@@ -5,12 +5,12 @@ import json
 
 import pytest
 
+from scripts.build_sentiment_prefs import MIN_GAP, cut_unfinished, pair
 from tether.config import DataConfig
-from tether.data.formats import _ids, _render
+from tether.data.formats import render_chat, text_ids
 from tether.data.preference import (PreferencePair, UnpairedExample, builtin_preference_rows,
                                     builtin_sentiment_rows, load_preference_data, tokenize_pair)
 from tether.data.tasks import sentiment
-from tether.data.tasks.build_sentiment_prefs import MIN_GAP, cut_unfinished, pair
 from tether.data.tasks.arithmetic import extract_answer
 from tether.errors import DataError
 
@@ -44,14 +44,14 @@ def test_prompt_shared_and_mask_covers_each_completion(row, default_tokenizer):
     r_prompt, r_completion = _split(pair.rejected)
     assert c_prompt == r_prompt  # identical prompt tokens
     if isinstance(row["prompt"], str):
-        assert c_prompt == _ids(tok, row["prompt"])
-        assert c_completion == _ids(tok, row["chosen"]) + [tok.eos_token_id]
-        assert r_completion == _ids(tok, row["rejected"]) + [tok.eos_token_id]
+        assert c_prompt == text_ids(tok, row["prompt"])
+        assert c_completion == text_ids(tok, row["chosen"]) + [tok.eos_token_id]
+        assert r_completion == text_ids(tok, row["rejected"]) + [tok.eos_token_id]
     else:
-        prompt = _render(tok, row["prompt"], generation_prompt=True)
-        assert c_prompt == _ids(tok, prompt)
-        full = _render(tok, row["prompt"] + row["chosen"])
-        assert c_completion == _ids(tok, full[len(prompt):])  # tokenised alone
+        prompt = render_chat(tok, row["prompt"], generation_prompt=True)
+        assert c_prompt == text_ids(tok, prompt)
+        full = render_chat(tok, row["prompt"] + row["chosen"])
+        assert c_completion == text_ids(tok, full[len(prompt):])  # tokenised alone
         assert tok.decode(r_completion).startswith("2 + 2 = 5")
     assert sum(pair.chosen.loss_mask) == len(c_completion)
     assert sum(pair.rejected.loss_mask) == len(r_completion)

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from tether.config import GenerationConfig, GRPOConfig, PPOConfig, load_config
-from tether.engine import vllm_backend
+from tether.engine import backends, vllm_backend
+from tether.engine.backends import make_backend
 from tether.engine.generate import SamplingParams, TorchBackend, encode_prompt
 from tether.engine.models import tiny_llama
-from tether.engine.vllm_backend import (VLLMBackend, hf_weights, make_backend, plain_outputs,
-                                        rollout_of)
+from tether.engine.vllm_backend import VLLMBackend, hf_weights, plain_outputs, rollout_of
 from tether.engine.vllm_server import VLLMServerBackend, copy_into, one_line, shared_copy
 from tether.errors import ConfigError
 from tests.engine.fake_vllm import (CompletionOutput, FakeLLM, FakeSamplingParams, Logprob,
@@ -35,9 +35,9 @@ def fake_vllm(monkeypatch):
     module = types.SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeSamplingParams)
     monkeypatch.setattr(vllm_backend, "import_vllm", lambda: module)
     FakeLLM.instances = []
-    vllm_backend._SHARED.clear()
+    backends._SHARED.clear()
     yield module
-    vllm_backend._SHARED.clear()
+    backends._SHARED.clear()
 
 
 @pytest.fixture
@@ -233,8 +233,8 @@ def test_server_sample_after_update_comes_from_updated_weights(server_vllm, mode
         assert after.completion_ids.tolist() == [[0, 0, 0, 0]]
         torch.testing.assert_close(after.logps, torch.full((1, 4), -math.log(49152)))
     finally:
-        vllm_backend.close_shared()
-    assert not process.is_alive() and process.exitcode == 0 and not vllm_backend._SHARED
+        backends.close_shared()
+    assert not process.is_alive() and process.exitcode == 0 and not backends._SHARED
 
 
 def test_server_error_is_one_line_and_close_stops_the_child(server_vllm, model,

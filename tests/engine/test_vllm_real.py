@@ -16,7 +16,7 @@ from tether.engine.generate import SamplingParams, TorchBackend, encode_prompt  
 from tether.engine.logprobs import CausalLMLogps  # noqa: E402
 from tether.engine.models import tiny_llama  # noqa: E402
 from tether.engine.score import completion_logps  # noqa: E402
-from tether.engine.vllm_backend import make_backend  # noqa: E402
+from tether.engine.backends import make_backend  # noqa: E402
 
 # on CPU vLLM counts this whole process (pytest, the policy) against its memory share: an
 # explicit KV cache size instead

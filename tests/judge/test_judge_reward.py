@@ -3,15 +3,16 @@ its cost is read per step, and a GRPO / PPO step with `rewards: [judge]` logs th
 reward and cost (tiny random judge)."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
 
 from tether.config import GRPOConfig, JudgeParams, PPOConfig, load_config
-from tether.judge import DEFAULT_POINTWISE_PRINCIPLE, Judge
+from tether.errors import RewardError
+from tether.judge import DEFAULT_POINTWISE_PRINCIPLE, Judge, JudgeReward, judge_cost, judge_metrics
 from tether.recipes import grpo, ppo
-from tether.rewards import (JudgeReward, WeightedSum, judge_cost, judge_metrics, load_reward,
-                            reward_name)
+from tether.rewards import WeightedSum, load_reward, reward_name
 
 PROMPTS = ["Write about your day.", "Describe the sea.", "Hi"]
 TEXTS = ["I had a wonderful day!", "Grey, cold and angry water.", "Hello"]
@@ -23,7 +24,8 @@ def judge(tiny_model_dir):
 
 
 def test_judge_reward_is_judge_score(tiny_model_dir, judge):
-    reward = load_reward("judge", judge=JudgeParams(model=str(tiny_model_dir), batch_size=2))
+    params = JudgeParams(model=str(tiny_model_dir), batch_size=2)
+    reward = load_reward("judge", judge=partial(JudgeReward, params))
     assert isinstance(reward, JudgeReward) and reward_name("judge") == "judge"
     assert reward.principle == DEFAULT_POINTWISE_PRINCIPLE
     scores = reward(PROMPTS, TEXTS)
@@ -32,6 +34,12 @@ def test_judge_reward_is_judge_score(tiny_model_dir, judge):
     kind = JudgeReward(JudgeParams(principle="The response is kind."), judge=judge)
     assert kind(PROMPTS, TEXTS) == pytest.approx(
         judge.score(PROMPTS, TEXTS, "The response is kind.").tolist(), abs=1e-6)
+
+
+def test_judge_reward_needs_the_recipe_that_offers_it():
+    """rewards/ sits below judge/: "judge" is only what a recipe passes (grpo, ppo)."""
+    with pytest.raises(RewardError, match="grpo.rewards and ppo.rewards only"):
+        load_reward("judge")
 
 
 def test_cost_per_step_hand_values(judge):

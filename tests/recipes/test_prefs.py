@@ -8,7 +8,7 @@ import pytest
 from tether.config import PrefsParams
 from tether.data.preference import pairs_by_score
 from tether.errors import ConfigError, DataError
-from tether.recipes import prefs
+from tether.recipes import preference_set
 
 
 def test_pairs_by_score_all_pairs_higher_chosen_ties_dropped():
@@ -46,7 +46,7 @@ def tiny_params(model_dir, cache, **kw):
 
 def test_build_writes_disjoint_splits_and_reads_the_cache(tiny_model_dir, tmp_path, monkeypatch):
     p = tiny_params(tiny_model_dir, tmp_path)
-    train, held = prefs.build(p, precision="fp32", progress=False, say=lambda m: None)
+    train, held = preference_set.build(p, precision="fp32", progress=False, say=lambda m: None)
     train_rows = [json.loads(x) for x in train.read_text().splitlines()]
     held_rows = [json.loads(x) for x in held.read_text().splitlines()]
     assert (len(train_rows), len(held_rows)) == (12, 4)
@@ -61,18 +61,20 @@ def test_build_writes_disjoint_splits_and_reads_the_cache(tiny_model_dir, tmp_pa
     meta = json.loads((train.parent / "meta.json").read_text())
     assert meta["train_pairs"] == 12 and Path(meta["samples"]).is_file()  # samples are kept
 
-    monkeypatch.setattr(prefs, "load_causal_lm", lambda cfg: pytest.fail("sampled again"))
-    assert prefs.build(p, precision="fp32", progress=False, say=lambda m: None) == (train, held)
+    monkeypatch.setattr(preference_set, "load_causal_lm", lambda cfg: pytest.fail("sampled again"))
+    again = preference_set.build(p, precision="fp32", progress=False, say=lambda m: None)
+    assert again == (train, held)
     # a different setting is a different cache directory
-    assert prefs.build_dir(tiny_params(tiny_model_dir, tmp_path, seed=1), [], tiny_model_dir) != \
-        prefs.build_dir(tiny_params(tiny_model_dir, tmp_path), [], tiny_model_dir)
+    seed_1 = tiny_params(tiny_model_dir, tmp_path, seed=1)
+    assert preference_set.build_dir(seed_1, [], tiny_model_dir) != \
+        preference_set.build_dir(tiny_params(tiny_model_dir, tmp_path), [], tiny_model_dir)
 
 
 def test_killed_build_resumes_with_the_same_rows(tiny_model_dir, tmp_path, monkeypatch):
-    whole = prefs.build(tiny_params(tiny_model_dir, tmp_path / "a"), precision="fp32",
-                        progress=False, say=lambda m: None)
+    whole = preference_set.build(tiny_params(tiny_model_dir, tmp_path / "a"), precision="fp32",
+                                 progress=False, say=lambda m: None)
     calls = {"n": 0}
-    real = prefs.TorchBackend.generate
+    real = preference_set.TorchBackend.generate
 
     def dies_on_third(self, *args, **kwargs):
         calls["n"] += 1
@@ -80,16 +82,16 @@ def test_killed_build_resumes_with_the_same_rows(tiny_model_dir, tmp_path, monke
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(prefs.TorchBackend, "generate", dies_on_third)
+    monkeypatch.setattr(preference_set.TorchBackend, "generate", dies_on_third)
     p = tiny_params(tiny_model_dir, tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
-        prefs.build(p, precision="fp32", progress=False, say=lambda m: None)
+        preference_set.build(p, precision="fp32", progress=False, say=lambda m: None)
     partial = next((tmp_path / "b").glob("samples/*/samples.jsonl"))
     assert len(partial.read_text().splitlines()) == 2  # two batches kept
     with partial.open("a") as f:  # and a third cut off by the kill, half written
         f.write('{"batch": 2, "compl')
-    monkeypatch.setattr(prefs.TorchBackend, "generate", real)
-    again = prefs.build(p, precision="fp32", progress=False, say=lambda m: None)
+    monkeypatch.setattr(preference_set.TorchBackend, "generate", real)
+    again = preference_set.build(p, precision="fp32", progress=False, say=lambda m: None)
     assert [x.read_text() for x in again] == [x.read_text() for x in whole]
 
 
@@ -98,19 +100,19 @@ def test_a_larger_set_reuses_the_samples_and_extends_the_smaller(tiny_model_dir,
     """Sizes and min_gap change the pairs, not the samples: the 12-pair set's held-out file is
     the 24-pair set's, its training rows are the first 12 of the 24, and building the 24-pair set
     after it samples only the batches past those the 12-pair set used."""
-    small = prefs.build(tiny_params(tiny_model_dir, tmp_path), precision="fp32", progress=False,
-                        say=lambda m: None)
+    small = preference_set.build(tiny_params(tiny_model_dir, tmp_path), precision="fp32",
+                                 progress=False, say=lambda m: None)
     used = json.loads((small[0].parent / "meta.json").read_text())["prompts_used"]
     calls = {"n": 0}
-    real = prefs.TorchBackend.generate
+    real = preference_set.TorchBackend.generate
 
     def counted(self, *args, **kwargs):
         calls["n"] += 1
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(prefs.TorchBackend, "generate", counted)
-    big = prefs.build(tiny_params(tiny_model_dir, tmp_path, pairs=24), precision="fp32",
-                      progress=False, say=lambda m: None)
+    monkeypatch.setattr(preference_set.TorchBackend, "generate", counted)
+    big = preference_set.build(tiny_params(tiny_model_dir, tmp_path, pairs=24), precision="fp32",
+                               progress=False, say=lambda m: None)
     big_used = json.loads((big[0].parent / "meta.json").read_text())["prompts_used"]
     assert calls["n"] == (big_used - used) // 2  # batch_prompts 2: only the new batches
     assert big[1].read_text() == small[1].read_text()
@@ -119,31 +121,31 @@ def test_a_larger_set_reuses_the_samples_and_extends_the_smaller(tiny_model_dir,
 
 def test_bad_settings_and_too_few_prompts(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="samples_per_prompt"):
-        prefs.check(PrefsParams(samples_per_prompt=1))
+        preference_set.check(PrefsParams(samples_per_prompt=1))
     rows = tmp_path / "prompts.jsonl"
     rows.write_text(json.dumps({"prompt": "Say something."}) + "\n")
     with pytest.raises(ConfigError, match="all 1 prompts gave only"):
-        prefs.build(tiny_params(tiny_model_dir, tmp_path, prompts=str(rows)), precision="fp32",
-                    progress=False, say=lambda m: None)
+        preference_set.build(tiny_params(tiny_model_dir, tmp_path, prompts=str(rows)),
+                             precision="fp32", progress=False, say=lambda m: None)
 
 
 def test_a_second_builder_of_the_same_set_is_refused(tiny_model_dir, tmp_path):
     import fcntl
 
     p = tiny_params(tiny_model_dir, tmp_path)
-    samples = prefs.samples_path(p, prefs.load_prompts(p), tiny_model_dir)
+    samples = preference_set.samples_path(p, preference_set.load_prompts(p), tiny_model_dir)
     samples.parent.mkdir(parents=True)
     with samples.open("a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(ConfigError, match="another process is sampling"):
-            prefs.build(p, precision="fp32", progress=False, say=lambda m: None)
+            preference_set.build(p, precision="fp32", progress=False, say=lambda m: None)
 
 
 def test_prompt_file_rows_are_checked_like_rl_prompts(tmp_path):
     rows = tmp_path / "prompts.jsonl"
     rows.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": 3}) + "\n")
     with pytest.raises(DataError, match=r"row 2, field 'prompt': must be a string"):
-        prefs.load_prompts(PrefsParams(prompts=str(rows)))
+        preference_set.load_prompts(PrefsParams(prompts=str(rows)))
     rows.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(DataError, match="row 1: is not a prompt row"):
-        prefs.load_prompts(PrefsParams(prompts=str(rows)))
+        preference_set.load_prompts(PrefsParams(prompts=str(rows)))

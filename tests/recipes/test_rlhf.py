@@ -9,7 +9,7 @@ import yaml
 from tether.config import RLHFConfig, load_config
 from tether.data.preference import builtin_preference_rows
 from tether.engine import checkpoint
-from tether.recipes import rlhf
+from tether.recipes import rlhf, stages
 
 
 def tiny_overrides(model_dir, out_dir, rm_rows):
@@ -126,13 +126,13 @@ def test_rlhf_defaults_chain_the_stages_on_builtin_data(tmp_path, default_tokeni
     assert ppo_cfg.model.name_or_path == sft_model and ppo_cfg.ppo.critic_init == "reward_model"
     assert ppo_cfg.model.lora.r == 16
     assert ppo_cfg.ppo.reward_model == str(tmp_path / "rm" / "reward_model")
-    assert ppo_cfg.ppo.rewards == ["tether.recipes.rlhf:positive_tone"]
+    assert ppo_cfg.ppo.rewards == ["tether.recipes.stages:positive_tone"]
     assert ppo_cfg.ppo.reward_weights == [0.0]
     train, held = ppo.load_prompts(ppo_cfg, default_tokenizer)
     assert len(train) == len(rows) and len(held) == cfg.ppo.run.eval_generations == 32
     assert {p.columns["group"] for p in train} == {"review", "note", "message"}
     assert not {repr(p.prompt) for p in train} & {repr(p.prompt) for p in held}
-    good, bad = rlhf.positive_tone([], ["What a lovely, wonderful day!", "This is awful."])
+    good, bad = stages.positive_tone([], ["What a lovely, wonderful day!", "This is awful."])
     assert good > 0.5 and bad < -0.3
     # user data for the RM: PPO keeps its own data settings (the built-in arithmetic prompts)
     cfg = load_config(RLHFConfig, None, [f"--pipeline.output_dir={tmp_path}",

@@ -68,7 +68,7 @@ def read_rows(path: str | Path, *, split: str = "train") -> Rows:
                     break
         if not isinstance(data, list):
             found = f"an object with keys {sorted(data)}" if isinstance(data, dict) \
-                else _type_name(data)
+                else type_name(data)
             raise DataError(f"a .json data file must hold a list of rows, or {{\"{split}\": "
                             f"[...]}} or {{\"data\": [...]}}; found {found}", source=str(path))
         return _objects(list(enumerate(data, start=1)), path)
@@ -175,7 +175,7 @@ def _columnar(rows: list[dict]) -> Rows:
 def _objects(rows: Rows, path: Path) -> Rows:
     for number, row in rows:
         if not isinstance(row, dict):
-            raise DataError(f"a row must be a JSON object, got {_type_name(row)}",
+            raise DataError(f"a row must be a JSON object, got {type_name(row)}",
                             source=str(path), row=number)
     return rows
 
@@ -186,7 +186,7 @@ def _a(fmt: str) -> str:
     return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     """The JSON-ish name of a value's type, for messages ("got null", "got list")."""
     if value is None:
         return "null"
@@ -253,7 +253,7 @@ def validate_row(row: dict, source: str, row_number: int) -> str:
     Shared by every recipe: SFT takes language_modeling and prompt_completion rows, the DPO family
     preference and unpaired_preference rows, the RL recipes prompt_only rows."""
     if not isinstance(row, dict):
-        raise DataError(f"a row must be a JSON object, got {_type_name(row)}", source=source,
+        raise DataError(f"a row must be a JSON object, got {type_name(row)}", source=source,
                         row=row_number)
     fmt = detect_format(row, source, row_number)
     where = {"source": source, "row": row_number}
@@ -263,7 +263,7 @@ def validate_row(row: dict, source: str, row_number: int) -> str:
                             f"needs {', '.join(REQUIRED[fmt])})", field=name, **where)
     if fmt == "language_modeling":
         if "messages" in row:
-            _check_messages(row["messages"], "messages", where, need_assistant=True)
+            check_messages(row["messages"], "messages", where, need_assistant=True)
         else:
             _check_text(row["text"], "text", where)
         return fmt
@@ -275,7 +275,7 @@ def validate_row(row: dict, source: str, row_number: int) -> str:
         if name not in row:
             continue
         if conversational:
-            _check_messages(row[name], name, where, need_assistant=False, style_of=first)
+            check_messages(row[name], name, where, need_assistant=False, style_of=first)
         else:
             _check_text(row[name], name, where, style_of=first)
     return fmt
@@ -286,31 +286,31 @@ def _check_text(value: Any, name: str, where: dict, style_of: str | None = None)
         raise DataError(f"is a list of messages but '{style_of}' is a plain string; use one "
                         "style per row", field=name, **where)
     if not isinstance(value, str):
-        raise DataError(f"must be a string, got {_type_name(value)}", field=name, **where)
+        raise DataError(f"must be a string, got {type_name(value)}", field=name, **where)
     if name != "prompt" and not value.strip():
         raise DataError("is empty", field=name, **where)
 
 
-def _check_messages(value: Any, name: str, where: dict, *, need_assistant: bool,
-                    style_of: str | None = None) -> None:
+def check_messages(value: Any, name: str, where: dict, *, need_assistant: bool,
+                   style_of: str | None = None) -> None:
     if isinstance(value, str) and style_of not in (None, name):
         raise DataError(f"is a plain string but '{style_of}' is a list of messages; use one "
                         "style per row", field=name, **where)
     if not isinstance(value, list):
-        raise DataError(f"must be a list of messages, got {_type_name(value)}",
+        raise DataError(f"must be a list of messages, got {type_name(value)}",
                         field=name, **where)
     if not value and name != "prompt":
         raise DataError("is empty", field=name, **where)
     for i, msg in enumerate(value):
         field = f"{name}[{i}]"
         if not isinstance(msg, dict):
-            raise DataError(f"must be an object with 'role' and 'content', got {_type_name(msg)}",
+            raise DataError(f"must be an object with 'role' and 'content', got {type_name(msg)}",
                             field=field, **where)
         if msg.get("role") not in ROLES:
             raise DataError(f"must be one of {', '.join(ROLES)}, got {msg.get('role')!r}",
                             field=f"{field}.role", **where)
         if not isinstance(msg.get("content"), str):
-            raise DataError(f"must be a string, got {_type_name(msg.get('content'))}",
+            raise DataError(f"must be a string, got {type_name(msg.get('content'))}",
                             field=f"{field}.content", **where)
         if name != "prompt" and msg["role"] == "assistant" and not msg["content"].strip():
             raise DataError("is empty", field=f"{field}.content", **where)
@@ -321,12 +321,13 @@ def _check_messages(value: Any, name: str, where: dict, *, need_assistant: bool,
 # ------------------------------------------------------------------------------ tokenisation
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def text_ids(tokenizer, text: str) -> list[int]:
+    """The token ids of `text` alone (no special tokens added)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _render(tokenizer, messages: list, *, generation_prompt: bool = False,
-            where: dict | None = None, field: str | None = None) -> str:
+def render_chat(tokenizer, messages: list, *, generation_prompt: bool = False,
+                where: dict | None = None, field: str | None = None) -> str:
     """The chat template applied to `messages` as text; a template that rejects the
     conversation (roles must alternate, no system role, ...) is a DataError naming the row."""
     try:
@@ -341,7 +342,8 @@ def _render(tokenizer, messages: list, *, generation_prompt: bool = False,
         raise DataError(message, field=field, **(where or {})) from None
 
 
-def _suffix(full: str, prefix: str, where: dict, field: str) -> str:
+def completion_suffix(full: str, prefix: str, where: dict, field: str) -> str:
+    """`full` after its prefix `prefix` (the rendered prompt); a DataError if it is none."""
     if not full.startswith(prefix):
         raise DataError("the chat template does not render the prompt as a prefix of the whole "
                         "conversation, so prompt and completion cannot be split", field=field,
@@ -360,22 +362,22 @@ def sft_pieces(row: dict, tokenizer, where: dict) -> list[tuple[str, bool]]:
         for i, msg in enumerate(msgs):
             field = f"messages[{i}]"
             if msg["role"] == "assistant" and i:
-                header = _render(tokenizer, msgs[:i], generation_prompt=True, where=where,
-                                 field=field)
-                pieces.append((_suffix(header, done, where, field), False))
+                header = render_chat(tokenizer, msgs[:i], generation_prompt=True, where=where,
+                                     field=field)
+                pieces.append((completion_suffix(header, done, where, field), False))
                 done = header
-            full = _render(tokenizer, msgs[:i + 1], where=where, field=field)
-            pieces.append((_suffix(full, done, where, field), msg["role"] == "assistant"))
+            full = render_chat(tokenizer, msgs[:i + 1], where=where, field=field)
+            pieces.append((completion_suffix(full, done, where, field), msg["role"] == "assistant"))
             done = full
         return [(p, c) for p, c in pieces if p]
     if "text" in row:
         return [(row["text"], True)]
     if isinstance(row["prompt"], list):
-        prompt = _render(tokenizer, row["prompt"], generation_prompt=True, where=where,
-                         field="prompt") if row["prompt"] else ""
-        full = _render(tokenizer, row["prompt"] + row["completion"], where=where,
-                       field="completion")
-        return [(prompt, False), (_suffix(full, prompt, where, "completion"), True)]
+        prompt = render_chat(tokenizer, row["prompt"], generation_prompt=True, where=where,
+                             field="prompt") if row["prompt"] else ""
+        full = render_chat(tokenizer, row["prompt"] + row["completion"], where=where,
+                           field="completion")
+        return [(prompt, False), (completion_suffix(full, prompt, where, "completion"), True)]
     return [(row["prompt"], False), (row["completion"], True)]
 
 
@@ -398,7 +400,7 @@ def tokenize_sft(row: dict, tokenizer, *, max_length: int, truncation: bool,
     mask: list[bool] = []
     n_prompt = None  # tokens before the first completion piece: truncation never cuts them
     for text, is_completion in sft_pieces(row, tokenizer, where):
-        piece = _ids(tokenizer, text)
+        piece = text_ids(tokenizer, text)
         if is_completion and n_prompt is None:
             n_prompt = len(ids)
         ids += piece

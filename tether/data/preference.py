@@ -28,8 +28,8 @@ import torch
 
 from tether.config import DataConfig
 from tether.data.collate import Example, pad_collate
-from tether.data.formats import (Rows, _ids, _render, _suffix, check_not_null, read_rows,
-                                  validate_row)
+from tether.data.formats import (Rows, check_not_null, completion_suffix, read_rows, render_chat,
+                                  text_ids, validate_row)
 from tether.data.tasks import arithmetic, sentiment
 from tether.errors import ConfigError, DataError
 
@@ -171,11 +171,11 @@ def preference_texts(row: dict, tokenizer, where: dict) -> tuple[str, dict[str, 
             n += 1
         prompt_msgs = row["chosen"][:n]
         completions = {f: row[f][n:] for f in fields}
-    prompt = _render(tokenizer, prompt_msgs, generation_prompt=True) if prompt_msgs else ""
+    prompt = render_chat(tokenizer, prompt_msgs, generation_prompt=True) if prompt_msgs else ""
     texts = {}
     for f, msgs in completions.items():
-        full = _render(tokenizer, prompt_msgs + msgs)
-        texts[f] = _suffix(full, prompt, where, f)
+        full = render_chat(tokenizer, prompt_msgs + msgs)
+        texts[f] = completion_suffix(full, prompt, where, f)
     return prompt, texts
 
 
@@ -224,8 +224,8 @@ def tokenize_pair(row: dict, tokenizer, *, max_length: int, truncation: bool, so
                   row_index: int, soft_label_key: str | None = None) -> PreferencePair:
     where = {"source": source, "row": row_index}
     prompt, texts = preference_texts(row, tokenizer, where)
-    prompt_ids = _ids(tokenizer, prompt) if prompt else []
-    chosen, rejected = (join(prompt_ids, _ids(tokenizer, texts[f]), max_length=max_length,
+    prompt_ids = text_ids(tokenizer, prompt) if prompt else []
+    chosen, rejected = (join(prompt_ids, text_ids(tokenizer, texts[f]), max_length=max_length,
                              truncation=truncation, where=where, field=f)
                         for f in ("chosen", "rejected"))
     p = soft_label(row, soft_label_key, where) if soft_label_key else None
@@ -237,12 +237,12 @@ def tokenize_unpaired(row: dict, fmt: str, tokenizer, *, source: str,
     """(prompt ids, completion ids, desirable, group, where) per example of the row."""
     where = {"source": source, "row": row_index}
     prompt, texts = preference_texts(row, tokenizer, where)
-    prompt_ids = _ids(tokenizer, prompt) if prompt else []
+    prompt_ids = text_ids(tokenizer, prompt) if prompt else []
     group = _group(row, where)
     if fmt == "unpaired_preference":
-        return [(prompt_ids, _ids(tokenizer, texts["completion"]), row["label"], group, where)]
-    return [(prompt_ids, _ids(tokenizer, texts["chosen"]), True, group, where),
-            (prompt_ids, _ids(tokenizer, texts["rejected"]), False, group, where)]
+        return [(prompt_ids, text_ids(tokenizer, texts["completion"]), row["label"], group, where)]
+    return [(prompt_ids, text_ids(tokenizer, texts["chosen"]), True, group, where),
+            (prompt_ids, text_ids(tokenizer, texts["rejected"]), False, group, where)]
 
 
 # ------------------------------------------------------------------------------ data sets

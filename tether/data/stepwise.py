@@ -17,8 +17,8 @@ import random
 from dataclasses import dataclass
 
 from tether.config import DataConfig
-from tether.data.formats import (Rows, _check_messages, _ids, _render, _type_name, read_rows,
-                                 split_indices)
+from tether.data.formats import (Rows, check_messages, read_rows, render_chat, split_indices,
+                                 text_ids, type_name)
 from tether.errors import DataError
 
 STEPWISE_FIELDS = ("prompt", "completions", "labels")
@@ -35,7 +35,7 @@ def validate_stepwise_row(row: dict, source: str, row_number: int, separator: st
     """Check a stepwise row's fields; a DataError names the file, the row and the field."""
     where = {"source": source, "row": row_number}
     if not isinstance(row, dict):
-        raise DataError(f"a row must be a JSON object, got {_type_name(row)}", **where)
+        raise DataError(f"a row must be a JSON object, got {type_name(row)}", **where)
     missing = [f for f in STEPWISE_FIELDS if f not in row]
     if missing:
         raise DataError(f"missing: a stepwise row needs 'prompt', 'completions' (a list of "
@@ -43,17 +43,17 @@ def validate_stepwise_row(row: dict, source: str, row_number: int, separator: st
                         field=missing[0], **where)
     prompt, steps, labels = row["prompt"], row["completions"], row["labels"]
     if isinstance(prompt, list):
-        _check_messages(prompt, "prompt", where, need_assistant=False)
+        check_messages(prompt, "prompt", where, need_assistant=False)
     elif not isinstance(prompt, str):
-        raise DataError(f"must be a string or a list of messages, got {_type_name(prompt)}",
+        raise DataError(f"must be a string or a list of messages, got {type_name(prompt)}",
                         field="prompt", **where)
     if not isinstance(steps, list) or not steps:
         raise DataError("must be a non-empty list of steps (strings), got "
-                        f"{_type_name(steps) if not isinstance(steps, list) else 'an empty list'}",
+                        f"{type_name(steps) if not isinstance(steps, list) else 'an empty list'}",
                         field="completions", **where)
     for k, step in enumerate(steps):
         if not isinstance(step, str):
-            raise DataError(f"must be a string, got {_type_name(step)}",
+            raise DataError(f"must be a string, got {type_name(step)}",
                             field=f"completions[{k}]", **where)
         if not step.strip():
             raise DataError("is an empty step", field=f"completions[{k}]", **where)
@@ -63,7 +63,7 @@ def validate_stepwise_row(row: dict, source: str, row_number: int, separator: st
                             "prm.step_separator to a string the steps do not use)",
                             field=f"completions[{k}]", **where)
     if not isinstance(labels, list):
-        raise DataError(f"must be a list of true/false, one per step, got {_type_name(labels)}",
+        raise DataError(f"must be a list of true/false, one per step, got {type_name(labels)}",
                         field="labels", **where)
     if len(labels) != len(steps):
         raise DataError(f"has {len(labels)} labels for {len(steps)} steps in 'completions' "
@@ -78,11 +78,11 @@ def prompt_ids(prompt, tokenizer, where: dict) -> list[int]:
     """Token ids of a stepwise prompt: the string as is, or messages under the chat template
     with the assistant's generation prompt (the steps are the assistant's reply)."""
     if isinstance(prompt, list):
-        text = _render(tokenizer, prompt, generation_prompt=True, where=where,
-                       field="prompt") if prompt else ""
+        text = render_chat(tokenizer, prompt, generation_prompt=True, where=where,
+                           field="prompt") if prompt else ""
     else:
         text = prompt
-    return _ids(tokenizer, text) if text else []
+    return text_ids(tokenizer, text) if text else []
 
 
 def join_steps(prompt: list[int], steps: list[list[int]], separator: list[int]
@@ -104,7 +104,7 @@ def tokenize_stepwise(row: dict, tokenizer, *, separator: str, separator_ids: li
     where = {"source": source, "row": row_index}
     validate_stepwise_row(row, source, row_index, separator)
     ids, positions = join_steps(prompt_ids(row["prompt"], tokenizer, where),
-                                [_ids(tokenizer, s) for s in row["completions"]], separator_ids)
+                                [text_ids(tokenizer, s) for s in row["completions"]], separator_ids)
     labels = list(row["labels"])
     if len(ids) > max_length:
         if not truncation:
@@ -126,7 +126,7 @@ def separator_token_ids(tokenizer, separator: str) -> list[int]:
 
     if not isinstance(separator, str) or not separator:
         raise ConfigError("prm.step_separator must be a non-empty string (default: a newline)")
-    ids = _ids(tokenizer, separator)
+    ids = text_ids(tokenizer, separator)
     if not ids:
         raise ConfigError(f"prm.step_separator {separator!r} tokenises to no tokens")
     return ids

@@ -86,6 +86,17 @@ def step_items(items: list, step: int, batch_size: int, seed: int) -> list:
     return [items[i] for i in order[index * batch_size:(index + 1) * batch_size].tolist()]
 
 
+def check_batch_sizes(cfg) -> int:
+    """Micro-batches per rank per step of a recipe config with a `train` section (sft, rm, prm,
+    dpo); the global batch must split evenly."""
+    world, tc = dist.world_size(), cfg.train
+    if tc.batch_size % (tc.micro_batch_size * world):
+        raise ConfigError(
+            f"train.batch_size ({tc.batch_size}) must be a multiple of train.micro_batch_size "
+            f"({tc.micro_batch_size}) x world size ({world})")
+    return tc.batch_size // (tc.micro_batch_size * world)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW on trainable parameters; no weight decay on biases and norms (1-D tensors).
 

@@ -1,12 +1,7 @@
 """Rollouts through vLLM, with the policy's weights pushed into the engine after every update.
 
-    backend = make_backend(cfg.generation, policy, tokenizer, precision=tc.precision)
-    rollout = backend.generate(prompt_ids, SamplingParams(...), generator=...)   # a `Rollout`
-    ...optimizer step...
-    backend.sync_weights()   # TorchBackend: a no-op; VLLMBackend: new weights into vLLM
-
-`generation.backend: hf` is `TorchBackend` (the policy samples itself). `generation.backend: vllm`
-is `VLLMBackend`: a `vllm.LLM` colocated in the trainer process (`generation.vllm_mode: colocate`),
+`generation.backend: vllm` (`make_backend` in tether/engine/backends.py builds it) is
+`VLLMBackend`: a `vllm.LLM` colocated in the trainer process (`generation.vllm_mode: colocate`),
 or `VLLMServerBackend` (tether/engine/vllm_server.py, `vllm_mode: server`): the same engine in a
 child process that tether starts and stops. The engine is built from the
 policy's config and tokenizer alone (`load_format="dummy"`: random weights, nothing read from
@@ -39,26 +34,11 @@ import torch
 from torch import nn
 
 from tether.config import GenerationConfig
-from tether.engine import dist
-from tether.engine.generate import Rollout, SamplingParams, TorchBackend, left_pad
+from tether.engine.generate import Rollout, SamplingParams, left_pad
 from tether.errors import ConfigError
 
-BACKENDS = ("hf", "vllm")
-VLLM_MODES = ("colocate", "server")
 INSTALL_HINT = ("pip install 'tether[vllm]' (a GPU machine), or `make vllm` for the CPU build in "
                 "its own venv (docs/generation.md)")
-
-
-def check_generation(gen: GenerationConfig) -> None:
-    """ConfigError naming the bad `generation` key."""
-    if gen.backend not in BACKENDS:
-        raise ConfigError(f"generation.backend must be one of {', '.join(BACKENDS)}, "
-                          f"got '{gen.backend}'")
-    if gen.vllm_mode not in VLLM_MODES:
-        raise ConfigError(f"generation.vllm_mode must be one of {', '.join(VLLM_MODES)}, got "
-                          f"'{gen.vllm_mode}' (docs/generation.md)")
-    if gen.tis_cap <= 0:
-        raise ConfigError(f"generation.tis_cap must be > 0, got {gen.tis_cap}")
 
 
 def import_vllm():
@@ -69,54 +49,6 @@ def import_vllm():
         raise ConfigError(f"generation.backend: vllm needs the vllm package ({err}); install it "
                           f"with {INSTALL_HINT}") from None
     return vllm
-
-
-_SHARED: dict[str, "VLLMBackend"] = {}  # shared=True: one engine per model shape, per process
-
-
-def make_backend(gen: GenerationConfig, module: nn.Module, tokenizer, *, precision: str,
-                 seed: int = 0, shared: bool = False):
-    """The run's one generation backend: TorchBackend (hf), VLLMBackend (vllm, colocate) or
-    VLLMServerBackend (vllm, server). The caller stops it with `close_backend` when done.
-
-    shared=True (evaluations that load one checkpoint after another: `tether eval`, goodhart):
-    a vLLM engine built earlier in this process for a model of the same config, dtype and
-    settings is reused; it samples from `module`'s weights after the next push (no new engine,
-    nothing read from disk). `close_shared()` stops those engines."""
-    check_generation(gen)
-    if gen.backend == "hf":
-        return TorchBackend(module, tokenizer, precision=precision)
-    import_vllm()
-    if dist.world_size() > 1:
-        raise ConfigError("generation.backend: vllm runs on one process so far (each rank would "
-                          "need its own engine or a tensor-parallel group); use backend: hf "
-                          "under torchrun")
-    if gen.vllm_mode == "server":
-        from tether.engine.vllm_server import VLLMServerBackend as cls
-    else:
-        cls = VLLMBackend
-    if not shared:
-        return cls(module, tokenizer, gen=gen, precision=precision, seed=seed)
-    key = repr((_causal_lm(module).config.to_json_string(), len(tokenizer),
-                vllm_dtype(gen, precision), gen, seed))
-    backend = _SHARED.get(key)
-    if backend is None:
-        backend = _SHARED[key] = cls(module, tokenizer, gen=gen, precision=precision, seed=seed)
-    backend.module, backend.tokenizer, backend._stale = module, tokenizer, True
-    return backend
-
-
-def close_backend(backend) -> None:
-    """Stop what a backend holds (a vLLM engine, a server process); TorchBackend holds none."""
-    close = getattr(backend, "close", None)
-    if close is not None:
-        close()
-
-
-def close_shared() -> None:
-    """Stop the engines `make_backend(..., shared=True)` kept (the end of an evaluation)."""
-    while _SHARED:
-        _SHARED.popitem()[1].close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +95,14 @@ def hf_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 # ---------------------------------------------------------------------------------------------
 # The colocated vLLM engine
+
+
+def engine_key(module: nn.Module, tokenizer, gen: GenerationConfig, precision: str,
+               seed: int) -> str:
+    """What makes two engines interchangeable: the model's config, the vocabulary size, the
+    engine's dtype, the generation settings and the seed (a shared engine is reused by key)."""
+    return repr((_causal_lm(module).config.to_json_string(), len(tokenizer),
+                 vllm_dtype(gen, precision), gen, seed))
 
 
 def vllm_dtype(gen: GenerationConfig, precision: str) -> str:
@@ -271,6 +211,11 @@ class VLLMBackend:
         self._stale = True  # the engine's weights are not the policy's
         self._dir: tempfile.TemporaryDirectory | None = None
         self.syncs = 0  # weight pushes so far
+
+    def sample_from(self, module: nn.Module, tokenizer) -> None:
+        """Sample `module` from now on (a shared engine reused for another model of the same
+        shape): its weights are pushed at the next `generate`."""
+        self.module, self.tokenizer, self._stale = module, tokenizer, True
 
     def engine_kwargs(self, root: Path) -> dict:
         return engine_kwargs(self.gen, self.precision, self.seed, root)

@@ -24,12 +24,12 @@ from tether.config import EvalConfig, ModelConfig
 from tether.data.formats import tokenize_rows
 from tether.data.collate import pad_collate
 from tether.engine import checkpoint
+from tether.engine.backends import make_backend
 from tether.engine.generate import SamplingParams, encode_prompt, greedy_complete
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import autocast, resolve_precision
 from tether.engine.score import completion_logps
-from tether.engine.vllm_backend import make_backend
 from tether.errors import ConfigError
 from tether.eval.online import distinct_n, prompt_text
 from tether.eval.stats import mean_and_stderr, self_bleu, sequence_kl

@@ -5,6 +5,8 @@ principle, reading the answer options' log-probabilities in both orders (docs/rl
     result = judge.compare(prompts, responses_a, responses_b, "Which response is more positive?")
     result.p_a, result.confidence, result.position_disagree      # each (N,)
 
+    reward = JudgeReward(params)    # the judge as an online reward (`rewards: [judge]`)
+
 tether.judge imports no recipe; it uses tether.engine.models only to find and convert models.
 """
 
@@ -15,10 +17,12 @@ from tether.judge.prompts import (COMPARE_ANSWER, COMPARE_OPTIONS, COMPARE_TEMPL
                                   DEFAULT_POINTWISE_PRINCIPLE, DEFAULT_PRINCIPLE,
                                   POINTWISE_ANSWER, POINTWISE_OPTIONS, POINTWISE_TEMPLATE,
                                   as_text)
+from tether.judge.reward import JudgeReward, judge_cost, judge_metrics
 
 __all__ = [
     "COMPARE_ANSWER", "COMPARE_OPTIONS", "COMPARE_TEMPLATE", "DEFAULT_POINTWISE_PRINCIPLE",
     "DEFAULT_PRINCIPLE", "POINTWISE_ANSWER", "POINTWISE_OPTIONS", "POINTWISE_TEMPLATE", "Judge",
-    "JudgeResult", "as_text", "confidence", "keep_confident", "label_row", "label_rows",
-    "order_average", "position_disagree", "resolve_judge_dir", "two_option_prob",
+    "JudgeResult", "JudgeReward", "as_text", "confidence", "judge_cost", "judge_metrics",
+    "keep_confident", "label_row", "label_rows", "order_average", "position_disagree",
+    "resolve_judge_dir", "two_option_prob",
 ]

@@ -42,8 +42,9 @@ from tether.errors import ConfigError
 from tether.eval.evaluate import progress_bar
 from tether.judge.constitution import (as_messages, clean_revision, critique_turns, degenerate,
                                        load_constitution, pick_principles, revision_turns)
-from tether.recipes.prefs import load_prompts
-from tether.recipes.rlhf import finished, mark_finished, positive_tone, resumable
+from tether.recipes.preference_set import load_prompts
+from tether.recipes.stages import (builtin_ppo_prompts, finished, mark_finished, positive_tone,
+                                   resumable)
 
 RL_STAGES = {"dpo": ("dpo",), "rm_ppo": ("rm", "ppo")}
 
@@ -279,8 +280,6 @@ def stage_config(cfg: CAIConfig, dirs: dict[str, Path], name: str):
     pc, rewards, data = out.ppo, out.rewards, out.data
     pc = replace(pc, reward_model=pc.reward_model or str(dirs["rm"] / "reward_model"))
     if data.path is None:  # the judged pairs' prompts; held out: the eval's tone prompts
-        from tether.recipes.rlhf import builtin_ppo_prompts
-
         train, held = builtin_ppo_prompts(dirs["ppo"], dirs["label"] / "pairs.jsonl")
         data = replace(data, path=str(train), eval_path=str(held))
         if pc.rewards is None:  # the gold reward logged beside the proxy, weight 0

@@ -210,7 +210,7 @@ def save_row(path: Path, row: dict | list) -> None:
 def run(cfg: CompareConfig) -> dict:
     from tether.eval.evaluate import evaluate
     from tether.eval.report import write_report
-    from tether.recipes.rlhf import builtin_ppo_prompts
+    from tether.recipes.stages import builtin_ppo_prompts
 
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,8 @@ from tether.engine.interrupt import TrainingSteps
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer, resolve_model_dir
-from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
-                                   step_items, train_step)
+from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, check_batch_sizes,
+                                   resolve_precision, step_items, train_step)
 from tether.engine.reference import (cached_pair_logps, items_used, kto_kl, reference_cache_path,
                                      reference_logps, sequence_logps, with_reference)
 from tether.errors import ConfigError
@@ -47,7 +47,6 @@ from tether.eval import online
 from tether.eval.report import finish_run
 from tether.losses import (PAIRED_LOSSES, group_robust_weights, kto_loss, masked_mean, orpo_loss,
                            simpo_loss)
-from tether.recipes.sft import check_batch_sizes
 from tether.rewards import SentimentReward
 
 

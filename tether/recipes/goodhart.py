@@ -42,7 +42,7 @@ from tether.eval import goodhart as gh
 from tether.eval.evaluate import kl_to, progress_bar, sample_metrics, sample_set
 from tether.eval.stats import mean_and_stderr
 from tether.eval.tasks import build_task
-from tether.recipes import rlhf
+from tether.recipes import stages
 from tether.rewards import RewardModelScorer, call_reward
 
 PROXY_HELDOUT = 40  # the last pairs of the built-in set: the proxy's held-out accuracy
@@ -69,7 +69,7 @@ def train_proxy(cfg: GoodhartConfig, root: Path) -> dict:
     from tether.recipes import rm
 
     stage_dir = Path(cfg.rm.run.output_dir or root / "proxy")
-    done = rlhf.finished(stage_dir)
+    done = stages.finished(stage_dir)
     if done is not None and done["pairs"] != cfg.proxy_pairs:
         raise ConfigError(f"{stage_dir} holds a proxy trained on {done['pairs']} pairs, not "
                           f"proxy_pairs={cfg.proxy_pairs}: give another output_dir")
@@ -91,13 +91,13 @@ def train_proxy(cfg: GoodhartConfig, root: Path) -> dict:
                      run=replace(cfg.rm.run, progress=cfg.rm.run.progress and cfg.progress))
     say(f"proxy: training a reward model on {cfg.proxy_pairs} gold-labelled pairs in {stage_dir}")
     t0 = time.perf_counter()
-    out = rm.run(rlhf.resumable(rm_cfg, stage_dir))
+    out = rm.run(stages.resumable(rm_cfg, stage_dir))
     record = {"output": str(out["reward_model"]), "pairs": cfg.proxy_pairs,
               "heldout_pairs": PROXY_HELDOUT,
               "heldout_accuracy": [out["eval_before"]["eval/accuracy"],
                                    out["eval_after"]["eval/accuracy"]],
               "seconds": round(time.perf_counter() - t0, 1)}
-    rlhf.mark_finished(stage_dir, record)
+    stages.mark_finished(stage_dir, record)
     del out
     gc.collect()
     return record
@@ -164,14 +164,14 @@ def rl_stage(cfg: GoodhartConfig, root: Path, proxy_path: str) -> dict:
 
     g = cfg.grpo
     stage_dir = Path(g.run.output_dir or root / "rl")
-    done = rlhf.finished(stage_dir)
+    done = stages.finished(stage_dir)
     if done is not None and done["proxy"] != proxy_path:
         raise ConfigError(f"{stage_dir} holds a GRPO run against the proxy {done['proxy']}, not "
                           f"{proxy_path}: give another output_dir")
     if done is not None:
         say(f"rl: GRPO finished earlier ({stage_dir}), skipped")
         return done
-    train, held = rlhf.builtin_ppo_prompts(root)  # the sentiment task's train / held-out prompts
+    train, held = stages.builtin_ppo_prompts(root)  # the sentiment task's train / held-out prompts
     stage_cfg = replace(
         g, model=replace(g.model, name_or_path=g.model.name_or_path or cfg.model),
         data=replace(g.data, path=g.data.path or str(train),
@@ -179,14 +179,14 @@ def rl_stage(cfg: GoodhartConfig, root: Path, proxy_path: str) -> dict:
         grpo=replace(g.grpo, rewards=g.grpo.rewards or [proxy_path]),
         rewards=replace(g.rewards, gold=g.rewards.gold or cfg.gold),
         run=replace(g.run, progress=g.run.progress and cfg.progress))
-    stage_cfg = rlhf.resumable(stage_cfg, stage_dir)
+    stage_cfg = stages.resumable(stage_cfg, stage_dir)
     say(f"rl: GRPO against the proxy, {g.train.max_steps} steps, a checkpoint every "
         f"{g.run.save_every}, in {stage_dir}")
     t0 = time.perf_counter()
     out = grpo.run(stage_cfg)
     record = {"output": str(stage_dir), "proxy": proxy_path, "steps": len(out["history"]),
               "seconds": round(time.perf_counter() - t0, 1)}
-    rlhf.mark_finished(stage_dir, record)
+    stages.mark_finished(stage_dir, record)
     del out
     gc.collect()
     return record

@@ -7,7 +7,7 @@ over the rollout, micro-batched, normalised over the whole step) -> log -> check
 Held-out accuracy (greedy) before and after training; KL, diversity, the gold reward and the
 warnings of docs/diagnostics.md through `tether.eval.online`. Prompts may carry a user `group`
 (segment): each group can have its own rewards, is logged on its own, and with
-`grpo.group_fairness: dro` lagging groups weigh more (`tether.engine.user_groups`).
+`grpo.group_fairness: dro` lagging groups weigh more (`tether.recipes.grpo_groups`).
 
 The loss variants differ only in the row of `LOSS_TYPES` they pick: how advantages are computed,
 how per-token losses are reduced, whether the importance ratio is per token or per sequence, the
@@ -31,6 +31,7 @@ from tether.advantages import group_advantages, rloo_advantages
 from tether.config import GenerationConfig, GRPOConfig, GRPOParams, ModelConfig, save_config
 from tether.data.tasks.rl import load_task_prompts
 from tether.engine import checkpoint, dist
+from tether.engine.backends import close_backend, make_backend
 from tether.engine.dist import global_mean, same_count_on_ranks
 from tether.engine.generate import SamplingParams
 from tether.engine.interrupt import TrainingSteps
@@ -41,14 +42,14 @@ from tether.engine.optimize import (build_optimizer, build_scheduler, resolve_pr
                                    train_step)
 from tether.engine.rollout_batches import GRPOBatch, micro_batches
 from tether.engine.score import score_logps
-from tether.engine.user_groups import UserGroups
-from tether.engine.vllm_backend import close_backend, make_backend
 from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.report import finish_run
+from tether.judge.reward import JudgeReward, judge_cost, judge_metrics
 from tether.losses import (aggregate_sum, clipped_surrogate, kl_penalty, masked_sum,
                            truncated_is_weight)
-from tether.rewards import WeightedSum, judge_cost, judge_metrics, load_rewards
+from tether.recipes.grpo_groups import UserGroups
+from tether.rewards import WeightedSum, load_rewards
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def build_rewards(gc_: GRPOParams, device=None) -> WeightedSum:
     if not gc_.rewards:
         raise ConfigError("grpo.rewards is empty: name at least one reward function")
     return WeightedSum(load_rewards(gc_.rewards, gc_.reward_weights, section="grpo",
-                                    judge=gc_.judge, device=device))
+                                    judge=partial(JudgeReward, gc_.judge, device=device)))
 
 
 # --- update: one micro-batch of rollout rows -> summed loss ------------------------------------

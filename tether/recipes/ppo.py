@@ -22,6 +22,7 @@ import random
 import time
 from contextlib import ExitStack
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from tether.data.prompts import (PromptExample, builtin_prompt_rows, load_prompt
                                  tokenize_prompt_rows)
 from tether.data.tasks import builtin_sft_rows
 from tether.engine import checkpoint, dist
+from tether.engine.backends import close_backend, make_backend
 from tether.engine.dist import global_mean
 from tether.engine.generate import SamplingParams, seeded
 from tether.engine.interrupt import TrainingSteps
@@ -42,14 +44,13 @@ from tether.engine.models import load_causal_lm, load_tokenizer, load_value_mode
 from tether.engine.optimize import build_scheduler, resolve_precision, step_items, train_step
 from tether.engine.rollout_batches import PPOBatch
 from tether.engine.score import TokenValues, score_rollout
-from tether.engine.vllm_backend import close_backend, make_backend
 from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.report import finish_run
+from tether.judge.reward import JudgeReward, judge_cost, judge_metrics
 from tether.losses import (adaptive_kl_coef, aggregate_sum, clipped_surrogate, kl_penalty,
                            truncated_is_weight, value_loss)
-from tether.rewards import (RewardModelScorer, WeightedSum, judge_cost, judge_metrics,
-                            load_rewards)
+from tether.rewards import RewardModelScorer, WeightedSum, load_rewards
 
 # ------------------------------------------------------------------------------ data
 
@@ -80,8 +81,8 @@ def build_reward(pc: PPOParams, device) -> WeightedSum:
     (`tether.rewards.load_reward`: arithmetic, format, judge (`ppo.judge`) or module:function),
     each logged alone."""
     names = pc.rewards if pc.rewards is not None else ([] if pc.reward_model else ["arithmetic"])
-    components = load_rewards(names, pc.reward_weights, section="ppo", judge=pc.judge,
-                              device=device)
+    components = load_rewards(names, pc.reward_weights, section="ppo",
+                              judge=partial(JudgeReward, pc.judge, device=device))
     if pc.reward_model:
         components.insert(0, ("reward_model", RewardModelScorer(
             pc.reward_model, batch_size=pc.reward_batch_size, device=device), 1.0))

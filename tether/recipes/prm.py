@@ -30,12 +30,11 @@ from tether.engine import checkpoint, dist
 from tether.engine.interrupt import TrainingSteps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_tokenizer, load_value_model, unwrap
-from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
-                                   step_items, train_step)
+from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, check_batch_sizes,
+                                   resolve_precision, step_items, train_step)
 from tether.errors import ConfigError
 from tether.eval.report import finish_run
 from tether.losses import process_reward_loss
-from tether.recipes.sft import check_batch_sizes
 from tether.rewards.process import AGGREGATES, aggregate_steps, step_logits_at
 
 # ------------------------------------------------------------------------------ data

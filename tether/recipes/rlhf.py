@@ -16,18 +16,17 @@ the task's gold reward (VADER sentiment) logged beside the reward model's (docs/
 from __future__ import annotations
 
 import gc
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from tether.config import RLHFConfig, save_config
 from tether.engine import checkpoint, dist
-from tether.engine.batchlog import write_atomic
-from tether.recipes.prefs import build as build_prefs
+from tether.recipes.preference_set import build as build_prefs
+from tether.recipes.stages import (builtin_ppo_prompts, finished, mark_finished, positive_tone,
+                                   resumable)
 
 STAGES = ("sft", "rm", "ppo")
-MARKER = "stage.json"
 
 
 def stage_dirs(cfg: RLHFConfig) -> dict[str, Path]:
@@ -39,54 +38,6 @@ def stage_outputs(dirs: dict[str, Path]) -> dict[str, Path]:
     """What each stage hands on: the SFT model, the reward model, the PPO policy."""
     return {"sft": dirs["sft"] / "model", "rm": dirs["rm"] / "reward_model",
             "ppo": dirs["ppo"] / "policy"}
-
-
-def finished(stage_dir: Path) -> dict | None:
-    marker = stage_dir / MARKER
-    return json.loads(marker.read_text()) if marker.is_file() else None
-
-
-def mark_finished(stage_dir: Path, record: dict) -> None:
-    if dist.is_main():
-        write_atomic(stage_dir / MARKER, json.dumps(record, indent=1))
-    dist.barrier()
-
-
-def resumable(stage_cfg, stage_dir: Path):
-    """The stage's config with its run directory set, resuming when a checkpoint is there."""
-    has_ckpt = checkpoint.latest(stage_dir / "checkpoints") is not None
-    return replace(stage_cfg, run=replace(stage_cfg.run, output_dir=str(stage_dir),
-                                          resume=stage_cfg.run.resume or has_ckpt))
-
-
-def positive_tone(prompts: list, completions: list[str], **columns) -> list[float]:
-    """Gold reward of the built-in sentiment task: VADER compound sentiment in [-1, 1]."""
-    from tether.data.tasks.sentiment import sentiment_score
-
-    return [sentiment_score(c) for c in completions]
-
-
-def builtin_ppo_prompts(root: Path, train_pairs: Path | None = None) -> tuple[Path, Path]:
-    """PPO prompt files for the built-in task: the distinct prompts of the RM's training pairs
-    (in file order; without `train_pairs` those of the shipped set of `tether dpo`), and the
-    held-out prompts of the generation eval (`tether eval`'s, which no pair has)."""
-    from tether.data.tasks.sentiment import heldout_prompts, split_prompts
-
-    rows = [json.loads(line) for line in train_pairs.read_text(encoding="utf-8").splitlines()] \
-        if train_pairs else split_prompts()[0]
-    seen, train = set(), []
-    for row in rows:
-        key = json.dumps(row["prompt"], sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            train.append({"prompt": row["prompt"], "group": row.get("group")})
-    paths = root / "ppo_prompts.jsonl", root / "ppo_prompts_heldout.jsonl"
-    if dist.is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        for path, rows in zip(paths, (train, heldout_prompts())):
-            write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-    dist.barrier()
-    return paths
 
 
 def stage_configs(cfg: RLHFConfig, dirs: dict[str, Path]) -> dict:
@@ -107,7 +58,8 @@ def stage_configs(cfg: RLHFConfig, dirs: dict[str, Path]) -> dict:
         train, held = builtin_ppo_prompts(Path(cfg.pipeline.output_dir), Path(rm_cfg.data.path))
         data = replace(data, path=str(train), eval_path=str(held))
         if pc.rewards is None:  # the gold reward beside the proxy, weight 0: logged only
-            pc = replace(pc, rewards=[f"{__name__}:positive_tone"], reward_weights=[0.0])
+            pc = replace(pc, rewards=[f"{positive_tone.__module__}:positive_tone"],
+                         reward_weights=[0.0])
         # and as `rewards.gold`: gold/mean beside reward/mean, watched for reward hacking
         rewards = replace(rewards, gold=rewards.gold or "sentiment")
     ppo_cfg = replace(cfg.ppo, data=data, ppo=pc, rewards=rewards, model=replace(

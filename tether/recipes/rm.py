@@ -32,13 +32,12 @@ from tether.engine import checkpoint, dist
 from tether.engine.interrupt import TrainingSteps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import freeze_trunk, load_reward_model, load_tokenizer, unwrap
-from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
-                                   step_items, train_step)
+from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, check_batch_sizes,
+                                   resolve_precision, step_items, train_step)
 from tether.errors import ConfigError, DataError
 from tether.eval.report import finish_run
 from tether.losses import bradley_terry_loss
-from tether.recipes.prefs import build as build_prefs
-from tether.recipes.sft import check_batch_sizes
+from tether.recipes.preference_set import build as build_prefs
 
 ECE_BINS = 5
 

@@ -23,8 +23,8 @@ from tether.engine.interrupt import TrainingSteps
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import MetricsLogger, peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer
-from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, resolve_precision,
-                                   step_items, train_step)
+from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, check_batch_sizes,
+                                   resolve_precision, step_items, train_step)
 from tether.errors import ConfigError
 from tether.eval.report import finish_run
 from tether.losses import nll_loss
@@ -36,16 +36,6 @@ def sft_loss(policy: CausalLMLogps, batch: Batch) -> tuple[torch.Tensor, dict]:
         else batch.attention_mask
     token_logps = policy(batch.input_ids, mask, batch.position_ids)  # (B, T)
     return nll_loss(token_logps, batch.loss_mask)
-
-
-def check_batch_sizes(cfg: SFTConfig) -> int:
-    """Micro-batches per rank per step; the global batch must split evenly."""
-    world, tc = dist.world_size(), cfg.train
-    if tc.batch_size % (tc.micro_batch_size * world):
-        raise ConfigError(
-            f"train.batch_size ({tc.batch_size}) must be a multiple of train.micro_batch_size "
-            f"({tc.micro_batch_size}) x world size ({world})")
-    return tc.batch_size // (tc.micro_batch_size * world)
 
 
 @torch.no_grad()

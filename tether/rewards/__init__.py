@@ -10,7 +10,6 @@ functions through `call_reward`, which checks what comes back (`check_scores`).
 from tether.rewards.base import (GroupedRewards, RewardError, RewardFn, RewardScores, WeightedSum,
                                  builtin_rewards, call_reward, check_scores, load_python_reward,
                                  load_reward, load_rewards, reward_name)
-from tether.rewards.judge import JudgeReward, judge_cost, judge_metrics
 from tether.rewards.model import RewardModelScorer
 from tether.rewards.process import ProcessRewardScorer, ProcessScores, aggregate_steps
 from tether.rewards.verifiers import (ArithmeticVerifier, FormatReward, SentimentReward,
@@ -20,7 +19,6 @@ __all__ = [
     "ArithmeticVerifier",
     "FormatReward",
     "GroupedRewards",
-    "JudgeReward",
     "ProcessRewardScorer",
     "ProcessScores",
     "RewardError",
@@ -35,8 +33,6 @@ __all__ = [
     "builtin_rewards",
     "call_reward",
     "check_scores",
-    "judge_cost",
-    "judge_metrics",
     "load_python_reward",
     "load_reward",
     "load_rewards",

@@ -8,10 +8,9 @@ import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from tether.errors import ConfigError, RewardError, TetherError
-from tether.rewards.judge import JudgeReward
 from tether.rewards.verifiers import (ArithmeticVerifier, FormatReward, SentimentReward,
                                      TerseReward, WorkedFormatReward)
 
@@ -99,17 +98,21 @@ def builtin_rewards() -> dict[str, type]:
             "terse": TerseReward, "worked": WorkedFormatReward}
 
 
-def load_reward(name: str, *, judge=None, device=None) -> RewardFn:
+def load_reward(name: str, *, judge: Callable[[], RewardFn] | None = None) -> RewardFn:
     """A reward function named in config: a built-in name (`builtin_rewards()`: "arithmetic",
-    "format", "sentiment", "terse", "worked"), "judge" (a `JudgeReward` loaded from `judge`, the
-    recipe's `tether.config.JudgeParams`, on `device`), a reward-model directory (one with
+    "format", "sentiment", "terse", "worked"), "judge" (`judge()`: the AI judge a recipe that
+    offers it passes, e.g. `partial(tether.judge.JudgeReward, params, device=device)`), a
+    reward-model directory (one with
     config.json, e.g. the RUN_DIR/reward_model that `tether rm` writes: a `RewardModelScorer`),
     or "module:function" (imported now, only because it is named)."""
     builtin = builtin_rewards()
     if name in builtin:
         return builtin[name]()
     if name == "judge":
-        return JudgeReward(judge, device=device)
+        if judge is None:
+            raise RewardError("the reward 'judge' (the AI judge) is offered by grpo.rewards and "
+                              "ppo.rewards only (docs/rlaif.md)")
+        return judge()
     if Path(name).is_dir():  # a directory that is not a model is an error naming it
         from tether.rewards.model import RewardModelScorer
 
@@ -124,8 +127,8 @@ def load_reward(name: str, *, judge=None, device=None) -> RewardFn:
     return load_python_reward(name)
 
 
-def load_rewards(names: list[str], weights: list[float] | None, *, section: str, judge=None,
-                 device=None) -> list[tuple[str, RewardFn, float]]:
+def load_rewards(names: list[str], weights: list[float] | None, *, section: str,
+                 judge: Callable[[], RewardFn] | None = None) -> list[tuple[str, RewardFn, float]]:
     """[(logged name, function, weight)] of a recipe's `<section>.rewards` and
     `<section>.reward_weights` (None: all 1); a weight count that does not match is an error
     naming both keys."""
@@ -133,7 +136,7 @@ def load_rewards(names: list[str], weights: list[float] | None, *, section: str,
     if len(weights) != len(names):
         raise ConfigError(f"{section}.reward_weights has {len(weights)} entries for "
                           f"{len(names)} {section}.rewards")
-    return [(reward_name(name), load_reward(name, judge=judge, device=device), w)
+    return [(reward_name(name), load_reward(name, judge=judge), w)
             for name, w in zip(names, weights)]
 
 

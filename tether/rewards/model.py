@@ -39,7 +39,7 @@ class RewardModelScorer:
 
     def encode(self, prompt, completion: str):
         from tether.data.preference import join, preference_texts
-        from tether.data.formats import _ids
+        from tether.data.formats import text_ids
 
         where = {"source": "reward model input"}
         if isinstance(prompt, list):
@@ -47,8 +47,8 @@ class RewardModelScorer:
         else:
             row = {"prompt": prompt, "completion": completion}
         prompt_text, texts = preference_texts(row, self.tokenizer, where)
-        prompt_ids = _ids(self.tokenizer, prompt_text) if prompt_text else []
-        return join(prompt_ids, _ids(self.tokenizer, texts["completion"]),
+        prompt_ids = text_ids(self.tokenizer, prompt_text) if prompt_text else []
+        return join(prompt_ids, text_ids(self.tokenizer, texts["completion"]),
                     max_length=self.max_length, truncation=True, where=where, field="completion")
 
     @torch.no_grad()

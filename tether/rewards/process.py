@@ -95,11 +95,12 @@ class ProcessRewardScorer:
     def encode(self, prompt, steps: list[str]) -> tuple[list[int], list[int]]:
         """(ids, step score positions) as in training; steps that do not fit in max_length are
         dropped from the end (they get no score)."""
-        from tether.data.formats import _ids
+        from tether.data.formats import text_ids
         from tether.data.stepwise import join_steps, prompt_ids
 
         ids, positions = join_steps(prompt_ids(prompt, self.tokenizer, {"source": "PRM input"}),
-                                    [_ids(self.tokenizer, s) for s in steps], self.separator_ids)
+                                    [text_ids(self.tokenizer, s) for s in steps],
+                                    self.separator_ids)
         keep = sum(p < self.max_length for p in positions)
         return (ids[:positions[keep - 1] + 1] if keep else ids[:self.max_length],
                 positions[:keep])

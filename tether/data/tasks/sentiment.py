@@ -2,10 +2,11 @@
 
 Prompts (written here) ask for a short review, note or message about an everyday thing ("Write
 a short review of the bus ride to work."). The completions in the shipped preference set were
-sampled from the default model (SmolLM2-135M-Instruct) by `build_sentiment_prefs.py`; for each
-prompt the sample with the highest VADER compound sentiment is `chosen` and the one with the
-lowest `rejected`. The target is a positive tone; the ground truth is VADER's lexicon
-(Hutto & Gilbert 2014, the `vaderSentiment` package, which ships its lexicon: no network).
+sampled from the default model (SmolLM2-135M-Instruct) by scripts/build_sentiment_prefs.py (a
+maintainer's script outside the package); for each prompt the sample with the highest VADER
+compound sentiment is `chosen` and the one with the lowest `rejected`. The target is a positive
+tone; the ground truth is VADER's lexicon (Hutto & Gilbert 2014, the `vaderSentiment` package,
+which ships its lexicon: no network).
 
 The prompts are split once (seeded) into training prompts, whose pairs are shipped, and
 held-out prompts, on which `tether dpo` scores the policy's own completions before and after

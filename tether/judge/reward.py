@@ -1,12 +1,16 @@
 """The AI judge as an online reward (`rewards: [judge]` in grpo / ppo; docs/rlaif.md): each
 completion's P(Yes) that it follows a principle, read from a local causal LM by
-`tether.judge.Judge.score` (the Yes / No next-token log-probs, renormalised over the two)."""
+`tether.judge.Judge.score` (the Yes / No next-token log-probs, renormalised over the two).
+
+The reward loader sits below the judge and does not import it: a recipe that offers "judge"
+hands `tether.rewards.load_reward` a factory, `partial(JudgeReward, params, device=device)`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tether.judge import DEFAULT_POINTWISE_PRINCIPLE, Judge
+from tether.judge.judge import Judge
+from tether.judge.prompts import DEFAULT_POINTWISE_PRINCIPLE
 
 
 class JudgeReward:

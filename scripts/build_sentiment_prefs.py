@@ -1,6 +1,9 @@
 """Build the shipped sentiment preference set (run once by a maintainer; runs never sample).
 
-    python -m tether.data.tasks.build_sentiment_prefs            # writes data/sentiment_prefs.jsonl
+    python scripts/build_sentiment_prefs.py   # writes tether/data/tasks/data/sentiment_prefs.jsonl
+
+A maintainer's script, outside the package: it samples with the engine, which the data room
+sits below.
 
 For every training prompt of `tether.data.tasks.sentiment` (240 of the 288; the 48 held-out
 prompts are never sampled here) it samples `--samples` completions (default 4) from the default

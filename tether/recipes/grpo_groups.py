@@ -5,12 +5,14 @@ reward functions (`grpo.group_rewards`), per-group metrics, and the fairness mod
 Not to be confused with GRPO's sample groups (the G completions of one prompt, which the
 advantages compare): a user group is a set of prompts, and its rows are all the samples of them.
 The maths is pure (`tether.advantages.group_dro_weights`, `sequence_group_weights`); this module
-keeps the weights between steps, sums over ranks and names the metrics.
+keeps the weights between steps, sums over ranks and names the metrics. A helper of `tether grpo`
+(recipes/grpo.py) only: GRPO's algorithm, so it sits beside its recipe, not in engine/.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
@@ -20,6 +22,7 @@ from tether.data.tasks import segments
 from tether.engine import dist
 from tether.errors import ConfigError
 from tether.losses import kl_penalty
+from tether.judge.reward import JudgeReward
 from tether.rewards import GroupedRewards, WeightedSum, load_reward, reward_name
 
 FAIRNESS = ("none", "dro", "dro_gain")
@@ -86,7 +89,7 @@ class UserGroups:
                     raise ConfigError(f"grpo.group_rewards.{group}: '{spec}' and '{specs[name]}' "
                                       f"would both be logged as reward/{name}; rename one")
                 if name not in functions:
-                    functions[name] = load_reward(spec, judge=gc_.judge)  # grpo.judge's judge
+                    functions[name] = load_reward(spec, judge=partial(JudgeReward, gc_.judge))
             per_group[group] = {reward_name(s): float(x) for s, x in zip(group_specs, w)}
         fallback = {name: w for name, _, w in default.components}
         if set(self.names) <= set(table):  # every group has its own: grpo.rewards goes unused

@@ -1,4 +1,4 @@
-"""User groups' fairness weights step by step (`tether.engine.user_groups.UserGroups`)."""
+"""User groups' fairness weights step by step (`tether.recipes.grpo_groups.UserGroups`)."""
 
 import math
 
@@ -7,8 +7,8 @@ import torch
 
 from tether.config import GRPOParams
 from tether.data.prompts import PromptExample
-from tether.engine.user_groups import UserGroups
 from tether.errors import ConfigError
+from tether.recipes.grpo_groups import UserGroups
 from tether.rewards import WeightedSum
 
 
