@@ -92,3 +92,39 @@ def test_explicit_clip_range_overrides_the_variants():
     wider, _ = grpo_loss(logps, old, t(1.0), mask, variant="dapo", eps_high=0.6)
     assert default.item() == pytest.approx(-1.28) and m["clipfrac_high"] == 1.0
     assert wider.item() == pytest.approx(-1.5)
+
+
+def _cispo_case():
+    """The worked example of `cispo_surrogate`'s docstring: r = [1.5, 0.5, 1.0], A = 2."""
+    old = t([-1.0, -1.0, -2.0, 0.0])
+    logps = old + t([math.log(1.5), math.log(0.5), 0.0, 0.0])
+    logps[0, 3] = 30.0  # padding: must not matter
+    mask = torch.tensor([[True, True, True, False]])
+    return logps.requires_grad_(), old, t(2.0), mask
+
+
+def test_cispo_hand_value():
+    """cispo_surrogate's docstring: w = [1.28, 0.5, 1.0]; loss_t = -w * 2 * logps =
+    [1.5220093, 1.6931472, 4.0]; token mean 7.2151565 / 3 = 2.4050522; clipfrac_high 1/3."""
+    from tether.losses import cispo_surrogate
+
+    logps, old, adv, mask = _cispo_case()
+    per_token, m = cispo_surrogate(logps, old, adv, mask)
+    assert_close(per_token, t([1.5220093, 1.6931472, 4.0, 0.0]), rtol=1e-7, atol=0)
+    assert m["clipfrac_high"] == pytest.approx(1 / 3) and m["clipfrac_low"] == 0.0
+    numerator, out = grpo_loss(logps, old, adv, mask, variant="cispo")
+    assert numerator.item() / out["_tokens"] == pytest.approx(2.4050522, rel=1e-7)
+    assert GRPO_VARIANTS["cispo"].aggregation == "token_mean"  # the paper's 1 / sum |o_i|
+
+
+def test_cispo_weight_is_stop_gradient():
+    """d(token mean) / d logps_t = -clip(r_t) * A / N: [-1.28, -0.5, -1.0] * 2 / 3 =
+    [-0.8533333, -0.3333333, -0.6666667], 0 on padding. The clipped token (r = 1.5 > 1.28)
+    keeps its gradient, unlike PPO's clip, and nothing flows through the weight (which would add
+    -A * logps_t * d w_t / d logps_t = -2 * -1.6931472 * 0.5 / 3 at token 1)."""
+    logps, old, adv, mask = _cispo_case()
+    numerator, out = grpo_loss(logps, old, adv, mask, variant="cispo")
+    (numerator / out["_tokens"]).backward()
+    weight = t([1.28, 0.5, 1.0, 0.0])
+    assert_close(logps.grad, -weight * 2.0 / 3, rtol=1e-12, atol=0)
+    assert_close(logps.grad, t([-0.8533333, -0.3333333, -0.6666667, 0.0]), rtol=1e-6, atol=0)

@@ -25,10 +25,10 @@ from typing import Callable
 import torch
 
 from .kl import kl_penalty
-from .policy import clipped_surrogate, truncated_is_weight
-from .reduce import aggregate_sum, masked_sum
+from .policy import RATIO_LEVELS, clipped_surrogate, truncated_is_weight
+from .reduce import aggregate_sum, masked_mean, masked_sum
 
-__all__ = ["GRPOVariant", "GRPO_VARIANTS", "grpo_loss"]
+__all__ = ["GRPOVariant", "GRPO_VARIANTS", "cispo_surrogate", "grpo_loss"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,58 @@ class GRPOVariant:
     eps_low: float  # clip range [1 - eps_low, 1 + eps_high], its paper's values
     eps_high: float
     dynamic_sampling: bool  # drop groups whose G rewards are all equal
+
+
+def cispo_surrogate(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 1.0,
+    eps_high: float = 0.28,
+    level: str = "token",
+) -> tuple[torch.Tensor, dict]:
+    """CISPO, clipped IS-weight policy optimisation (MiniMax-M1, Chen et al. 2025,
+    arXiv 2506.13585, eqs. 4-5), per token:
+
+        w_t    = sg(clip(r_t, 1 - eps_low, 1 + eps_high)),   r_t = pi(y_t) / pi_old(y_t)
+        loss_t = -w_t * A * log pi(y_t)
+
+    Unlike PPO's clip, a token whose ratio leaves the range keeps its gradient (weighted by the
+    truncated, stop-gradient IS weight): d loss_t / d logps_t = -w_t A. The paper sets no lower
+    bound in practice ("setting eps_low to a large value") and tunes only eps_high; it states no
+    number, so the defaults are eps_low 1.0 (a floor of 0: none) and eps_high 0.28, those of
+    Trinity-RFT's CISPO. The paper aggregates by the token mean over the batch (1 / sum |o_i|)
+    with group-normalised advantages and no KL term: the row below.
+
+    Worked example (one sequence of 3 tokens + 1 padding token, A = 2, eps 1.0 / 0.28):
+        old = [-1, -1, -2],  r = [1.5, 0.5, 1.0]  ->  logps = old + log r
+            = [-1 + 0.4054651, -1 - 0.6931472, -2] = [-0.5945349, -1.6931472, -2]
+        w   = [min(1.5, 1.28), 0.5, 1.0] = [1.28, 0.5, 1.0]   (no lower clip)
+        loss_t = -w * 2 * logps = [1.5220093, 1.6931472, 4.0];  padding 0
+        token mean = 7.2151565 / 3 = 2.4050522;  gradient of the mean: -w * 2 / 3
+            = [-0.8533333, -0.3333333, -0.6666667]
+        clipfrac_high = 1/3 (r > 1.28), clipfrac_low = 0
+
+    Shapes and metrics as `clipped_surrogate` (level picks the ratio inside w; the paper's is
+    per token); clipfrac_low / clipfrac_high count masked tokens whose weight was truncated
+    below / above whatever the sign of A (the gradient is never dropped).
+    """
+    old_logps = old_logps.detach()
+    adv = advantages.detach()
+    adv = adv[:, None].expand_as(logps) if adv.dim() == 1 else adv  # (B, T)
+    r = torch.exp(RATIO_LEVELS[level](logps.detach(), old_logps, mask))  # (B, T) no grad
+    weight = r.clamp(1.0 - eps_low, 1.0 + eps_high)  # (B, T)
+    loss = torch.where(mask, -weight * adv * logps, torch.zeros_like(logps))  # (B, T)
+    log_r = torch.where(mask, logps.detach() - old_logps, torch.zeros_like(logps))  # (B, T)
+    metrics = {
+        "clipfrac_low": masked_mean((r < 1.0 - eps_low).float(), mask).item(),
+        "clipfrac_high": masked_mean((r > 1.0 + eps_high).float(), mask).item(),
+        "approx_kl": masked_mean(torch.expm1(log_r) - log_r, mask).item(),
+        "ratio_mean": masked_mean(r, mask).item(),
+    }
+    return loss, metrics
 
 
 GRPO_VARIANTS: dict[str, GRPOVariant] = {
@@ -58,6 +110,8 @@ GRPO_VARIANTS: dict[str, GRPOVariant] = {
                         False),
     # Ahmadian et al. 2024 ("Back to Basics"): leave-one-out baseline, no std division
     "rloo": GRPOVariant(clipped_surrogate, "rloo", "sequence_mean", "token", 0.2, 0.2, False),
+    # Chen et al. 2025 (MiniMax-M1, CISPO): clipped stop-gradient IS weight, token mean, no floor
+    "cispo": GRPOVariant(cispo_surrogate, "group", "token_mean", "token", 1.0, 0.28, False),
 }
 
 
@@ -81,8 +135,8 @@ def grpo_loss(
 
         loss_t = w_t * surrogate_t + beta * k3_t
 
-    surrogate_t is the variant's (`clipped_surrogate` for grpo, dr_grpo, dapo, gspo, rloo) with
-    clip range eps_low / eps_high (None: the variant's own); k3_t = KL estimate to the reference,
+    surrogate_t is the variant's (`clipped_surrogate`, or its row's own) with clip range
+    eps_low / eps_high (None: the variant's own); k3_t = KL estimate to the reference,
     added only when `ref_logps` is given; w_t = min(pi_old / mu, tis_cap) the truncated IS weight
     against another engine's sampler when `sampler_logps` and `tis_cap` are both given (else 1).
 
