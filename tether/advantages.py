@@ -129,6 +129,21 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped - others).reshape(-1)
 
 
+def group_centered_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025): A_i = r_i - mean_g, no std division. (B,) -> (B,)"""
+    return group_advantages(rewards, group_size, scale="none")
+
+
+# The estimators the GRPO variants name (`tether.losses.GRPO_VARIANTS[...].advantages`):
+# rewards (B,), group size G -> advantages (B,). Keyed by name because losses/ sits below this
+# module and cannot import these functions itself.
+GROUP_ADVANTAGES = {
+    "group": group_advantages,  # (r_i - mean_g) / (std_g + eps): GRPO
+    "group_centered": group_centered_advantages,  # r_i - mean_g: Dr. GRPO
+    "rloo": rloo_advantages,  # r_i - mean of the other G - 1: RLOO
+}
+
+
 def reinforce_pp_advantages(
     rewards: torch.Tensor,
     mask: torch.Tensor,

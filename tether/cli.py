@@ -23,6 +23,23 @@ class Recipe:
     summary: str
     config: Callable[[], type]
     run: Callable[[], Callable]
+    variants: Callable[[], list[str]] | None = None  # its registry's names, read when shown
+
+    def describe(self) -> str:
+        return self.summary if self.variants is None else \
+            f"{self.summary}: {', '.join(self.variants())}"
+
+
+def _preference_losses() -> list[str]:
+    from tether.config import preference_loss_names
+
+    return preference_loss_names()
+
+
+def _grpo_variants() -> list[str]:
+    from tether.config import grpo_variant_names
+
+    return grpo_variant_names()
 
 
 def _sft_config():
@@ -172,8 +189,7 @@ def _goodhart_run():
 RECIPES: dict[str, Recipe] = {
     "sft": Recipe("supervised fine-tuning on demonstrations (prompt-completion, messages, text)",
                   _sft_config, _sft_run),
-    "dpo": Recipe("direct preference optimisation: dpo, cdpo, robust, ipo, hinge, simpo, orpo, kto",
-                  _dpo_config, _dpo_run),
+    "dpo": Recipe("direct preference optimisation", _dpo_config, _dpo_run, _preference_losses),
     "prefs": Recipe("build a preference set: sample a model, order each pair by a gold reward",
                     _prefs_config, _prefs_run),
     "label": Recipe("label preference pairs with a local AI judge (RLAIF): labels.jsonl, soft p",
@@ -189,8 +205,8 @@ RECIPES: dict[str, Recipe] = {
     "cai": Recipe("Constitutional AI: critique -> revision -> SFT, then judge-labelled pairs -> "
                   "DPO (or RM -> PPO), then tether eval; each stage resumable",
                   _cai_config, _cai_run),
-    "grpo": Recipe("group-relative RL with reward functions: grpo, dr_grpo, dapo, gspo, rloo",
-                   _grpo_config, _grpo_run),
+    "grpo": Recipe("group-relative RL with reward functions", _grpo_config, _grpo_run,
+                   _grpo_variants),
     "goodhart": Recipe("reward-model over-optimisation: best-of-n and GRPO vs a small proxy RM, "
                        "gold and proxy over sqrt(KL), fits",
                        _goodhart_config, _goodhart_run),
@@ -234,7 +250,7 @@ Config keys and data formats: docs/config.md, docs/data.md. Metrics: docs/metric
 
 def usage() -> str:
     width = max(len(n) for n in RECIPES)
-    lines = [f"  {name.ljust(width)}  {r.summary}" for name, r in RECIPES.items()]
+    lines = [f"  {name.ljust(width)}  {r.describe()}" for name, r in RECIPES.items()]
     return USAGE.format(recipes="\n".join(lines))
 
 
@@ -266,16 +282,18 @@ def cmd_recipe(name: str, args: list[str]) -> int:
 
 
 def cmd_keys(args: list[str]) -> int:
-    from tether.config import valid_keys
+    from tether.config import key_choices, valid_keys
 
     if len(args) != 1 or args[0] not in RECIPES:
         raise TetherError(f"usage: tether keys RECIPE (one of {', '.join(RECIPES)})")
     cfg = RECIPES[args[0]].config()()
+    choices = key_choices(type(cfg))
     for key in valid_keys(type(cfg)):
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        print(f"{key} = {value!r}")
+        names = f"  # one of {', '.join(choices[key])}" if key in choices else ""
+        print(f"{key} = {value!r}{names}")
     return 0
 
 
@@ -353,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if any(a in ("-h", "--help") for a in rest) and command in RECIPES:
-        print(f"tether {command}: {RECIPES[command].summary}\n"
+        print(f"tether {command}: {RECIPES[command].describe()}\n"
               f"keys: `tether keys {command}`; see docs/config.md")
         return 0
     try:

@@ -173,16 +173,17 @@ class SFTConfig:
 @dataclass
 class PreferenceConfig:
     """The `dpo` section: which preference loss and its coefficients (docs/dpo.md)."""
-    loss: str = "dpo"  # dpo | cdpo | robust | ipo | hinge | simpo | orpo | kto
-    beta: float = 0.1  # DPO/cDPO/robust/hinge/KTO beta; IPO tau; SimPO beta (paper: 2.0-2.5)
+    loss: str = "dpo"  # a name of tether.losses.PREFERENCE_LOSSES (`tether keys dpo` lists them)
+    # the coefficients below: null = the chosen loss's own (paper) default, its registry row
+    beta: float | None = None  # DPO/cDPO/robust/hinge/KTO beta (0.1); IPO tau; SimPO beta (2.0)
     label_smoothing: float = 0.0  # cdpo / robust: assumed label-flip probability (cdpo needs > 0)
     # row field holding P(chosen is better) in [0.5, 1] (`tether label` writes "p"): per-pair cDPO
     # smoothing 1 - p in place of label_smoothing (dpo.loss dpo or cdpo); null = hard labels
     soft_label_key: str | None = None
-    simpo_gamma: float = 0.5  # SimPO target margin gamma (the paper's gamma, not gamma / beta)
-    orpo_lambda: float = 0.1  # ORPO weight of the odds-ratio term added to the chosen NLL
-    kto_desirable_weight: float = 1.0
-    kto_undesirable_weight: float = 1.0
+    simpo_gamma: float | None = None  # SimPO target margin gamma (the paper's, not gamma / beta)
+    orpo_lambda: float | None = None  # ORPO weight of the odds-ratio term added to the chosen NLL
+    kto_desirable_weight: float | None = None
+    kto_undesirable_weight: float | None = None
     group_robust: bool = False  # weight each pair's loss by its group's weight (GRPO of Ramesh 2024)
     group_step_size: float = 0.01  # exponentiated-gradient step of the group weights
     ref_model: str | None = None  # reference model directory; None = the policy's initial weights
@@ -382,7 +383,7 @@ class RLHFConfig:
 @dataclass
 class GRPOParams:
     """The `grpo` section: group sampling, the loss variant and the rewards (docs/grpo.md)."""
-    loss_type: str = "grpo"  # grpo | dr_grpo | dapo | gspo | rloo
+    loss_type: str = "grpo"  # a name of tether.losses.GRPO_VARIANTS (`tether keys grpo` lists them)
     group_size: int = 8  # G completions sampled per prompt
     prompts_per_step: int = 4  # prompts per step (all ranks); a step trains on prompts x G rows
     max_new_tokens: int = 32
@@ -551,6 +552,7 @@ def _build(cls: type, values: dict, prefix: str):
         elif f.name in values:
             kwargs[f.name] = _coerce(values[f.name], hint, f"{prefix}{f.name}")
             _check_limit(cls, f.name, kwargs[f.name], f"{prefix}{f.name}")
+            _check_choice(cls, f.name, kwargs[f.name], f"{prefix}{f.name}")
     return cls(**kwargs)
 
 
@@ -571,6 +573,48 @@ _LIMITS = {
     LoraConfig: {"r": _NON_NEGATIVE, "alpha": _POSITIVE, "dropout": _BELOW_ONE},
     PreferenceConfig: {"beta": _POSITIVE, "label_smoothing": _BELOW_ONE},
 }
+
+
+def preference_loss_names() -> list[str]:
+    from tether.losses import PREFERENCE_LOSSES  # imports torch: only when a name is checked
+
+    return list(PREFERENCE_LOSSES)
+
+
+def grpo_variant_names() -> list[str]:
+    from tether.losses import GRPO_VARIANTS
+
+    return list(GRPO_VARIANTS)
+
+
+# keys whose value names a row of a registry in tether.losses: checked at load
+_CHOICES = {PreferenceConfig: {"loss": preference_loss_names},
+            GRPOParams: {"loss_type": grpo_variant_names}}
+
+
+def choice_error(key: str, value: Any, names: list[str]) -> ConfigError:
+    """`key` must name one of `names`: the error lists them and names the nearest."""
+    nearest = difflib.get_close_matches(str(value), names, n=1, cutoff=0.0)
+    hint = f"; did you mean '{nearest[0]}'?" if nearest else ""
+    return ConfigError(f"{key} must be one of {', '.join(names)}, got '{value}'{hint}")
+
+
+def key_choices(cls: type, prefix: str = "") -> dict[str, list[str]]:
+    """{dotted key: the names it may take} for the keys of `cls` that name a registry row."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            out.update(key_choices(hint, f"{prefix}{f.name}."))
+        elif f.name in _CHOICES.get(cls, {}):
+            out[f"{prefix}{f.name}"] = _CHOICES[cls][f.name]()
+    return out
+
+
+def _check_choice(cls: type, name: str, value: Any, key: str) -> None:
+    names = _CHOICES.get(cls, {}).get(name)
+    if names is not None and value not in names():
+        raise choice_error(key, value, names())
 
 
 def _check_limit(cls: type, name: str, value: Any, key: str) -> None:

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from tether.losses import (
-    PAIRED_LOSSES,
+    PREFERENCE_LOSSES,
     dpo_loss,
     group_robust_weights,
     hinge_loss,
@@ -142,21 +142,24 @@ def test_log1mexp_hand_values():
 def test_orpo_hand_value():
     """c = log 0.5: odds = 0.5 / 0.5 = 1, log odds 0.  r = log 0.2: odds = 0.2 / 0.8 = 0.25,
     log odds = -log 4 = -1.386294.  log-odds ratio = 1.386294 = log 4;
-    -log sigmoid(log 4) = log(1 + 1/4) = 0.223144; times lam = 0.1: 0.0223144."""
+    -log sigmoid(log 4) = log(1 + 1/4) = 0.223144; times lam = 0.1: 0.0223144.
+    Plus the chosen NLL -c = log 2 = 0.693147: loss 0.7154616."""
     loss, m = orpo_loss(t(math.log(0.5)), t(math.log(0.2)), lam=0.1)
-    assert_close(loss, t(0.0223144), atol=1e-7, rtol=0)
+    assert_close(loss, t(0.7154616), atol=1e-7, rtol=0)
+    assert m["nll/chosen"] == pytest.approx(math.log(2))
     assert m["log_odds_ratio"] == pytest.approx(math.log(4))
     assert m["log_odds_chosen"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_orpo_finite_near_zero_logp():
     """c = -1e-6 (float32): log odds(c) ~ -log(1e-6) = 13.8155; r = log 0.5 has log odds 0;
-    loss = 0.1 * softplus(-13.8155) ~ 0.1 * 1e-6 = 1e-7. Value and gradient must be finite."""
+    odds-ratio term = 0.1 * softplus(-13.8155) ~ 0.1 * 1e-6 = 1e-7; plus the NLL -c = 1e-6:
+    1.1e-6. Value and gradient must be finite."""
     c = torch.tensor([-1e-6], requires_grad=True)
     loss, _ = orpo_loss(c, torch.tensor([math.log(0.5)]), lam=0.1)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(c.grad).all()
-    assert loss.item() == pytest.approx(1e-7, rel=1e-3)
+    assert loss.item() == pytest.approx(1.1e-6, rel=1e-3)
 
 
 def test_kto_hand_value():
@@ -198,11 +201,20 @@ def test_group_robust_weights_no_overflow():
     assert_close(w, t(0.268941, 0.731059), atol=1e-6, rtol=0)
 
 
-def test_paired_losses_registry():
-    """Every registered name maps to a function with the shared paired signature;
-    'cdpo' is DPO with label smoothing."""
-    assert set(PAIRED_LOSSES) == {"dpo", "cdpo", "robust", "ipo", "hinge"}
-    assert PAIRED_LOSSES["cdpo"] is dpo_loss
-    for fn in PAIRED_LOSSES.values():
-        loss, m = fn(*PAIR, beta=0.1)
+def test_preference_registry():
+    """Every reference-based paired row takes (pc, pr, rc, rr, *, beta): on PAIR, beta h = 0.15
+    gives margin 0.15 for all; 'cdpo' is DPO with label smoothing; SimPO's beta defaults to its
+    paper's 2.0, every other beta to 0.1; an explicit value wins."""
+    from tether.losses import preference_coefficients
+
+    paired = {n for n, r in PREFERENCE_LOSSES.items() if r.reference and r.paired}
+    assert paired == {"dpo", "cdpo", "robust", "ipo", "hinge", "kto"} - {"kto"}
+    assert PREFERENCE_LOSSES["cdpo"].fn is dpo_loss
+    for name in paired:
+        loss, m = PREFERENCE_LOSSES[name].fn(*PAIR, beta=0.1)
         assert loss.shape == (1,) and m["rewards/margin"] == pytest.approx(0.15)
+    assert {n for n, r in PREFERENCE_LOSSES.items() if not r.reference} == {"simpo", "orpo"}
+    assert preference_coefficients("simpo", {}) == {"beta": 2.0, "gamma": 0.5}
+    assert preference_coefficients("dpo", {"beta": None}) == {"beta": 0.1}
+    assert preference_coefficients("simpo", {"beta": 2.5}) == {"beta": 2.5, "gamma": 0.5}
+    assert preference_coefficients("orpo", {"beta": 0.3}) == {"lam": 0.1}  # beta not orpo's

@@ -357,6 +357,20 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, monkeypatch):
         assert cut[step] == full[step], (step, cut[step], full[step])
 
 
+def test_unset_beta_takes_the_losses_own_default():
+    """dpo.beta unset: SimPO trains at its paper's beta 2.0 (gamma 0.5), DPO at 0.1; an explicit
+    beta wins; the other coefficients of a loss are untouched by beta."""
+    objective = lambda *o: dpo.build_objective(load_config(DPOConfig, None, list(o)).dpo)  # noqa: E731
+    assert objective("--dpo.loss=simpo").coefficients == {"beta": 2.0, "gamma": 0.5}
+    assert objective("--dpo.loss=dpo").coefficients == {"beta": 0.1}
+    assert objective().coefficients == {"beta": 0.1}
+    assert objective("--dpo.loss=simpo", "--dpo.beta=2.5").coefficients == {"beta": 2.5,
+                                                                            "gamma": 0.5}
+    assert objective("--dpo.loss=kto", "--dpo.beta=0.3").coefficients == {
+        "beta": 0.3, "desirable_weight": 1.0, "undesirable_weight": 1.0}
+    assert objective("--dpo.loss=simpo").summary == "simpo, beta=2, gamma=0.5"
+
+
 def test_bad_loss_name_is_config_error(tiny_model_dir, tmp_path):
     from tether.errors import ConfigError
 

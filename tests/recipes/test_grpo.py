@@ -163,7 +163,7 @@ def test_zero_advantage_rows_leave_no_gradient(peaked_model_dir, default_tokeniz
 
         def grads(batches):
             policy.zero_grad()
-            accumulate_gradients(policy, batches, loss_fn=partial(grpo.grpo_loss, obj=obj),
+            accumulate_gradients(policy, batches, loss_fn=partial(grpo.micro_batch_loss, obj=obj),
                                  count_units=partial(grpo.count_units, obj),
                                  device=torch.device("cpu"), precision="fp32")
             return [p.grad.clone() for p in policy.parameters()]

@@ -1,9 +1,16 @@
-"""Pure loss functions: tensors and keyword floats in, (loss, metrics) out. Imports torch only."""
+"""Pure loss functions: tensors and keyword floats in, (loss, metrics) out. Imports torch only.
 
+Each variant is registered once: `PREFERENCE_LOSSES` (preference.py) and `GRPO_VARIANTS`
+(grpo.py, whose public names are re-exported from its `__all__`, so a new variant's function
+needs no line here)."""
+
+from . import grpo as _grpo
+from .grpo import *  # noqa: F403
 from .kl import KL_ESTIMATORS, adaptive_kl_coef, kl_penalty
 from .policy import RATIO_LEVELS, clipped_surrogate, truncated_is_weight, value_loss
 from .preference import (
-    PAIRED_LOSSES,
+    PREFERENCE_LOSSES,
+    PreferenceLoss,
     dpo_loss,
     group_robust_weights,
     hinge_loss,
@@ -11,6 +18,7 @@ from .preference import (
     kto_loss,
     log1mexp,
     orpo_loss,
+    preference_coefficients,
     robust_dpo_loss,
     simpo_loss,
 )
@@ -19,9 +27,11 @@ from .reward import bradley_terry_loss, process_reward_loss
 from .sft import nll_loss
 
 __all__ = [
+    *_grpo.__all__,
     "AGGREGATIONS",
     "KL_ESTIMATORS",
-    "PAIRED_LOSSES",
+    "PREFERENCE_LOSSES",
+    "PreferenceLoss",
     "RATIO_LEVELS",
     "adaptive_kl_coef",
     "aggregate",
@@ -39,6 +49,7 @@ __all__ = [
     "masked_sum",
     "nll_loss",
     "orpo_loss",
+    "preference_coefficients",
     "process_reward_loss",
     "robust_dpo_loss",
     "simpo_loss",

@@ -1,6 +1,11 @@
-"""Direct preference losses (DPO family, SimPO, ORPO, KTO) and group-robust weights.
+"""Direct preference losses (DPO family, SimPO, ORPO, KTO), their registry, and group-robust
+weights.
 
-Pure: imports torch and math only. Log-prob arguments are (B,) tensors: `*_logps` are sums over
+Pure: imports torch and math only. Each loss is registered once in `PREFERENCE_LOSSES` with
+every fact about it (its function, which log-probs it reads, whether it needs a reference model,
+its coefficients and their paper defaults); the recipe, config validation, the CLI summary,
+`tether keys` and the docs table (docs/dpo.md, checked by tests/losses/test_registry.py) all
+read that one table, so a new loss is one function, one row and its test. Log-prob arguments are (B,) tensors: `*_logps` are sums over
 completion tokens, `*_avg_logps` per-token means. For the paired losses with a reference model,
 
     h = (pc - rc) - (pr - rr)
@@ -11,6 +16,8 @@ rewards/accuracy (mean of chosen reward > rejected reward), rewards/margin (mean
 """
 
 import math
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -154,21 +161,24 @@ def orpo_loss(
     *,
     lam: float = 0.1,
 ) -> tuple[torch.Tensor, dict]:
-    """Odds-ratio term of ORPO (Hong et al. 2024); the recipe adds the chosen NLL itself.
+    """ORPO (Hong et al. 2024): the chosen NLL per completion token plus the odds-ratio term.
 
         log_odds(p) = p - log(1 - exp(p))        (p an average log-prob)
-        loss = lam * -log sigmoid(log_odds(c) - log_odds(r))
+        loss = -c + lam * -log sigmoid(log_odds(c) - log_odds(r))
 
     log(1 - exp(p)) uses `log1mexp`, so the loss stays finite for p close to 0 (e.g. -1e-6).
     Implicit rewards are lam * c and lam * r (as TRL reports them); also reports
-    log_odds_ratio = mean(log_odds(c) - log_odds(r)) and log_odds_chosen = mean log_odds(c).
+    log_odds_ratio = mean(log_odds(c) - log_odds(r)), log_odds_chosen = mean log_odds(c) and
+    nll/chosen = mean -c.
     """
     c, r = policy_chosen_avg_logps, policy_rejected_avg_logps
     log_odds = (c - log1mexp(c)) - (r - log1mexp(r))  # (B,)
-    loss = -lam * F.logsigmoid(log_odds)
+    nll = -c  # (B,)
+    loss = nll + -lam * F.logsigmoid(log_odds)
     metrics = _paired_metrics(lam * c, lam * r)
     metrics["log_odds_ratio"] = log_odds.detach().mean().item()
     metrics["log_odds_chosen"] = (c - log1mexp(c)).detach().mean().item()
+    metrics["nll/chosen"] = nll.detach().mean().item()
     return loss, metrics
 
 
@@ -233,13 +243,53 @@ def group_robust_weights(
     return new_weights, metrics
 
 
-# Paired losses with a reference model, picked once by name at start-up. All take
-# (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, ...);
-# "cdpo" is DPO with label_smoothing > 0.
-PAIRED_LOSSES = {
-    "dpo": dpo_loss,
-    "cdpo": dpo_loss,
-    "robust": robust_dpo_loss,
-    "ipo": ipo_loss,
-    "hinge": hinge_loss,
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """One preference loss and every fact about it."""
+    # paired with a reference: fn(pc, pr, rc, rr, **coefficients); reference-free:
+    # fn(pc, pr, **coefficients); unpaired: fn(logps, ref_logps, desirable, kl, **coefficients).
+    # Each returns (per-pair loss (B,), metrics).
+    fn: Callable[..., tuple[torch.Tensor, dict]]
+    logps: str  # "sum": summed completion log-probs; "mean": per-token means (length-normalised)
+    reference: bool  # needs reference log-probs (a reference model)
+    # `dpo.` config key -> (keyword of fn, its paper's default); a key left null takes the default
+    coefficients: dict[str, tuple[str, float]] = field(default_factory=dict)
+    paired: bool = True  # False: unpaired examples with a desirable label (KTO)
+    soft_labels: bool = False  # takes a per-pair label smoothing (`dpo.soft_label_key`)
+
+
+_BETA = {"beta": ("beta", 0.1)}  # Rafailov et al. 2023 (DPO) use 0.1; TRL's default
+_SMOOTHING = {"label_smoothing": ("label_smoothing", 0.0)}  # a label-flip rate, no paper default
+
+# Picked once by name at start-up (`dpo.loss`).
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    "dpo": PreferenceLoss(dpo_loss, "sum", True, _BETA, soft_labels=True),
+    # Mitchell 2023 (cDPO): DPO with label_smoothing > 0
+    "cdpo": PreferenceLoss(dpo_loss, "sum", True, {**_BETA, **_SMOOTHING}, soft_labels=True),
+    # Chowdhury et al. 2024: beta 0.1 as DPO
+    "robust": PreferenceLoss(robust_dpo_loss, "sum", True, {**_BETA, **_SMOOTHING}),
+    # Azar et al. 2023: tau (`beta` here) 0.1 as TRL; h on per-token means (as TRL)
+    "ipo": PreferenceLoss(ipo_loss, "mean", True, _BETA),
+    # Zhao et al. 2023 (SLiC) on the DPO log-ratio, beta 0.1 as TRL's hinge
+    "hinge": PreferenceLoss(hinge_loss, "sum", True, _BETA),
+    # Meng et al. 2024 (SimPO): beta 2.0 (the paper's range 2.0-2.5); gamma 0.5
+    "simpo": PreferenceLoss(simpo_loss, "mean", False,
+                            {"beta": ("beta", 2.0), "simpo_gamma": ("gamma", 0.5)}),
+    # Hong et al. 2024 (ORPO): lambda 0.1
+    "orpo": PreferenceLoss(orpo_loss, "mean", False, {"orpo_lambda": ("lam", 0.1)}),
+    # Ethayarajh et al. 2024 (KTO): beta 0.1, class weights 1 (lambda_D = lambda_U = 1)
+    "kto": PreferenceLoss(kto_loss, "sum", True,
+                          {**_BETA, "kto_desirable_weight": ("desirable_weight", 1.0),
+                           "kto_undesirable_weight": ("undesirable_weight", 1.0)},
+                          paired=False),
 }
+
+
+def preference_coefficients(loss: str, given: dict[str, float | None]) -> dict[str, float]:
+    """The keyword arguments of `loss`'s function: each coefficient from `given` (config key ->
+    value), or its paper's default where `given` has None or lacks it."""
+    out = {}
+    for key, (keyword, default) in PREFERENCE_LOSSES[loss].coefficients.items():
+        value = given.get(key)
+        out[keyword] = default if value is None else value
+    return out

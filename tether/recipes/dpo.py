@@ -1,4 +1,4 @@
-"""Direct preference optimisation and its family: dpo, cdpo, robust, ipo, hinge, simpo, orpo, kto.
+"""Direct preference optimisation and its family: each loss a row of `tether.losses.PREFERENCE_LOSSES`.
 
 Stages: data -> model -> score (reference log-probs once, cached on disk) -> (resume) -> eval ->
 [collate -> optimize -> group weights -> log -> checkpoint]* -> eval.
@@ -21,14 +21,14 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from tether.config import DPOConfig, ModelConfig, PreferenceConfig, save_config
+from tether.config import DPOConfig, ModelConfig, PreferenceConfig, choice_error, save_config
 from tether.data.formats import truncation_counts, truncation_message
 from tether.data.preference import (PreferenceBatch, builtin_sentiment_rows, collate_preference,
                                     load_preference_data)
@@ -45,72 +45,72 @@ from tether.engine.reference import (cached_pair_logps, items_used, kto_kl, refe
 from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.report import finish_run
-from tether.losses import (PAIRED_LOSSES, group_robust_weights, kto_loss, masked_mean, orpo_loss,
-                           simpo_loss)
+from tether.losses import (PREFERENCE_LOSSES, PreferenceLoss, group_robust_weights, masked_mean,
+                           preference_coefficients)
 from tether.rewards import SentimentReward
 
 
-# --- objectives: (seq, batch) -> (per-pair loss (B,), metrics, per-pair reward margin (B,)) -----
-# seq holds the policy's summed log-probs `pc`, `pr`, per-token means `ac`, `ar`, the reference's
-# `rc`, `rr`, `rac`, `rar` (None when reference-free) and the chosen mean NLL `nll_c`.
+# --- the objective: (seq, batch) -> (per-pair loss (B,), metrics, per-pair reward margin (B,)) ---
+# seq["sum"] holds the policy's and the reference's summed log-probs (pc, pr, rc, rr), seq["mean"]
+# their per-token means; the reference's are None when the loss is reference-free (KTO: rr None).
 
 
-def _paired(loss_fn, dc: PreferenceConfig, seq, batch, *, average: bool = False, **kw):
-    pc, pr, rc, rr = (seq["ac"], seq["ar"], seq["rac"], seq["rar"]) if average else \
-        (seq["pc"], seq["pr"], seq["rc"], seq["rr"])
-    kw = kw if batch.label_smoothing is None else {**kw, "label_smoothing": batch.label_smoothing}
-    loss, metrics = loss_fn(pc, pr, rc, rr, beta=dc.beta, **kw)
-    return loss, metrics, (pc - rc) - (pr - rr)
+def _paired(row: PreferenceLoss, coefficients: dict, seq, batch):
+    pc, pr, rc, rr = seq[row.logps]  # (B,) each
+    kw = coefficients if batch.label_smoothing is None else \
+        {**coefficients, "label_smoothing": batch.label_smoothing}  # soft labels, one per pair
+    if row.reference:
+        loss, metrics = row.fn(pc, pr, rc, rr, **kw)
+        return loss, metrics, (pc - rc) - (pr - rr)
+    loss, metrics = row.fn(pc, pr, **kw)
+    return loss, metrics, pc - pr
 
 
-def _simpo(dc: PreferenceConfig, seq, batch):
-    loss, metrics = simpo_loss(seq["ac"], seq["ar"], beta=dc.beta, gamma=dc.simpo_gamma)
-    return loss, metrics, seq["ac"] - seq["ar"]
-
-
-def _orpo(dc: PreferenceConfig, seq, batch):
-    loss, metrics = orpo_loss(seq["ac"], seq["ar"], lam=dc.orpo_lambda)
-    metrics["nll/chosen"] = seq["nll_c"].detach().mean().item()
-    return seq["nll_c"] + loss, metrics, seq["ac"] - seq["ar"]
-
-
-def _kto(dc: PreferenceConfig, seq, batch):
-    loss, metrics = kto_loss(seq["pc"], seq["rc"], batch.desirable, batch.kl, beta=dc.beta,
-                             desirable_weight=dc.kto_desirable_weight,
-                             undesirable_weight=dc.kto_undesirable_weight)
-    ratio = seq["pc"] - seq["rc"]
-    metrics["logps/chosen"] = masked_mean(seq["pc"].detach(), batch.desirable).item()
-    metrics["logps/rejected"] = masked_mean(seq["pc"].detach(), ~batch.desirable).item()
+def _unpaired(row: PreferenceLoss, coefficients: dict, seq, batch):
+    pc, _, rc, _ = seq[row.logps]  # (B,) the examples and their reference
+    loss, metrics = row.fn(pc, rc, batch.desirable, batch.kl, **coefficients)
+    metrics["logps/chosen"] = masked_mean(pc.detach(), batch.desirable).item()
+    metrics["logps/rejected"] = masked_mean(pc.detach(), ~batch.desirable).item()
+    ratio = pc - rc  # (B,)
     return loss, metrics, torch.where(batch.desirable, ratio, -ratio)
 
 
-OBJECTIVES: dict[str, Callable] = {
-    "dpo": partial(_paired, PAIRED_LOSSES["dpo"]),
-    "cdpo": lambda dc, s, b: _paired(PAIRED_LOSSES["cdpo"], dc, s, b,
-                                     label_smoothing=dc.label_smoothing),
-    "robust": lambda dc, s, b: _paired(PAIRED_LOSSES["robust"], dc, s, b,
-                                       label_smoothing=dc.label_smoothing),
-    "ipo": partial(_paired, PAIRED_LOSSES["ipo"], average=True),  # IPO on per-token means (TRL)
-    "hinge": partial(_paired, PAIRED_LOSSES["hinge"]),
-    "simpo": _simpo,
-    "orpo": _orpo,
-    "kto": _kto,
-}
-REFERENCE_FREE = {"simpo", "orpo"}
+@dataclass(frozen=True)
+class Objective:
+    """The loss picked once by name, with its coefficients resolved (a null one takes the
+    loss's paper default)."""
+    name: str
+    row: PreferenceLoss
+    coefficients: dict[str, float]  # keyword -> value, as the loss function takes them
+
+    def __call__(self, seq, batch):
+        adapt = _paired if self.row.paired else _unpaired
+        return adapt(self.row, self.coefficients, seq, batch)
+
+    @property
+    def summary(self) -> str:
+        """The loss and its resolved coefficients, for the run's first line."""
+        return ", ".join([self.name, *(f"{k}={v:g}" for k, v in self.coefficients.items())])
+
+
 TRAIN_STEP_KEYS = {"loss", "units", "grad_norm", "lr", "time/step"}
 
 
-def build_objective(dc: PreferenceConfig) -> Callable:
+def build_objective(dc: PreferenceConfig) -> Objective:
     """The loss picked once by name; coefficients checked here, not inside the loop."""
-    if dc.loss not in OBJECTIVES:
-        raise ConfigError(f"dpo.loss must be one of {', '.join(OBJECTIVES)}, got '{dc.loss}'")
-    if dc.soft_label_key and dc.loss not in ("dpo", "cdpo"):
-        raise ConfigError(f"dpo.soft_label_key needs dpo.loss dpo or cdpo, not '{dc.loss}'")
+    if dc.loss not in PREFERENCE_LOSSES:
+        raise choice_error("dpo.loss", dc.loss, list(PREFERENCE_LOSSES))
+    row = PREFERENCE_LOSSES[dc.loss]
+    if dc.soft_label_key and not row.soft_labels:
+        raise ConfigError(f"dpo.soft_label_key needs dpo.loss "
+                          f"{' or '.join(n for n, r in PREFERENCE_LOSSES.items() if r.soft_labels)}"
+                          f", not '{dc.loss}'")
     if dc.loss == "cdpo" and not dc.soft_label_key and not 0 < dc.label_smoothing <= 0.5:
         raise ConfigError("dpo.loss=cdpo needs 0 < dpo.label_smoothing <= 0.5")
     if dc.loss == "robust" and not 0 <= dc.label_smoothing < 0.5:
         raise ConfigError("dpo.loss=robust needs 0 <= dpo.label_smoothing < 0.5")
-    return partial(OBJECTIVES[dc.loss], dc)
+    given = {key: getattr(dc, key) for key in row.coefficients}
+    return Objective(dc.loss, row, preference_coefficients(dc.loss, given))
 
 
 def preference_loss(policy: CausalLMLogps, batch: PreferenceBatch, *, objective: Callable,
@@ -123,12 +123,12 @@ def preference_loss(policy: CausalLMLogps, batch: PreferenceBatch, *, objective:
     sums, counts = sequence_logps(policy, *batch.trimmed(rows), prompt_len=batch.prompt_len,
                                   share_prompts=not kto)  # (2B,) or (B,)
     counts = counts.clamp(min=1)
-    seq = {"pc": sums[:B], "pr": sums[B:], "ac": sums[:B] / counts[:B], "ar": sums[B:] / counts[B:],
-           "nll_c": -sums[:B] / counts[:B], "rc": None, "rr": None, "rac": None, "rar": None}
-    if batch.ref_logps is not None:
-        ref = batch.ref_logps
-        seq.update(rc=ref[:B], rr=ref[B:], rac=ref[:B] / counts[:B],
-                   rar=ref[B:] / counts[B:] if batch.kl is None else None)
+    ref = batch.ref_logps  # (2B,), (B,) or None
+    rc, rr = (None, None) if ref is None else (ref[:B], ref[B:] if batch.kl is None else None)
+    seq = {"sum": (sums[:B], sums[B:], rc, rr),
+           "mean": (sums[:B] / counts[:B], sums[B:] / counts[B:],
+                    None if rc is None else rc / counts[:B],
+                    None if rr is None else rr / counts[B:])}
     loss, metrics, margin = objective(seq, batch)  # (B,), dict of means, (B,)
     weights = torch.ones_like(loss) if group_weights is None \
         else group_weights.to(loss.device)[batch.group_ids] * n_groups  # uniform -> 1 per pair
@@ -219,7 +219,7 @@ def run(cfg: DPOConfig) -> dict:
     tc.precision = resolve_precision(tc.precision, device)
     micro_steps = check_batch_sizes(cfg)
     objective = build_objective(dc)
-    unpaired = dc.loss == "kto"
+    unpaired = not objective.row.paired
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
 
@@ -250,7 +250,7 @@ def run(cfg: DPOConfig) -> dict:
 
     # --- score: reference log-probs once, before any update (and before resume) ----------------
     ref_note, t_ref = "reference-free loss: no reference model", time.perf_counter()
-    if dc.loss not in REFERENCE_FREE:
+    if objective.row.reference:
         ref_cfg = ModelConfig(name_or_path=dc.ref_model) if dc.ref_model else cfg.model
         path = reference_cache_path(resolve_model_dir(ref_cfg), data_hash, cfg.data.max_length,
                                     cfg.data.truncation, tokenizer.name_or_path, tc.precision,
@@ -300,7 +300,7 @@ def run(cfg: DPOConfig) -> dict:
     eval_batches = [collate(eval_share[i:i + tc.micro_batch_size])
                     for i in range(0, len(eval_share), tc.micro_batch_size)]
     n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    logger.print(f"dpo ({dc.loss}): {len(train_items)} train / {len(eval_items)} eval items, "
+    logger.print(f"dpo ({objective.summary}): {len(train_items)} train / {len(eval_items)} eval items, "
                  f"groups {groups if named_groups else 'none'}, {total_steps} steps of "
                  f"{tc.batch_size}, {n_params / 1e6:.1f}M trainable parameters, {tc.precision} "
                  f"on {device}")
@@ -394,6 +394,6 @@ def run(cfg: DPOConfig) -> dict:
     return {"losses": history, "margins": margins, "eval_before": eval_before,
             "eval_after": eval_after, "generations_before": gen_before,
             "generations_after": gen_after, "group_weights": group_weights, "groups": groups,
-            "ref_logps": None if dc.loss in REFERENCE_FREE else
+            "ref_logps": None if not objective.row.reference else
             torch.tensor([it.ref for it in every_item]), "items": every_item, "policy": policy,
             "tokenizer": tokenizer, "run_dir": run_dir}

@@ -9,9 +9,10 @@ warnings of docs/diagnostics.md through `tether.eval.online`. Prompts may carry 
 (segment): each group can have its own rewards, is logged on its own, and with
 `grpo.group_fairness: dro` lagging groups weigh more (`tether.recipes.grpo_groups`).
 
-The loss variants differ only in the row of `LOSS_TYPES` they pick: how advantages are computed,
-how per-token losses are reduced, whether the importance ratio is per token or per sequence, the
-clip range, and whether groups whose rewards are all equal are dropped (docs/grpo.md).
+The loss variants differ only in the row of `tether.losses.GRPO_VARIANTS` they pick: the
+surrogate, how advantages are computed, how per-token losses are reduced, whether the importance
+ratio is per token or per sequence, the clip range, and whether groups whose rewards are all
+equal are dropped (docs/grpo.md); the loss itself is the pure `tether.losses.grpo_loss`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from typing import Callable
 
 import torch
 
-from tether.advantages import group_advantages, rloo_advantages
-from tether.config import GenerationConfig, GRPOConfig, GRPOParams, ModelConfig, save_config
+from tether.advantages import GROUP_ADVANTAGES
+from tether.config import (GenerationConfig, GRPOConfig, GRPOParams, ModelConfig, choice_error,
+                           save_config)
 from tether.data.tasks.rl import load_task_prompts
 from tether.engine import checkpoint, dist
 from tether.engine.backends import close_backend, make_backend
@@ -46,44 +48,18 @@ from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.report import finish_run
 from tether.judge.reward import JudgeReward, judge_cost, judge_metrics
-from tether.losses import (aggregate_sum, clipped_surrogate, kl_penalty, masked_sum,
-                           truncated_is_weight)
+from tether.losses import GRPO_VARIANTS, GRPOVariant, aggregate_sum, grpo_loss, masked_sum
 from tether.recipes.grpo_groups import UserGroups
 from tether.rewards import WeightedSum, load_rewards
 
 
-@dataclass(frozen=True)
-class LossType:
-    advantages: Callable[[torch.Tensor, int], torch.Tensor]  # rewards (B,), G -> (B,)
-    aggregation: str  # token_mean | sequence_mean | constant_normalizer (tether.losses.aggregate)
-    ratio_level: str  # token | sequence (GSPO)
-    eps_low: float
-    eps_high: float
-    dynamic_sampling: bool
-
-
-LOSS_TYPES = {
-    # Shao et al. 2024: (r - mean) / std per group, each sequence's token mean, then the mean
-    "grpo": LossType(partial(group_advantages, scale="group"), "sequence_mean", "token",
-                     0.2, 0.2, False),
-    # Liu et al. 2025: no std division, no per-sequence length division (constant max_new_tokens)
-    "dr_grpo": LossType(partial(group_advantages, scale="none"), "constant_normalizer", "token",
-                        0.2, 0.2, False),
-    # Yu et al. 2025: token-level mean, clip-higher, dynamic sampling
-    "dapo": LossType(partial(group_advantages, scale="group"), "token_mean", "token",
-                     0.2, 0.28, True),
-    # Zheng et al. 2025: one length-normalised importance ratio per sequence, tiny clip range
-    "gspo": LossType(partial(group_advantages, scale="group"), "sequence_mean", "sequence",
-                     3e-4, 4e-4, False),
-    # Ahmadian et al. 2024: leave-one-out baseline, no std division
-    "rloo": LossType(rloo_advantages, "sequence_mean", "token", 0.2, 0.2, False),
-}
-
-
 @dataclass
 class Objective:
-    """The loss type with this run's clip range and dynamic-sampling choice resolved."""
-    kind: LossType
+    """The variant (a row of `GRPO_VARIANTS`) with this run's clip range, dynamic-sampling
+    choice and advantage estimator resolved."""
+    name: str
+    kind: GRPOVariant
+    advantages: Callable[[torch.Tensor, int], torch.Tensor]  # rewards (B,), G -> (B,)
     eps_low: float
     eps_high: float
     dynamic_sampling: bool
@@ -92,11 +68,16 @@ class Objective:
     temperature: float  # log-probs of softmax(logits / T), the distribution samples come from
     tis_cap: float | None = None  # truncated importance sampling vs the sampler; None = off
 
+    @property
+    def summary(self) -> str:
+        """The resolved choices, for the run's first line."""
+        return (f"{self.name}, clip {self.eps_low:g} / {self.eps_high:g}"
+                f"{', dynamic sampling' if self.dynamic_sampling else ''}")
+
 
 def build_objective(gc_: GRPOParams, gen: GenerationConfig | None = None) -> Objective:
-    if gc_.loss_type not in LOSS_TYPES:
-        raise ConfigError(f"grpo.loss_type must be one of {', '.join(LOSS_TYPES)}, "
-                          f"got '{gc_.loss_type}'")
+    if gc_.loss_type not in GRPO_VARIANTS:
+        raise choice_error("grpo.loss_type", gc_.loss_type, list(GRPO_VARIANTS))
     if gc_.group_size < 2:
         raise ConfigError(f"grpo.group_size must be >= 2 (advantages compare samples of a "
                           f"group), got {gc_.group_size}")
@@ -106,9 +87,10 @@ def build_objective(gc_: GRPOParams, gen: GenerationConfig | None = None) -> Obj
         raise ConfigError(f"grpo.temperature must be > 0 (RL samples), got {gc_.temperature}")
     if gc_.beta < 0:
         raise ConfigError(f"grpo.beta must be >= 0, got {gc_.beta}")
-    kind = LOSS_TYPES[gc_.loss_type]
+    kind = GRPO_VARIANTS[gc_.loss_type]
     pick = lambda value, default: default if value is None else value  # noqa: E731
-    return Objective(kind, pick(gc_.eps_low, kind.eps_low), pick(gc_.eps_high, kind.eps_high),
+    return Objective(gc_.loss_type, kind, GROUP_ADVANTAGES[kind.advantages],
+                     pick(gc_.eps_low, kind.eps_low), pick(gc_.eps_high, kind.eps_high),
                      pick(gc_.dynamic_sampling, kind.dynamic_sampling), gc_.beta,
                      float(gc_.max_new_tokens), gc_.temperature,
                      gen.tis_cap if gen is not None and gen.tis else None)
@@ -139,30 +121,16 @@ def count_units(obj: Objective, b: GRPOBatch) -> float:
     return units_of(obj, b.completion_mask) + b.extra_units
 
 
-def grpo_loss(policy: CausalLMLogps, b: GRPOBatch, *, obj: Objective) -> tuple[torch.Tensor, dict]:
-    """Numerator of the aggregated clipped surrogate (+ beta * k3); metrics summed over tokens."""
+def micro_batch_loss(policy: CausalLMLogps, b: GRPOBatch, *,
+                     obj: Objective) -> tuple[torch.Tensor, dict]:
+    """One policy forward over the rows, then the pure `grpo_loss` on its log-probs: the
+    numerator of the aggregated loss and metrics summed over tokens."""
     logps = policy(b.input_ids, b.attention_mask, b.position_ids, start=b.start,
                    shared_prefix=b.prompt_index, temperature=obj.temperature)  # (b, C)
-    mask = b.completion_mask
-    old = logps.detach() if b.old_logps is None else b.old_logps
-    per_token, m = clipped_surrogate(logps, old, b.advantages, mask, eps_low=obj.eps_low,
-                                     eps_high=obj.eps_high, level=obj.kind.ratio_level)
-    n = mask.sum().item()
-    out = {"_tokens": n, **{k: m[k] * n for k in ("clipfrac_low", "clipfrac_high", "approx_kl")}}
-    if b.sampler_logps is not None:  # another engine sampled: the mismatch, and TIS when on
-        weight, tm = truncated_is_weight(old, b.sampler_logps, mask, cap=obj.tis_cap or 1.0)
-        if obj.tis_cap is not None:
-            per_token = per_token * weight
-        out["logp_diff"] = tm["logp_diff"] * n
-    if b.ref_logps is not None:
-        kl = kl_penalty(logps, b.ref_logps, kind="k3")  # (b, C)
-        per_token = per_token + obj.beta * torch.where(mask, kl, torch.zeros_like(kl))
-        out["kl"] = masked_sum(kl.detach(), mask).item()  # summed k3; per sequence in the log
-        out["kl_k1"] = masked_sum(logps.detach() - b.ref_logps, mask).item()
-        out["_seqs"] = mask.any(dim=1).sum().item()
-    numerator, _ = aggregate_sum(per_token, mask, mode=obj.kind.aggregation,
-                                 normalizer=obj.normalizer)
-    return numerator, out
+    return grpo_loss(logps, b.old_logps, b.advantages, b.completion_mask, variant=obj.name,
+                     eps_low=obj.eps_low, eps_high=obj.eps_high, beta=obj.beta,
+                     normalizer=obj.normalizer, ref_logps=b.ref_logps,
+                     sampler_logps=b.sampler_logps, tis_cap=obj.tis_cap)
 
 
 def load_reference(cfg: GRPOConfig, device) -> CausalLMLogps:
@@ -235,7 +203,7 @@ def _run(cfg: GRPOConfig, cleanup: ExitStack) -> dict:
                            progress=cfg.run.progress, start_step=start_step)
     diag = online.Diagnostics(cfg.rewards, cfg.diagnostics, run_dir, start_step=start_step)
     n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    logger.print(f"grpo ({gc_.loss_type}): {len(train_prompts)} train prompts, {total_steps} "
+    logger.print(f"grpo ({obj.summary}): {len(train_prompts)} train prompts, {total_steps} "
                  f"steps of {gc_.prompts_per_step} prompts x {gc_.group_size} samples, rewards "
                  f"{', '.join(n for n, _, _ in rewards.components)}, "
                  f"{'groups ' + ', '.join(groups.names) + ', ' if groups.names else ''}"
@@ -275,7 +243,7 @@ def _run(cfg: GRPOConfig, cleanup: ExitStack) -> dict:
 
         # --- advantages (per group, before any group is dropped); fairness weights ------------
         row_groups = groups.ids(prompts, G)  # (B,) user group of each row
-        advantages = obj.kind.advantages(reward, G) * groups.update(reward, row_groups)  # (B,)
+        advantages = obj.advantages(reward, G) * groups.update(reward, row_groups)  # (B,)
         counted = keep.repeat_interleave(G)  # (B,) rows in the update's normalisation
         # A row with advantage 0 and no KL term has loss 0 and gradient 0 whatever the policy:
         # it needs no forward, only its share of the denominator. One row always runs, so that
@@ -320,7 +288,7 @@ def _run(cfg: GRPOConfig, cleanup: ExitStack) -> dict:
         for _ in range(gc_.num_iterations):
             if units > 0:
                 try:
-                    m = train_step(policy, batches, loss_fn=partial(grpo_loss, obj=obj),
+                    m = train_step(policy, batches, loss_fn=partial(micro_batch_loss, obj=obj),
                                    count_units=partial(count_units, obj), optimizer=optimizer,
                                    scheduler=scheduler, device=device, precision=tc.precision,
                                    max_grad_norm=tc.max_grad_norm)
