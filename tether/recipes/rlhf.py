@@ -24,6 +24,7 @@ from pathlib import Path
 from tether.config import RLHFConfig, save_config
 from tether.engine import checkpoint, dist
 from tether.engine.batchlog import write_atomic
+from tether.engine.run import rerun
 from tether.recipes.prefs import build as build_prefs
 
 STAGES = ("sft", "rm", "ppo")
@@ -53,10 +54,10 @@ def mark_finished(stage_dir: Path, record: dict) -> None:
 
 
 def resumable(stage_cfg, stage_dir: Path):
-    """The stage's config with its run directory set, resuming when a checkpoint is there."""
-    has_ckpt = checkpoint.latest(stage_dir / "checkpoints") is not None
-    return replace(stage_cfg, run=replace(stage_cfg.run, output_dir=str(stage_dir),
-                                          resume=stage_cfg.run.resume or has_ckpt))
+    """The stage's config with its run directory set, resuming when a checkpoint is there (and
+    starting afresh over an earlier attempt's files when none is)."""
+    flags = {} if stage_cfg.run.resume else rerun(stage_dir)
+    return replace(stage_cfg, run=replace(stage_cfg.run, output_dir=str(stage_dir), **flags))
 
 
 def positive_tone(prompts: list, completions: list[str], **columns) -> list[float]:
