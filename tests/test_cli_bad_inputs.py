@@ -102,6 +102,18 @@ CASES = [  # (name, argv, message)
      r"run.resume is true but {run}/checkpoints holds no checkpoint"),
     ("resume_only_checkpoint_corrupt", ["sft", *RECIPE, "--run.resume=true"],
      r"run.resume is true but {run}/checkpoints holds no checkpoint"),
+    # --- run directories (docs/cli.md, "Run directories") ------------------------------------
+    ("run_dir_in_use", ["sft", *RECIPE],
+     r"{run} is in use by another tether run \(pid 4242\); wait for it to finish or give "
+     r"another --run.output_dir"),
+    ("run_dir_holds_an_earlier_run", ["sft", *RECIPE],
+     r"{run} holds an earlier run \(config.yaml, metrics.jsonl\): continue it with "
+     r"--run.resume=true, write to a new --run.output_dir, or delete its run files with "
+     r"--run.overwrite=true"),
+    ("resume_and_overwrite", ["sft", *RECIPE, "--run.resume=true", "--run.overwrite=true"],
+     r"run.resume and run.overwrite are both true"),
+    ("save_every_minutes_negative", ["sft", "--run.save_every_minutes=-1"],
+     r"'run.save_every_minutes' must be >= 0, got -1.0"),
     ("resume_checkpoint_of_another_model", ["sft", *RECIPE, "--run.resume=true"],
      r"checkpoint {run}/checkpoints/step-000001: checkpoint does not match the model: "
      r"model.model.embed_tokens.weight is \(32, 32\) there, \(\d+, 32\) here \(was it saved "
@@ -124,6 +136,27 @@ def _corrupt_checkpoint(run: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
 
 
+_HELD = []  # the lock "another run" holds during run_dir_in_use
+
+
+def _lock_held_by_4242(run: Path) -> None:
+    """RUN_DIR's lock held through another open file, as another process holds it."""
+    import fcntl
+
+    run.mkdir()
+    f = open(run / ".tether.lock", "w")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.write("4242\n")
+    f.flush()
+    _HELD.append(f)
+
+
+def _earlier_run(run: Path) -> None:
+    run.mkdir()
+    (run / "config.yaml").write_text("train: {}\n")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+
+
 def _no_weights(tmp: Path, model: Path) -> None:
     shutil.copytree(model, tmp / "no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
 
@@ -138,6 +171,8 @@ SETUPS = {
     "output_dir_is_a_file": lambda tmp, run, model: (tmp / "a_file").write_text("x"),
     "resume_only_checkpoint_corrupt": lambda tmp, run, model: _corrupt_checkpoint(run),
     "resume_checkpoint_of_another_model": lambda tmp, run, model: _foreign_checkpoint(run),
+    "run_dir_in_use": lambda tmp, run, model: _lock_held_by_4242(run),
+    "run_dir_holds_an_earlier_run": lambda tmp, run, model: _earlier_run(run),
 }
 
 
