@@ -13,7 +13,7 @@ import textwrap
 from tests.conftest import tiny_sft_overrides
 from tether.cli import main
 from tether.data.tasks import builtin_sft_rows
-from tether.engine.run import SAME_MATHS, config_changes
+from tether.engine.run import HOW_TO_START, SAME_MATHS, config_changes
 
 
 def _sft(model, run, *extra):
@@ -91,7 +91,8 @@ def test_a_resume_with_other_maths_or_data_is_refused_unless_allowed(tiny_model_
     assert _sft(tiny_model_dir, run, with_data, *resume, "--run.allow_config_change=true",
                 "--run.save_every=1") == 0
     out = capsys.readouterr().out
-    assert "resume: changed settings (data {" in out and "run.save_every 0 -> 1" in out
+    assert "resume: changed settings (run.save_every 0 -> 1, " in out
+    assert "data {data.path sha256 " in out
     assert "train.max_steps 2 -> 3" in out and "continues with the new ones" in out
 
 
@@ -111,3 +112,4 @@ def test_config_changes_flatten_sections_but_not_mappings():
     assert config_changes(old, new) == {"train.lr": (1e-3, 1e-2),
                                         "grpo.group_rewards": ({"a": ["x"]}, {"a": ["y"]})}
     assert "train.lr" not in SAME_MATHS and "run.progress" in SAME_MATHS
+    assert "run.resume" in HOW_TO_START  # how a run starts is never a change

@@ -50,13 +50,13 @@ PREVIOUS_RUN = ("config.yaml", "metrics.jsonl", "checkpoints")
 # Keys a resumed run may change freely: none changes the maths of training (bookkeeping, logging,
 # evaluation, memory knobs whose results agree to rounding, and the data paths: the data's
 # content is compared instead, so moved data resumes). A key ending in "." is a whole section.
-SAME_MATHS = ("run.output_dir", "run.resume", "run.overwrite", "run.allow_config_change",
-              "run.save_every", "run.save_every_minutes", "run.keep_last", "run.log_every",
-              "run.eval_every", "run.tensorboard", "run.progress", "run.report",
+SAME_MATHS = ("run.output_dir", "run.save_every", "run.save_every_minutes", "run.keep_last",
+              "run.log_every", "run.eval_every", "run.tensorboard", "run.progress", "run.report",
               "train.max_steps", "train.epochs", "train.micro_batch_size",
               "train.gradient_checkpointing", "train.logprob_chunk_size", "model.lean_layers",
               "data.pad_to_multiple_of", "data.path", "data.eval_path", "diagnostics.",
               "rewards.")
+HOW_TO_START = ("run.resume", "run.overwrite", "run.allow_config_change")  # not compared
 _HELD: dict[Path, IO] = {}  # run directories this process holds the lock of
 
 
@@ -218,7 +218,8 @@ def _resume(cfg, run_dir: Path, data: dict, model, optimizer, scheduler):
         raise ConfigError(f"run.resume is true but {root} holds no checkpoint")
     state = checkpoint.load(last, model=model, optimizer=optimizer, scheduler=scheduler)
     old = state.pop("config", None) or _saved_config(run_dir)
-    changed = config_changes(old, to_dict(cfg)) if old is not None else {}
+    changed = {k: v for k, v in (config_changes(old, to_dict(cfg)) if old else {}).items()
+               if k not in HOW_TO_START}
     if "data" in state and state["data"] != data:
         changed["data"] = (_describe(state["data"]), _describe(data))
     state.pop("data", None)
