@@ -108,14 +108,14 @@ class Run:
         return run
 
     def schedule_line(self) -> str:
+        """Where checkpoints go and how often: the run's first line."""
         rc = self.cfg.run
-        every = [f"{rc.save_every} steps"] if rc.save_every else []
-        every += [f"{rc.save_every_minutes:g} minutes"] if rc.save_every_minutes else []
+        when = ([f"every {rc.save_every} steps"] if rc.save_every else []) \
+            + ([f"every {rc.save_every_minutes:g} minutes"] if rc.save_every_minutes else []) \
+            + ["at the end and on Ctrl-C"]
         keep = f"the last {rc.keep_last}" if rc.keep_last else "all"
-        return (f"checkpoints: {self.checkpoints}, every {' and every '.join(every)}, "
-                if every else f"checkpoints: {self.checkpoints}, ") + \
-            f"at the end and on Ctrl-C; keeping {keep}" + \
-            (f"; resumed from step {self.step}" if self.resumed else "")
+        resumed = f"; resumed from step {self.step}" if self.resumed else ""
+        return f"checkpoints: {self.checkpoints}, {', '.join(when)}; keeping {keep}{resumed}"
 
     def steps(self) -> TrainingSteps:
         """The loop's steps from `step` to `total_steps` (Ctrl-C: the step finishes, is saved)."""
