@@ -118,6 +118,18 @@ CASES = [  # (name, argv, message)
      r"run.resume is true but {run}/checkpoints holds no checkpoint"),
     ("resume_only_checkpoint_byte_flipped", ["sft", *RECIPE, "--run.resume=true"],
      r"run.resume is true but {run}/checkpoints holds no checkpoint"),
+    # --- run directories (docs/cli.md, "Run directories") ------------------------------------
+    ("run_dir_in_use", ["sft", *RECIPE],
+     r"{run} is in use by another tether run \(pid 4242\); wait for it to finish or give "
+     r"another --run.output_dir"),
+    ("run_dir_holds_an_earlier_run", ["sft", *RECIPE],
+     r"{run} holds an earlier run \(config.yaml, metrics.jsonl\): continue it with "
+     r"--run.resume=true, write to a new --run.output_dir, or delete its run files with "
+     r"--run.overwrite=true"),
+    ("resume_and_overwrite", ["sft", *RECIPE, "--run.resume=true", "--run.overwrite=true"],
+     r"run.resume and run.overwrite are both true"),
+    ("save_every_minutes_negative", ["sft", "--run.save_every_minutes=-1"],
+     r"'run.save_every_minutes' must be >= 0, got -1.0"),
     ("resume_checkpoint_of_another_model", ["sft", *RECIPE, "--run.resume=true"],
      r"checkpoint {run}/checkpoints/step-000001: checkpoint does not match the model: "
      r"model.model.embed_tokens.weight is \(32, 32\) there, \(\d+, 32\) here \(was it saved "
@@ -160,6 +172,25 @@ def _user_files(tmp: Path, run: Path) -> None:
     (tmp / "mine").mkdir()
     (tmp / "mine" / "notes.txt").write_text("keep me")
     (tmp / "notes.html").write_text("<html>my notes</html>")
+_HELD = []  # the lock "another run" holds during run_dir_in_use
+
+
+def _lock_held_by_4242(run: Path) -> None:
+    """RUN_DIR's lock held through another open file, as another process holds it."""
+    import fcntl
+
+    run.mkdir()
+    f = open(run / ".tether.lock", "w")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.write("4242\n")
+    f.flush()
+    _HELD.append(f)
+
+
+def _earlier_run(run: Path) -> None:
+    run.mkdir()
+    (run / "config.yaml").write_text("train: {}\n")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
 
 
 def _no_weights(tmp: Path, model: Path) -> None:
@@ -181,6 +212,8 @@ SETUPS = {
     "resume_checkpoint_of_another_model": lambda tmp, run, model: _foreign_checkpoint(run),
     "resume_only_checkpoint_byte_flipped": lambda tmp, run, model: _flipped_checkpoint(run),
     **{name: lambda tmp, run, model: _user_files(tmp, run) for name in USER_FILE_CASES},
+    "run_dir_in_use": lambda tmp, run, model: _lock_held_by_4242(run),
+    "run_dir_holds_an_earlier_run": lambda tmp, run, model: _earlier_run(run),
 }
 
 # what the setups wrote that a refused command must leave byte for byte

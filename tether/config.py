@@ -90,8 +90,15 @@ class TrainConfig:
 class RunConfig:
     output_dir: str = "runs/sft"
     resume: bool = False  # continue from the latest checkpoint in output_dir
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
-    keep_last: int = 2  # checkpoints kept on disk
+    # start afresh in an output_dir that holds an earlier run: delete that run's files first
+    # (config.yaml, metrics.jsonl, checkpoints/, ...: tether.engine.run.RUN_FILES; nothing else)
+    overwrite: bool = False
+    # resume although a setting that changes the maths (or the data) differs from the
+    # checkpoint's: the run continues with the new settings and says which changed
+    allow_config_change: bool = False
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only by the clock and at the end
+    save_every_minutes: float = 10.0  # wall time between checkpoints; 0 = off
+    keep_last: int = 2  # checkpoints kept on disk (0 = all)
     log_every: int = 1
     eval_every: int = 0  # 0 = evaluate only before and after training
     eval_generations: int = 32  # built-in task: held-out problems answered greedily (0 = skip)
@@ -568,7 +575,8 @@ _LIMITS = {
                   "logprob_chunk_size": _POSITIVE},
     DataConfig: {"eval_fraction": _BELOW_ONE, "max_length": _POSITIVE,
                  "pad_to_multiple_of": _NON_NEGATIVE},
-    RunConfig: {"save_every": _NON_NEGATIVE, "keep_last": _NON_NEGATIVE, "log_every": _POSITIVE,
+    RunConfig: {"save_every": _NON_NEGATIVE, "save_every_minutes": _NON_NEGATIVE,
+                "keep_last": _NON_NEGATIVE, "log_every": _POSITIVE,
                 "eval_every": _NON_NEGATIVE, "eval_generations": _NON_NEGATIVE},
     LoraConfig: {"r": _NON_NEGATIVE, "alpha": _POSITIVE, "dropout": _BELOW_ONE},
     PreferenceConfig: {"beta": _POSITIVE, "label_smoothing": _BELOW_ONE},

@@ -1,11 +1,10 @@
 """DPO family end to end on a tiny model: every loss widens the reward margin, reference log-probs
 are cached (and equal the base model's under LoRA), group-robust weights move toward the worse
-group, one stacked forward equals two, and resume equals uninterrupted."""
+group, and one stacked forward equals two (resume: test_resume.py; golden curves:
+test_golden.py)."""
 
 import json
-import os
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,14 +12,12 @@ import torch
 from tether.config import DataConfig, DPOConfig, ModelConfig, PreferenceConfig, load_config
 from tether.data.collate import pad_collate
 from tether.data.preference import tokenize_preference_rows
-from tether.engine import checkpoint
 from tether.engine.generate import sample_complete
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.models import load_causal_lm
 from tether.errors import ConfigError
 from tether.recipes import dpo
 
-GOLDEN = Path(__file__).parent / "golden"
 ROWS = [
     {"prompt": "Sky colour?", "chosen": " blue", "rejected": " green", "group": "easy"},
     {"prompt": "Grass colour?", "chosen": " green", "rejected": " purple", "group": "easy"},
@@ -324,39 +321,6 @@ def test_micro_batching_does_not_change_the_step(loss, tiny_model_dir, tmp_path)
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), step
 
 
-def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, monkeypatch):
-    """Kill right after the step-3 checkpoint and resume: steps 4-6 match to the bit, group
-    weights included."""
-    data = _write(tmp_path / "pref.jsonl", ROWS * 2)
-    extra = ("--run.save_every=3", "--train.max_steps=6", "--dpo.group_robust=true",
-             "--dpo.group_step_size=0.5", "--data.eval_fraction=0.1", "--train.batch_size=4")
-    _run(tiny_model_dir, tmp_path / "full", data, *extra)
-    full = _metrics(tmp_path / "full")
-    real_save = checkpoint.save
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        if args[1] == 3:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(Killed):
-        _run(tiny_model_dir, tmp_path / "cut", data, *extra)
-    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # a step logged after the checkpoint
-        f.write(json.dumps({"step": 4, "loss/dpo": -1.0}) + "\n")
-    monkeypatch.setattr(checkpoint, "save", real_save)
-    torch.manual_seed(999)
-    _run(tiny_model_dir, tmp_path / "cut", data, *extra, "--run.resume=true")
-    cut = _metrics(tmp_path / "cut")
-    assert sorted(cut) == [1, 2, 3, 4, 5, 6]
-    for step in range(1, 7):
-        assert cut[step] == full[step], (step, cut[step], full[step])
-
-
 def test_unset_beta_takes_the_losses_own_default():
     """dpo.beta unset: SimPO trains at its paper's beta 2.0 (gamma 0.5), DPO at 0.1; an explicit
     beta wins; the other coefficients of a loss are untouched by beta."""
@@ -425,21 +389,6 @@ def test_kto_mismatched_sequences_pair_each_prompt_with_another_completion(defau
         kl_completion = it.kl_example.input_ids[start:]
         assert kl_completion in completions and kl_completion != completions[items.index(it)]
 
-
-@pytest.mark.parametrize("name, loss", [("dpo_tiny", "dpo"), ("dpo_tiny_kto", "kto")])
-def test_golden_loss_curve(name, loss, tiny_model_dir, tmp_path):
-    """A tiny deterministic DPO (and KTO) run reproduces its committed loss curve. Regenerate
-    after a change that is meant to change the maths:
-    `TETHER_REGEN_GOLDEN=1 pytest tests/recipes/test_dpo.py -k golden`."""
-    data = _write(tmp_path / "pref.jsonl", (ROWS if loss == "dpo" else UNPAIRED) * 2)
-    extra = [f"--dpo.loss={loss}", "--dpo.beta=0.5", "--train.max_steps=6"]
-    losses = _run(tiny_model_dir, tmp_path / "run", data, *extra)["losses"]
-    path = GOLDEN / f"{name}.json"
-    if os.environ.get("TETHER_REGEN_GOLDEN"):
-        path.write_text(json.dumps({"overrides": extra, "losses": losses}, indent=1) + "\n")
-    golden = json.loads(path.read_text())["losses"]
-    assert losses == pytest.approx(golden, rel=1e-4, abs=1e-6)
-    assert losses[-1] < losses[0]
 
 
 def test_heldout_generations_score_and_kl(tiny_model_dir, default_tokenizer, monkeypatch):

@@ -1,7 +1,8 @@
 """Process reward model end to end on a tiny model: after training the first wrong step of a
 held-out solution is the first step scored below 1/2 and scores below every step before it; the
 saved model loads with transformers and scores the same; the scorer plugs into the rewards
-interface; bad rows are named; resume equals uninterrupted; micro-batching keeps the gradient."""
+interface; bad rows are named; export; micro-batching keeps the gradient (resume:
+test_resume.py)."""
 
 import json
 import random
@@ -11,7 +12,6 @@ import torch
 
 from tether.config import PRMConfig, load_config
 from tether.data.formats import split_indices
-from tether.engine import checkpoint
 from tether.errors import DataError
 from tether.recipes import prm
 
@@ -166,37 +166,19 @@ def test_bad_stepwise_row_names_file_row_field(tiny_model_dir, tmp_path, bad, fi
     assert "steps.jsonl" in message and "row 3" in message and f"field '{field}'" in message
 
 
-def test_resume_equals_uninterrupted_and_export(tiny_model_dir, tmp_path, monkeypatch):
+def test_export_of_a_prm_run_is_its_process_reward_model(tiny_model_dir, tmp_path):
+    """`tether export` of a prm run writes the same model (and separator/aggregate) as the run
+    (resume: tests/recipes/test_resume.py)."""
     from transformers import AutoModelForTokenClassification
 
     from tether.cli import main
 
     data = write_jsonl(tmp_path / "steps.jsonl", stepwise_rows(40))
-    args = ("--train.max_steps=4", "--run.save_every=2", "--prm.aggregate=prod")
-    full = run_prm(tiny_model_dir, tmp_path / "full", data, *args)["losses"]
-
-    real_save = checkpoint.save
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(*a, **kw):
-        path = real_save(*a, **kw)
-        if a[1] == 2:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(Killed):
-        run_prm(tiny_model_dir, tmp_path / "cut", data, *args)
-    monkeypatch.setattr(checkpoint, "save", real_save)
-    torch.manual_seed(123)
-    resumed = run_prm(tiny_model_dir, tmp_path / "cut", data, *args, "--run.resume=true")
-    assert resumed["losses"] == full[2:]
-    # `tether export` of a prm run writes the same model (and separator/aggregate) as the run
-    assert main(["export", str(tmp_path / "cut"), str(tmp_path / "hf")]) == 0
+    out = run_prm(tiny_model_dir, tmp_path / "run", data, "--train.max_steps=2",
+                  "--prm.aggregate=prod")
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
     exported = AutoModelForTokenClassification.from_pretrained(tmp_path / "hf")
-    final = AutoModelForTokenClassification.from_pretrained(resumed["process_reward_model"])
+    final = AutoModelForTokenClassification.from_pretrained(out["process_reward_model"])
     assert exported.config.tether_prm == final.config.tether_prm == {
         "step_separator": "\n", "aggregate": "prod"}
     for (name, p), (_, q) in zip(exported.named_parameters(), final.named_parameters()):

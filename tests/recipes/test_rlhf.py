@@ -6,9 +6,9 @@ import json
 import pytest
 import yaml
 
+from tests.recipes.tiny_runs import Killed, kill_after_checkpoint
 from tether.config import RLHFConfig, load_config
 from tether.data.preference import builtin_preference_rows
-from tether.engine import checkpoint
 from tether.recipes import rlhf, stages
 
 
@@ -36,21 +36,10 @@ def test_rlhf_end_to_end_resumes_and_skips(tiny_model_dir, tmp_path, monkeypatch
     args = tiny_overrides(tiny_model_dir, out_dir, rm_rows)
 
     # 1. the PPO stage dies right after its step-1 checkpoint; SFT and RM have finished
-    real_save = checkpoint.save
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(root, step, **kwargs):
-        path = real_save(root, step, **kwargs)
-        if "ppo" in str(root) and step == 1:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    kill_after_checkpoint(monkeypatch, 1, where="ppo")
     with pytest.raises(Killed):
         rlhf.run(load_config(RLHFConfig, None, args))
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    monkeypatch.undo()
     assert (out_dir / "sft" / "stage.json").is_file() and (out_dir / "rm" / "stage.json").is_file()
     assert not (out_dir / "ppo" / "stage.json").exists()
 

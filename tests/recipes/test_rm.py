@@ -1,5 +1,5 @@
 """Reward model end to end on a tiny model: learns a simple rule, saved model scores the same,
-score read at the last non-pad token, bad rows named, resume equals uninterrupted, LoRA."""
+score read at the last non-pad token, bad rows named, export, LoRA (resume: test_resume.py)."""
 
 import json
 import math
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tether.config import RMConfig, load_config
-from tether.engine import checkpoint
 from tether.errors import ConfigError, DataError
 from tether.recipes import rm
 
@@ -177,41 +176,18 @@ def test_sft_row_is_refused_with_its_row(tiny_model_dir, tmp_path):
         run_rm(tiny_model_dir, tmp_path / "run", data)
 
 
-def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, monkeypatch):
-    data = write_jsonl(tmp_path / "rows.jsonl", rule_rows(40))
-    args = ("--train.max_steps=4", "--run.save_every=2", "--rm.margin_key=m",
-            "--rm.center_coef=0.01")
-    write_jsonl(data, [dict(r, m=0.5) for r in rule_rows(40)])
-    full = run_rm(tiny_model_dir, tmp_path / "full", data, *args)["losses"]
-
-    real_save = checkpoint.save
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(*a, **kw):
-        path = real_save(*a, **kw)
-        if a[1] == 2:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(Killed):
-        run_rm(tiny_model_dir, tmp_path / "cut", data, *args)
-    monkeypatch.setattr(checkpoint, "save", real_save)
-    torch.manual_seed(123)
-    resumed = run_rm(tiny_model_dir, tmp_path / "cut", data, *args, "--run.resume=true")
-    assert resumed["losses"] == full[2:]
-    lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if "loss/rm" in x] == [1, 2, 3, 4]
-    # `tether export` of an rm run writes the same reward model as the run's own reward_model/
+def test_export_of_an_rm_run_is_its_reward_model(tiny_model_dir, tmp_path):
+    """`tether export` of an rm run writes the same reward model as the run's own reward_model/
+    (resume: tests/recipes/test_resume.py)."""
     from transformers import AutoModelForSequenceClassification
 
     from tether.cli import main
 
-    assert main(["export", str(tmp_path / "cut"), str(tmp_path / "hf")]) == 0
+    data = write_jsonl(tmp_path / "rows.jsonl", rule_rows(40))
+    out = run_rm(tiny_model_dir, tmp_path / "run", data, "--train.max_steps=2")
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
     exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
-    final = AutoModelForSequenceClassification.from_pretrained(resumed["reward_model"])
+    final = AutoModelForSequenceClassification.from_pretrained(out["reward_model"])
     for (name, p), (_, q) in zip(exported.named_parameters(), final.named_parameters()):
         torch.testing.assert_close(p, q, atol=0, rtol=0, msg=name)
 

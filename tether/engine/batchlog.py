@@ -6,13 +6,13 @@ append the same batches is an error instead.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Callable
 
+from tether.engine.locks import lock
 from tether.errors import ConfigError
 
 
@@ -59,10 +59,7 @@ def logged_batches(path: Path, n_batches: int, make: Callable[[int], dict], *,
     done) after each. Returns every batch's record, in order."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as log:
-        try:
-            fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another process is writing {path}; wait for it") from None
+        lock(log, f"another process is writing {path}; wait for it")
         done = read_partial(path)  # read under the lock: no batch is made twice
         progress(sum(b in done for b in range(n_batches)))
         for b in range(n_batches):

@@ -533,12 +533,3 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     tmp.write_text(render_html(run, written), encoding="utf-8")
     os.replace(tmp, out)
     return out
-
-
-def finish_run(run_dir: str | Path, logger, enabled: bool = True) -> None:
-    """A recipe's last act: RUN_DIR/report.html from what the run wrote (rank 0), and where."""
-    from tether.engine import dist
-
-    if enabled and dist.is_main():
-        logger.print(f"report: {write_report(Path(run_dir))} (`tether eval {run_dir}` adds "
-                     "the held-out evaluation to it)")

@@ -29,6 +29,7 @@ import torch
 
 from tether.config import CompareConfig, EvalConfig, save_config
 from tether.engine.batchlog import write_atomic
+from tether.engine.run import rerun
 from tether.errors import ConfigError, TetherError
 
 METHODS = ("dpo", "ppo", "grpo", "bon")
@@ -59,6 +60,11 @@ def run_tether(args: list[str]) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024  # ru_maxrss: KiB on Linux
 
 
+def rerun_flags(run_dir: Path) -> list[str]:
+    """--run.resume / --run.overwrite for a run started again (`tether.engine.run.rerun`)."""
+    return [f"--run.{key}={str(value).lower()}" for key, value in rerun(run_dir).items()]
+
+
 def plan(cfg: CompareConfig, root: Path, reward_model: str, prompts: tuple[Path, Path]
          ) -> list[Method]:
     """The training runs, in order; every one starts from cfg.model."""
@@ -82,7 +88,7 @@ def plan(cfg: CompareConfig, root: Path, reward_model: str, prompts: tuple[Path,
             *start, *data, f"--grpo.rewards={reward_model}", "--rewards.gold=sentiment",
             *cfg.grpo_args]))
     for m in out:
-        m.args = [m.recipe, f"--run.output_dir={m.run_dir}",
+        m.args = [m.recipe, f"--run.output_dir={m.run_dir}", *rerun_flags(m.run_dir),
                   f"--run.progress={str(cfg.progress).lower()}", *m.args]
     return out
 
@@ -225,6 +231,7 @@ def run(cfg: CompareConfig) -> dict:
         if not (Path(reward_model) / "config.json").is_file():
             say("training the reward model (tether rm on the built preference set, docs/rm.md)")
             run_tether(["rm", f"--model.name_or_path={cfg.model}", f"--run.output_dir={root / 'rm'}",
+                        *rerun_flags(root / "rm"),
                         f"--run.progress={str(cfg.progress).lower()}", *cfg.rm_args])
 
     # --- the starting policy, evaluated once: every KL is measured from it ------------------------

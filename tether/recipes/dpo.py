@@ -28,23 +28,23 @@ from typing import Callable
 
 import torch
 
-from tether.config import DPOConfig, ModelConfig, PreferenceConfig, choice_error, save_config
+from tether.config import DPOConfig, ModelConfig, PreferenceConfig, choice_error
 from tether.data.formats import truncation_counts, truncation_message
 from tether.data.preference import (PreferenceBatch, builtin_sentiment_rows, collate_preference,
                                     load_preference_data)
 from tether.data.tasks import sentiment
-from tether.engine import checkpoint, dist
-from tether.engine.interrupt import TrainingSteps
+from tether.engine import dist
 from tether.engine.logprobs import CausalLMLogps
-from tether.engine.metrics import MetricsLogger, peak_memory_mb
+from tether.engine.metrics import peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer, resolve_model_dir
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, check_batch_sizes,
                                    resolve_precision, step_items, train_step)
 from tether.engine.reference import (cached_pair_logps, items_used, kto_kl, reference_cache_path,
                                      reference_logps, sequence_logps, with_reference)
+from tether.engine.run import Run
 from tether.errors import ConfigError
 from tether.eval import online
-from tether.eval.report import finish_run
+from tether.eval.report import write_report
 from tether.losses import (PREFERENCE_LOSSES, PreferenceLoss, group_robust_weights, masked_mean,
                            preference_coefficients)
 from tether.rewards import SentimentReward
@@ -272,23 +272,13 @@ def run(cfg: DPOConfig) -> dict:
     group_weights = torch.full((len(groups),), 1.0 / len(groups)) if dc.group_robust else None
     loss_fn = partial(preference_loss, objective=objective, n_groups=len(groups))
 
-    # --- resume: model, optimizer, scheduler, RNG, data position and group weights -------------
-    ckpt_root = run_dir / "checkpoints"
-    start_step = 0
-    if cfg.run.resume:
-        last = checkpoint.latest(ckpt_root)
-        if last is None:
-            raise ConfigError(f"run.resume is true but {ckpt_root} holds no checkpoint")
-        state = checkpoint.load(last, model=policy, optimizer=optimizer, scheduler=scheduler)
-        start_step = state["step"]
-        if group_weights is not None:
-            group_weights = torch.tensor(state["group_weights"], dtype=torch.float32)
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, total_steps=total_steps, description=f"dpo ({dc.loss})",
-                           tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
-                           start_step=start_step)
+    # --- the run: lock, resume (model, optimizer, scheduler, RNG, data position, group
+    # weights), logger ------------------------------------------------------------------------
+    session = Run.start(cfg, f"dpo ({dc.loss})", total_steps, model=policy, optimizer=optimizer,
+                        scheduler=scheduler)
+    start_step, logger = session.step, session.logger
+    if group_weights is not None and session.resumed:
+        group_weights = torch.tensor(session.state["group_weights"], dtype=torch.float32)
     logger.print(ref_note)
     diag = online.Diagnostics(cfg.rewards, cfg.diagnostics, run_dir, start_step=start_step,
                               proxy="rewards/margin")
@@ -318,8 +308,7 @@ def run(cfg: DPOConfig) -> dict:
 
     # --- train ----------------------------------------------------------------------------------
     history, margins = [], []
-    steps = TrainingSteps(start_step, total_steps, ckpt_root, logger)  # Ctrl-C: save, stop
-    for step in steps:
+    for step in session.steps():  # Ctrl-C: save, stop
         items = step_items(train_items, step, tc.batch_size, tc.seed)[
             dist.shard_indices(tc.batch_size)]
         micro_batches = [collate(items[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size])
@@ -369,11 +358,8 @@ def run(cfg: DPOConfig) -> dict:
         history.append(m["loss"])
         margins.append(metrics["rewards/margin"])
         logger.advance(step + 1, f"loss {m['loss']:.4f} acc {metrics['rewards/accuracy']:.2f}")
-        if steps.checkpoint_due(step + 1, cfg.run.save_every):
-            state = {"total_steps": total_steps, **({} if group_weights is None else
-                                                    {"group_weights": group_weights.tolist()})}
-            checkpoint.save(ckpt_root, step + 1, model=policy, optimizer=optimizer,
-                            scheduler=scheduler, trainer_state=state, keep_last=cfg.run.keep_last)
+        session.save(step + 1, **({} if group_weights is None else  # when due
+                                  {"group_weights": group_weights.tolist()}))
     logger.close()
 
     eval_after = evaluate(policy, eval_batches, loss_fn, device, tc.precision, kto=unpaired)
@@ -389,8 +375,7 @@ def run(cfg: DPOConfig) -> dict:
                      f"{gen_before['eval/sentiment']:+.3f} -> {gen_after['eval/sentiment']:+.3f}; "
                      f"KL(policy || reference) {gen_before['eval/kl']:.2f} -> "
                      f"{gen_after['eval/kl']:.2f} nats per completion")
-    logger.print(f"run directory: {run_dir} (export with `tether export {run_dir} OUT_DIR`)")
-    finish_run(run_dir, logger, cfg.run.report)
+    session.finish(write_report)
     return {"losses": history, "margins": margins, "eval_before": eval_before,
             "eval_after": eval_after, "generations_before": gen_before,
             "generations_after": gen_after, "group_weights": group_weights, "groups": groups,

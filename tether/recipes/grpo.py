@@ -29,24 +29,23 @@ from typing import Callable
 import torch
 
 from tether.advantages import GROUP_ADVANTAGES
-from tether.config import (GenerationConfig, GRPOConfig, GRPOParams, ModelConfig, choice_error,
-                           save_config)
+from tether.config import GenerationConfig, GRPOConfig, GRPOParams, ModelConfig, choice_error
 from tether.data.tasks.rl import load_task_prompts
-from tether.engine import checkpoint, dist
+from tether.engine import dist
 from tether.engine.backends import close_backend, make_backend
 from tether.engine.dist import global_mean, same_count_on_ranks
 from tether.engine.generate import SamplingParams
-from tether.engine.interrupt import TrainingSteps
 from tether.engine.logprobs import CausalLMLogps
-from tether.engine.metrics import MetricsLogger, peak_memory_mb
+from tether.engine.metrics import peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import (build_optimizer, build_scheduler, resolve_precision, step_items,
                                    train_step)
 from tether.engine.rollout_batches import GRPOBatch, micro_batches
+from tether.engine.run import Run
 from tether.engine.score import score_logps
 from tether.errors import ConfigError
 from tether.eval import online
-from tether.eval.report import finish_run
+from tether.eval.report import write_report
 from tether.judge.reward import JudgeReward, judge_cost, judge_metrics
 from tether.losses import GRPO_VARIANTS, GRPOVariant, aggregate_sum, grpo_loss, masked_sum
 from tether.recipes.grpo_groups import UserGroups
@@ -185,22 +184,13 @@ def _run(cfg: GRPOConfig, cleanup: ExitStack) -> dict:
     optimizer = build_optimizer(policy, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps * gc_.num_iterations)
 
-    # --- resume: model, optimizer, scheduler, RNG; data and samples are functions of the step --
-    ckpt_root = run_dir / "checkpoints"
-    start_step = 0
-    if cfg.run.resume:
-        last = checkpoint.latest(ckpt_root)
-        if last is None:
-            raise ConfigError(f"run.resume is true but {ckpt_root} holds no checkpoint")
-        state = checkpoint.load(last, model=policy, optimizer=optimizer, scheduler=scheduler)
-        start_step = state["step"]
-        groups.load_state(state)  # the fairness weights
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, total_steps=total_steps,
-                           description=f"grpo ({gc_.loss_type})", tensorboard=cfg.run.tensorboard,
-                           progress=cfg.run.progress, start_step=start_step)
+    # --- the run: lock, resume (model, optimizer, scheduler, RNG; data and samples are
+    # functions of the step), logger -----------------------------------------------------------
+    session = Run.start(cfg, f"grpo ({gc_.loss_type})", total_steps, model=policy,
+                        optimizer=optimizer, scheduler=scheduler)
+    start_step, logger = session.step, session.logger
+    if session.resumed:
+        groups.load_state(session.state)  # the fairness weights
     diag = online.Diagnostics(cfg.rewards, cfg.diagnostics, run_dir, start_step=start_step)
     n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     logger.print(f"grpo ({obj.summary}): {len(train_prompts)} train prompts, {total_steps} "
@@ -218,8 +208,7 @@ def _run(cfg: GRPOConfig, cleanup: ExitStack) -> dict:
                             top_p=gc_.top_p, top_k=gc_.top_k, stop=tuple(gc_.stop),
                             group_size=gc_.group_size)
     history = []
-    steps = TrainingSteps(start_step, total_steps, ckpt_root, logger)  # Ctrl-C: save, stop
-    for step in steps:
+    for step in session.steps():  # Ctrl-C: save, stop
         # --- generate ---------------------------------------------------------------------------
         t0 = time.perf_counter()
         prompts = step_items(train_prompts, step, gc_.prompts_per_step, tc.seed)[
@@ -346,11 +335,7 @@ def _run(cfg: GRPOConfig, cleanup: ExitStack) -> dict:
                                  f"len {metrics['completions/mean_length']:.1f}")
 
         # --- checkpoint -------------------------------------------------------------------------
-        if steps.checkpoint_due(step + 1, cfg.run.save_every):
-            checkpoint.save(ckpt_root, step + 1, model=policy, optimizer=optimizer,
-                            scheduler=scheduler,
-                            trainer_state={"total_steps": total_steps, **groups.state()},
-                            keep_last=cfg.run.keep_last)
+        session.save(step + 1, **groups.state())  # when due: the schedule, the clock, Ctrl-C
     logger.close()
 
     after, samples = evaluate()
@@ -363,7 +348,6 @@ def _run(cfg: GRPOConfig, cleanup: ExitStack) -> dict:
                      f"{after['eval/reward']:.3f}")
     for line in groups.summary(before, after):
         logger.print(line)
-    logger.print(f"run directory: {run_dir} (export with `tether export {run_dir} OUT_DIR`)")
-    finish_run(run_dir, logger, cfg.run.report)
+    session.finish(write_report)
     return {"history": history, "eval_before": before, "eval_after": after, "policy": policy,
             "reference": reference, "tokenizer": tokenizer, "run_dir": run_dir}

@@ -21,7 +21,6 @@ DPO reads the labels with `--data.path=<output_dir>/labels.jsonl --dpo.soft_labe
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -34,6 +33,7 @@ from tether.data.formats import read_rows, validate_row
 from tether.data.preference import rows_hash
 from tether.engine import dist
 from tether.engine.batchlog import read_partial, write_atomic
+from tether.engine.locks import lock
 from tether.errors import ConfigError, DataError
 from tether.eval.evaluate import progress_bar
 from tether.judge import DEFAULT_PRINCIPLE, Judge, keep_confident, label_row
@@ -201,11 +201,8 @@ def run(cfg: LabelConfig) -> dict:
 
     # --- judge: the pairs the log does not hold yet, appended batch by batch -----------------
     with progress_bar(cfg.progress) as bar, log_path.open("a", encoding="utf-8") as log:
-        try:  # one judge per log: a second would append the same pairs
-            fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another process is labelling into {out}; wait for it or use "
-                              "another label.output_dir") from None
+        lock(log, f"another process is labelling into {out}; wait for it or use another "
+                  "label.output_dir")  # one judge per log: a second would append the same pairs
         done = read_partial(log_path)  # read under the lock; a torn last line is cut off
         if "settings" in done:
             check_settings(done["settings"]["settings"], settings, log_path)

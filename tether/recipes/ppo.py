@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tether.advantages import explained_variance, gae, kl_shaped_rewards, whiten
-from tether.config import ModelConfig, PPOConfig, PPOParams, save_config
+from tether.config import ModelConfig, PPOConfig, PPOParams
 from tether.data.prompts import (PromptExample, builtin_prompt_rows, load_prompt_examples,
                                  tokenize_prompt_rows)
 from tether.data.tasks import builtin_sft_rows
@@ -37,16 +37,16 @@ from tether.engine import checkpoint, dist
 from tether.engine.backends import close_backend, make_backend
 from tether.engine.dist import global_mean
 from tether.engine.generate import SamplingParams, seeded
-from tether.engine.interrupt import TrainingSteps
 from tether.engine.logprobs import CausalLMLogps
-from tether.engine.metrics import MetricsLogger, peak_memory_mb
+from tether.engine.metrics import peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer, load_value_model
 from tether.engine.optimize import build_scheduler, resolve_precision, step_items, train_step
 from tether.engine.rollout_batches import PPOBatch
+from tether.engine.run import Run
 from tether.engine.score import TokenValues, score_rollout
 from tether.errors import ConfigError
 from tether.eval import online
-from tether.eval.report import finish_run
+from tether.eval.report import write_report
 from tether.judge.reward import JudgeReward, judge_cost, judge_metrics
 from tether.losses import (adaptive_kl_coef, aggregate_sum, clipped_surrogate, kl_penalty,
                            truncated_is_weight, value_loss)
@@ -232,21 +232,11 @@ def _run(cfg: PPOConfig, cleanup: ExitStack) -> dict:
     sampling = SamplingParams(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature,
                               top_p=pc.top_p, top_k=pc.top_k, stop=tuple(pc.stop), group_size=G)
 
-    # --- resume: both models, optimizer, scheduler, KL coefficient, step ------------------------
-    ckpt_root = run_dir / "checkpoints"
-    start_step, kl_coef = 0, pc.kl_coef
-    if cfg.run.resume:
-        last = checkpoint.latest(ckpt_root)
-        if last is None:
-            raise ConfigError(f"run.resume is true but {ckpt_root} holds no checkpoint")
-        state = checkpoint.load(last, model=models, optimizer=optimizer, scheduler=scheduler)
-        start_step, kl_coef = state["step"], state["kl_coef"]
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, total_steps=total_steps, description="ppo",
-                           tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
-                           start_step=start_step)
+    # --- the run: lock, resume (both models, optimizer, scheduler, KL coefficient), logger ----
+    session = Run.start(cfg, "ppo", total_steps, model=models, optimizer=optimizer,
+                        scheduler=scheduler)
+    start_step, logger = session.step, session.logger
+    kl_coef = session.state["kl_coef"] if session.resumed else pc.kl_coef
     diag = online.Diagnostics(cfg.rewards, cfg.diagnostics, run_dir, start_step=start_step)
     n_params = sum(p.numel() for p in models.parameters() if p.requires_grad)
     logger.print(f"ppo: {len(prompts)} train / {len(eval_prompts)} held-out prompts, "
@@ -262,8 +252,7 @@ def _run(cfg: PPOConfig, cleanup: ExitStack) -> dict:
     diag.log(logger, start_step, eval_before, samples)
 
     history = []
-    steps = TrainingSteps(start_step, total_steps, ckpt_root, logger)  # Ctrl-C: save, stop
-    for step in steps:
+    for step in session.steps():  # Ctrl-C: save, stop
         rows = step_items(prompts, step, tc.batch_size, tc.seed)[dist.shard_indices(tc.batch_size)]
 
         # --- generate -------------------------------------------------------------------------
@@ -359,10 +348,7 @@ def _run(cfg: PPOConfig, cleanup: ExitStack) -> dict:
             diag.log(logger, step + 1, metrics)
         history.append(metrics)
         logger.advance(step + 1, f"reward {reward_mean:.3f} kl {mean_kl:.3f}")
-        if steps.checkpoint_due(step + 1, cfg.run.save_every):
-            checkpoint.save(ckpt_root, step + 1, model=models, optimizer=optimizer,
-                            scheduler=scheduler, keep_last=cfg.run.keep_last,
-                            trainer_state={"total_steps": total_steps, "kl_coef": kl_coef})
+        session.save(step + 1, kl_coef=kl_coef)  # when due: the schedule, the clock, Ctrl-C
     logger.close()
 
     eval_after, samples = evaluate()
@@ -380,7 +366,7 @@ def _run(cfg: PPOConfig, cleanup: ExitStack) -> dict:
         checkpoint.export(policy.model, tokenizer, out_dir, force=True)  # its own output
     dist.barrier()
     logger.print(f"policy: {out_dir} (AutoModelForCausalLM.from_pretrained)")
-    finish_run(run_dir, logger, cfg.run.report)
+    session.finish(write_report)
     return {"history": history, "eval_before": eval_before, "eval_after": eval_after,
             "accuracy_before": eval_before.get("eval/accuracy"),
             "accuracy_after": eval_after.get("eval/accuracy"), "models": models,

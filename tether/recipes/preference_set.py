@@ -25,7 +25,6 @@ second run with the same settings reads the files and samples nothing.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import random
@@ -42,6 +41,7 @@ from tether.data.prompts import PROMPT_FORMATS, encode_prompt
 from tether.engine import dist
 from tether.engine.batchlog import read_partial, write_atomic
 from tether.engine.generate import SamplingParams, TorchBackend, seeded
+from tether.engine.locks import lock
 from tether.engine.models import cache_dir, load_causal_lm, load_tokenizer, resolve_model_dir
 from tether.engine.optimize import resolve_precision
 from tether.errors import ConfigError, DataError
@@ -141,11 +141,8 @@ def build(p: PrefsParams, *, precision: str = "auto", progress: bool = True,
     say(f"prefs: building {p.pairs} + {p.heldout_pairs} held-out pairs in {out} "
         f"({G} samples per prompt from {model_dir}, ordered by {p.gold}; resumes if killed)")
     with progress_bar(progress) as bar, partial_path.open("a", encoding="utf-8") as log:
-        try:  # one sampler per samples file: a second one would append the same batches
-            fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another process is sampling {partial_path}; wait for it (the "
-                              "samples are then read from there)") from None
+        lock(log, f"another process is sampling {partial_path}; wait for it (the samples are "
+                  "then read from there)")  # one sampler per file: a second would append the same
         done = read_partial(partial_path)  # read under the lock: no batch is sampled twice
         task = bar.add_task("prefs: sample + score", total=p.pairs + p.heldout_pairs)
         used = 0

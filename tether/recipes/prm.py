@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch
 
-from tether.config import PRMConfig, save_config
+from tether.config import PRMConfig
 from tether.data.stepwise import StepExample, builtin_stepwise_rows, load_stepwise_data
 from tether.engine import checkpoint, dist
-from tether.engine.interrupt import TrainingSteps
-from tether.engine.metrics import MetricsLogger, peak_memory_mb
+from tether.engine.metrics import peak_memory_mb
 from tether.engine.models import load_tokenizer, load_value_model, unwrap
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, check_batch_sizes,
                                    resolve_precision, step_items, train_step)
+from tether.engine.run import Run
 from tether.errors import ConfigError
-from tether.eval.report import finish_run
+from tether.eval.report import write_report
 from tether.losses import process_reward_loss
 from tether.rewards.process import AGGREGATES, aggregate_steps, step_logits_at
 
@@ -177,21 +177,10 @@ def run(cfg: PRMConfig) -> dict:
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
 
-    # --- resume: model, optimizer, scheduler, RNG and data position ---------------------------
-    ckpt_root = run_dir / "checkpoints"
-    start_step = 0
-    if cfg.run.resume:
-        last = checkpoint.latest(ckpt_root)
-        if last is None:
-            raise ConfigError(f"run.resume is true but {ckpt_root} holds no checkpoint")
-        start_step = checkpoint.load(last, model=model, optimizer=optimizer,
-                                     scheduler=scheduler)["step"]
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, total_steps=total_steps, description="prm",
-                           tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
-                           start_step=start_step)
+    # --- the run: lock, resume (model, optimizer, scheduler, RNG, data position), logger -----
+    session = Run.start(cfg, "prm", total_steps, model=model, optimizer=optimizer,
+                        scheduler=scheduler)
+    start_step, logger = session.step, session.logger
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_steps = sum(len(e.step_labels) for e in train_examples)
@@ -206,8 +195,7 @@ def run(cfg: PRMConfig) -> dict:
 
     # --- train --------------------------------------------------------------------------------
     history = []
-    steps = TrainingSteps(start_step, total_steps, ckpt_root, logger)  # Ctrl-C: save, stop
-    for step in steps:
+    for step in session.steps():  # Ctrl-C: save, stop
         examples = step_items(train_examples, step, tc.batch_size, tc.seed)[
             dist.shard_indices(tc.batch_size)]
         micro_batches = [collate(examples[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size])
@@ -230,10 +218,7 @@ def run(cfg: PRMConfig) -> dict:
         history.append(m["loss"])
         logger.advance(step + 1, f"loss {m['loss']:.4f} step acc "
                                  f"{metrics['prm/step_accuracy']:.2f}")
-        if steps.checkpoint_due(step + 1, cfg.run.save_every):
-            checkpoint.save(ckpt_root, step + 1, model=model, optimizer=optimizer,
-                            scheduler=scheduler, trainer_state={"total_steps": total_steps},
-                            keep_last=cfg.run.keep_last)
+        session.save(step + 1)  # when due: the schedule, the clock, Ctrl-C
     logger.close()
 
     eval_after = evaluate_now()
@@ -256,7 +241,7 @@ def run(cfg: PRMConfig) -> dict:
                  f"{fmt('eval/first_error_accuracy')}")
     logger.print(f"process reward model: {out_dir} (tether.rewards.ProcessRewardScorer, or "
                  "AutoModelForTokenClassification.from_pretrained)")
-    finish_run(run_dir, logger, cfg.run.report)
+    session.finish(write_report)
     return {"losses": history, "eval_before": eval_before, "eval_after": eval_after,
             "model": model, "tokenizer": tokenizer, "run_dir": run_dir,
             "process_reward_model": out_dir, "eval_examples": eval_examples,

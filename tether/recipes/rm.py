@@ -23,19 +23,19 @@ from pathlib import Path
 
 import torch
 
-from tether.config import DataConfig, RMConfig, save_config
+from tether.config import DataConfig, RMConfig
 from tether.data.collate import Example, pad_collate
 from tether.data.formats import (Rows, check_not_null, read_rows, split_indices,
                                  truncation_counts, truncation_message, validate_row)
 from tether.data.preference import drop_identical_pairs, tokenize_pair
 from tether.engine import checkpoint, dist
-from tether.engine.interrupt import TrainingSteps
-from tether.engine.metrics import MetricsLogger, peak_memory_mb
+from tether.engine.metrics import peak_memory_mb
 from tether.engine.models import freeze_trunk, load_reward_model, load_tokenizer, unwrap
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, check_batch_sizes,
                                    resolve_precision, step_items, train_step)
+from tether.engine.run import Run
 from tether.errors import ConfigError, DataError
-from tether.eval.report import finish_run
+from tether.eval.report import write_report
 from tether.losses import bradley_terry_loss
 from tether.recipes.preference_set import build as build_prefs
 
@@ -266,21 +266,10 @@ def run(cfg: RMConfig) -> dict:
     scheduler = build_scheduler(optimizer, tc, total_steps)
     loss_fn = partial(rm_loss, center_coef=cfg.rm.center_coef)
 
-    # --- resume: model, optimizer, scheduler, RNG and data position ---------------------------
-    ckpt_root = run_dir / "checkpoints"
-    start_step = 0
-    if cfg.run.resume:
-        last = checkpoint.latest(ckpt_root)
-        if last is None:
-            raise ConfigError(f"run.resume is true but {ckpt_root} holds no checkpoint")
-        start_step = checkpoint.load(last, model=model, optimizer=optimizer,
-                                     scheduler=scheduler)["step"]
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, total_steps=total_steps, description="rm",
-                           tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
-                           start_step=start_step)
+    # --- the run: lock, resume (model, optimizer, scheduler, RNG, data position), logger -----
+    session = Run.start(cfg, "rm", total_steps, model=model, optimizer=optimizer,
+                        scheduler=scheduler)
+    start_step, logger = session.step, session.logger
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.print(f"rm: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {total_steps} "
@@ -294,8 +283,7 @@ def run(cfg: RMConfig) -> dict:
 
     # --- train --------------------------------------------------------------------------------
     history = []
-    steps = TrainingSteps(start_step, total_steps, ckpt_root, logger)  # Ctrl-C: save, stop
-    for step in steps:
+    for step in session.steps():  # Ctrl-C: save, stop
         pairs = step_items(train_pairs, step, tc.batch_size, tc.seed)[
             dist.shard_indices(tc.batch_size)]
         micro_batches = [collate(pairs[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size])
@@ -318,10 +306,7 @@ def run(cfg: RMConfig) -> dict:
             logger.log(step + 1, metrics)
         history.append(m["loss"])
         logger.advance(step + 1, f"loss {m['loss']:.4f} acc {metrics['rm/accuracy']:.2f}")
-        if steps.checkpoint_due(step + 1, cfg.run.save_every):
-            checkpoint.save(ckpt_root, step + 1, model=model, optimizer=optimizer,
-                            scheduler=scheduler, trainer_state={"total_steps": total_steps},
-                            keep_last=cfg.run.keep_last)
+        session.save(step + 1)  # when due: the schedule, the clock, Ctrl-C
     logger.close()
 
     eval_after = evaluate(model, eval_batches, device, tc.precision)
@@ -341,7 +326,7 @@ def run(cfg: RMConfig) -> dict:
                  f"{eval_before['eval/spearman']:.3f} -> {eval_after['eval/spearman']:.3f}"
                  if "eval/spearman" in eval_after else ""))
     logger.print(f"reward model: {out_dir} (AutoModelForSequenceClassification.from_pretrained)")
-    finish_run(run_dir, logger, cfg.run.report)
+    session.finish(write_report)
     return {"losses": history, "eval_before": eval_before, "eval_after": eval_after,
             "model": model, "tokenizer": tokenizer, "run_dir": run_dir, "reward_model": out_dir,
             "eval_pairs": eval_pairs, "train_pairs": len(train_pairs), "trainable": trainable}

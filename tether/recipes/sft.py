@@ -13,20 +13,20 @@ from pathlib import Path
 
 import torch
 
-from tether.config import SFTConfig, save_config
+from tether.config import SFTConfig
 from tether.data.collate import Batch, block_causal_mask, pack_examples, packed_collate, pad_collate
 from tether.data.formats import load_sft_examples, truncation_counts, truncation_message
 from tether.data.tasks import builtin_sft_rows, heldout_problems, task_accuracy
-from tether.engine import checkpoint, dist
+from tether.engine import dist
 from tether.engine.generate import greedy_complete
-from tether.engine.interrupt import TrainingSteps
 from tether.engine.logprobs import CausalLMLogps
-from tether.engine.metrics import MetricsLogger, peak_memory_mb
+from tether.engine.metrics import peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, check_batch_sizes,
                                    resolve_precision, step_items, train_step)
+from tether.engine.run import Run
 from tether.errors import ConfigError
-from tether.eval.report import finish_run
+from tether.eval.report import write_report
 from tether.losses import nll_loss
 
 
@@ -106,22 +106,10 @@ def run(cfg: SFTConfig) -> dict:
     optimizer = build_optimizer(policy, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
 
-    # --- resume: model, optimizer, scheduler, RNG and data position ---------------------------
-    ckpt_root = run_dir / "checkpoints"
-    start_step = 0
-    if cfg.run.resume:
-        last = checkpoint.latest(ckpt_root)
-        if last is None:
-            raise ConfigError(f"run.resume is true but {ckpt_root} holds no checkpoint")
-        start_step = checkpoint.load(last, model=policy, optimizer=optimizer,
-                                     scheduler=scheduler)["step"]
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-
-    logger = MetricsLogger(run_dir, total_steps=total_steps, description="sft",
-                           tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
-                           start_step=start_step)
+    # --- the run: lock, resume (model, optimizer, scheduler, RNG, data position), logger -----
+    session = Run.start(cfg, "sft", total_steps, model=policy, optimizer=optimizer,
+                        scheduler=scheduler)
+    start_step, logger = session.step, session.logger
     n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     logger.print(f"sft: {len(train_examples)} train / {len(eval_examples)} eval examples, "
                  f"{total_steps} steps of {tc.batch_size}, {n_params / 1e6:.1f}M trainable "
@@ -136,8 +124,7 @@ def run(cfg: SFTConfig) -> dict:
 
     # --- train --------------------------------------------------------------------------------
     history = []
-    steps = TrainingSteps(start_step, total_steps, ckpt_root, logger)  # Ctrl-C: save, stop
-    for step in steps:
+    for step in session.steps():  # Ctrl-C: save, stop
         items = step_items(train_items, step, tc.batch_size, tc.seed)[
             dist.shard_indices(tc.batch_size)]
         micro_batches = [collate(items[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size])
@@ -160,10 +147,7 @@ def run(cfg: SFTConfig) -> dict:
             logger.log(step + 1, metrics)
         history.append(m["loss"])
         logger.advance(step + 1, f"loss {m['loss']:.4f}")
-        if steps.checkpoint_due(step + 1, cfg.run.save_every):
-            checkpoint.save(ckpt_root, step + 1, model=policy, optimizer=optimizer,
-                            scheduler=scheduler, trainer_state={"total_steps": total_steps},
-                            keep_last=cfg.run.keep_last)
+        session.save(step + 1)  # when due: the schedule, the clock, Ctrl-C
     logger.close()
 
     eval_after = evaluate(policy, eval_batches, device, tc.precision)
@@ -173,8 +157,7 @@ def run(cfg: SFTConfig) -> dict:
     if problems:
         logger.print(f"held-out arithmetic accuracy ({len(problems)} problems, greedy): "
                      f"{acc_before['eval/accuracy']:.1%} -> {acc_after['eval/accuracy']:.1%}")
-    logger.print(f"run directory: {run_dir} (export with `tether export {run_dir} OUT_DIR`)")
-    finish_run(run_dir, logger, cfg.run.report)
+    session.finish(write_report)
     return {"losses": history, "eval_before": eval_before, "eval_after": eval_after,
             "accuracy_before": acc_before.get("eval/accuracy"),
             "accuracy_after": acc_after.get("eval/accuracy"),

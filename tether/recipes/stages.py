@@ -12,8 +12,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from tether.engine import checkpoint, dist
+from tether.engine import dist
 from tether.engine.batchlog import write_atomic
+from tether.engine.run import rerun
 
 MARKER = "stage.json"
 
@@ -30,10 +31,10 @@ def mark_finished(stage_dir: Path, record: dict) -> None:
 
 
 def resumable(stage_cfg, stage_dir: Path):
-    """The stage's config with its run directory set, resuming when a checkpoint is there."""
-    has_ckpt = checkpoint.latest(stage_dir / "checkpoints") is not None
-    return replace(stage_cfg, run=replace(stage_cfg.run, output_dir=str(stage_dir),
-                                          resume=stage_cfg.run.resume or has_ckpt))
+    """The stage's config with its run directory set, resuming when a checkpoint is there (and
+    starting afresh over an earlier attempt's files when none is)."""
+    flags = {} if stage_cfg.run.resume else rerun(stage_dir)
+    return replace(stage_cfg, run=replace(stage_cfg.run, output_dir=str(stage_dir), **flags))
 
 
 def positive_tone(prompts: list, completions: list[str], **columns) -> list[float]:
