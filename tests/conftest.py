@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# TETHER_TEST_THREADS: the golden-curve spread measurement (scripts/golden_spread.py) varies it
+torch.set_num_threads(int(os.environ.get("TETHER_TEST_THREADS", 0))
+                      or max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")

@@ -8,16 +8,25 @@ from tether.errors import ConfigError
 
 
 def test_gguf_file_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+    """The conversion is keyed by the file's content: the same bytes under either spelling of
+    the path share one; two files of one name and size that differ in one byte do not."""
+    import hashlib
+
     gguf = tmp_path / "m.Q4.gguf"
     gguf.write_bytes(b"x" * 10)
     calls = []
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "convert_gguf", lambda src, out: calls.append((src, out)) or out)
     out = models.resolve_model_dir(ModelConfig(name_or_path=str(gguf)))
-    assert calls == [(gguf, tmp_path / "cache" / "models" / "m.Q4-10")]
-    assert out == tmp_path / "cache" / "models" / "m.Q4-10"
+    digest = hashlib.sha256(b"x" * 10).hexdigest()[:16]
+    assert calls == [(gguf, tmp_path / "cache" / "models" / f"m.Q4-{digest}")]
+    assert out == tmp_path / "cache" / "models" / f"m.Q4-{digest}"
     models.resolve_model_dir(ModelConfig(name_or_path=str(tmp_path), gguf_file="m.Q4.gguf"))
     assert calls[1] == calls[0]
+    other = tmp_path / "other" / "m.Q4.gguf"  # same name, same size, one byte different
+    other.parent.mkdir()
+    other.write_bytes(b"x" * 9 + b"y")
+    assert models.resolve_model_dir(ModelConfig(name_or_path=str(other))) != out
 
 
 def test_local_directory_and_errors(tmp_path, tiny_model_dir):

@@ -7,6 +7,8 @@ a plain fp32 safetensors directory in the cache (`$TETHER_CACHE`, default `~/.ca
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -70,10 +72,27 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+@functools.lru_cache(maxsize=32)
+def _content_digest(path: Path, size: int, mtime_ns: int) -> str:  # (path, size, mtime) memo
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def gguf_cache_name(gguf: Path, name: str | None = None) -> str:
+    """The conversion's folder name: `name` (default: the file's stem) and the first 16 hex
+    digits of the file's SHA-256 (about 0.2 s per 100 MB, once per process), so two files that
+    differ in any byte never share a conversion, whatever their names and sizes."""
+    stat = gguf.stat()
+    digest = _content_digest(gguf.resolve(), stat.st_size, stat.st_mtime_ns)
+    return f"{name or gguf.stem}-{digest[:16]}"
+
+
 def resolve_model_dir(cfg: ModelConfig) -> Path:
     """Where the HF-format weights for `cfg` live (converting a GGUF file once if needed)."""
     if cfg.name_or_path == "default":
-        return convert_gguf(default_gguf_path(), cache_dir() / "models" / DEFAULT_MODEL_NAME)
+        gguf = default_gguf_path()
+        return convert_gguf(gguf, cache_dir() / "models"
+                            / gguf_cache_name(gguf, DEFAULT_MODEL_NAME))
     path = Path(cfg.name_or_path).expanduser()
     gguf = None
     if path.is_file() and path.suffix == ".gguf":
@@ -83,8 +102,7 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
     if gguf is not None:
         if not gguf.is_file():
             raise ConfigError(f"model.gguf_file: no GGUF file at {gguf}")
-        key = f"{gguf.stem}-{gguf.stat().st_size}"
-        return convert_gguf(gguf, cache_dir() / "models" / key)
+        return convert_gguf(gguf, cache_dir() / "models" / gguf_cache_name(gguf))
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"model.name_or_path: {path} is not a model directory (no config.json). This machine "

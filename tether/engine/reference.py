@@ -101,15 +101,27 @@ def reference_cache_path(model_dir: Path, *key_parts) -> Path:
     return cache_dir() / "ref_logps" / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
 
 
+def read_cached_logps(path: Path) -> tuple[torch.Tensor | None, str | None]:
+    """(the cached (N, 2) log-probs, None), or (None, why) when the file is damaged (truncated,
+    not safetensors, no `logps` tensor): a cache is never worth an error, only a recompute."""
+    try:
+        return load_file(path)["logps"], None
+    except Exception as err:  # safetensors raises its own error types for every kind of damage
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+
+
 def cached_pair_logps(n_items: int, needed: list[int], path: Path, *, use_cache: bool,
                       score: Callable[[list[int]], torch.Tensor]) -> tuple[torch.Tensor, str]:
     """(N, 2) log-probs of N items, NaN for those outside `needed`: read from the cache file
     where it has them, else `score(missing indices) -> (len(missing), 2)` for the needed ones it
     lacks; the file (written atomically, by rank 0) then grows to hold them. Returns a note too."""
     logps = torch.full((n_items, 2), float("nan"))
-    if use_cache and path.is_file():
-        cached = load_file(path)["logps"]
-        logps = cached if cached.shape == logps.shape else logps
+    cached, damaged = read_cached_logps(path) if use_cache and path.is_file() else (None, None)
+    if damaged and dist.is_main():
+        print(f"reference log-probs: the cache {path} is unreadable ({damaged}); scoring "
+              "afresh and replacing it", flush=True)
+    if cached is not None and cached.shape == logps.shape:
+        logps = cached
     missing = [i for i in needed if torch.isnan(logps[i]).any()]
     if not missing:
         return logps, f"reference log-probs: read from the cache {path}"
