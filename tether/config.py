@@ -565,6 +565,11 @@ def _build(cls: type, values: dict, prefix: str):
 
 _POSITIVE, _NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
 _FRACTION, _BELOW_ONE = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
+_TOP_P = (lambda v: 0 < v <= 1, "in (0, 1]")
+_MAX_STEPS = (lambda v: v >= -1, ">= -1 (-1: train.epochs decides)")
+_GROUP = (lambda v: v >= 2, ">= 2 (advantages compare the samples of a group)")
+_SAMPLING = {"max_new_tokens": _POSITIVE, "temperature": _POSITIVE, "top_p": _TOP_P,
+             "top_k": _NON_NEGATIVE}
 # numeric keys whose values outside a range never make sense (a zero batch size would divide
 # by zero three calls later): checked when a file or an override sets them
 _LIMITS = {
@@ -572,7 +577,7 @@ _LIMITS = {
                   "adam_beta2": _BELOW_ONE, "adam_eps": _POSITIVE, "warmup_ratio": _FRACTION,
                   "min_lr_ratio": _FRACTION, "epochs": _POSITIVE, "batch_size": _POSITIVE,
                   "micro_batch_size": _POSITIVE, "max_grad_norm": _NON_NEGATIVE,
-                  "logprob_chunk_size": _POSITIVE},
+                  "logprob_chunk_size": _POSITIVE, "max_steps": _MAX_STEPS},
     DataConfig: {"eval_fraction": _BELOW_ONE, "max_length": _POSITIVE,
                  "pad_to_multiple_of": _NON_NEGATIVE},
     RunConfig: {"save_every": _NON_NEGATIVE, "save_every_minutes": _NON_NEGATIVE,
@@ -580,6 +585,21 @@ _LIMITS = {
                 "eval_every": _NON_NEGATIVE, "eval_generations": _NON_NEGATIVE},
     LoraConfig: {"r": _NON_NEGATIVE, "alpha": _POSITIVE, "dropout": _BELOW_ONE},
     PreferenceConfig: {"beta": _POSITIVE, "label_smoothing": _BELOW_ONE},
+    GRPOParams: {**_SAMPLING, "group_size": _GROUP, "prompts_per_step": _POSITIVE,
+                 "beta": _NON_NEGATIVE, "eps_low": _NON_NEGATIVE, "eps_high": _NON_NEGATIVE,
+                 "num_iterations": _POSITIVE, "task_size": _POSITIVE, "task_shots": _NON_NEGATIVE,
+                 "group_step_size": _NON_NEGATIVE},
+    PPOParams: {**_SAMPLING, "reward_batch_size": _POSITIVE, "critic_lr": _POSITIVE,
+                "samples_per_prompt": _POSITIVE, "kl_coef": _NON_NEGATIVE, "kl_target": _POSITIVE,
+                "kl_horizon": _POSITIVE, "gamma": _FRACTION, "lam": _FRACTION,
+                "update_epochs": _POSITIVE, "mini_batches": _POSITIVE, "clip_eps": _POSITIVE,
+                "value_clip": _POSITIVE, "vf_coef": _NON_NEGATIVE},
+    PrefsParams: {"pairs": _POSITIVE, "heldout_pairs": _NON_NEGATIVE, "min_gap": _POSITIVE,
+                  "samples_per_prompt": _GROUP, "max_new_tokens": _POSITIVE,
+                  "temperature": _POSITIVE, "batch_prompts": _POSITIVE},
+    GenerationConfig: {"vllm_gpu_memory_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),
+                       "vllm_max_model_len": _POSITIVE, "vllm_kv_cache_gib": _POSITIVE,
+                       "tis_cap": (lambda v: v >= 1, ">= 1 (a cap below 1 scales every token)")},
 }
 
 
@@ -675,9 +695,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, float) and not math.isnan(value):
+        if isinstance(value, float) and math.isfinite(value):
             return value
-        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        what = "a finite number" if isinstance(value, float) and math.isinf(value) else "a number"
+        raise ConfigError(f"config key '{key}' must be {what}, got {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
