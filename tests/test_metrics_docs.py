@@ -76,6 +76,9 @@ def logged_keys(tiny_model_dir, tmp_path_factory) -> dict[str, set[str]]:
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TETHER_CACHE", str(tmp / "cache"))  # DPO's reference log-probs
+        from tether.data.tasks import sentiment
+
+        mp.setattr(sentiment, "MAX_NEW_TOKENS", 6)  # DPO's held-out samples: short
         for name, (trainer, args) in RUNS.items():
             TRAINERS[trainer](tiny_model_dir, tmp, tmp / name, *args)
             lines = (tmp / name / "metrics.jsonl").read_text().splitlines()

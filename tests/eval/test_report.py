@@ -218,7 +218,7 @@ def test_eval_json_table_and_samples(eval_report):
     table = {r[0]: r[1:] for r in rows}
     assert [float(x) for x in table["gold/mean"]] == pytest.approx([0.1, 0.4, 0.3])
     assert [float(x) for x in table["kl/k1"]] == pytest.approx([0.0, 2.1, 2.1])
-    assert table["completions/distinct_2"] == ["\u2014"] * 3  # null on both sides: no number, no delta
+    assert table["completions/distinct_2"] == ["\u2014"] * 3  # null on both sides: no delta
     _, *samples = parser.tables["samples"]
     assert len(samples) == 8  # at most 8 of the 10 prompts
     for i, (prompt, before, after) in enumerate(samples):

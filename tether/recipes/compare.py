@@ -68,9 +68,14 @@ def rerun_flags(run_dir: Path) -> list[str]:
 def generation_flags(gen: GenerationConfig) -> list[str]:
     """`--generation.key=value` for each setting of `gen` that is not the default."""
     default = GenerationConfig()
-    show = lambda v: "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
-    return [f"--generation.{f.name}={show(getattr(gen, f.name))}" for f in fields(gen)
-            if getattr(gen, f.name) != getattr(default, f.name)]
+    out = []
+    for f in fields(gen):
+        value = getattr(gen, f.name)
+        if value != getattr(default, f.name):
+            shown = "null" if value is None else str(value).lower() if isinstance(value, bool) \
+                else str(value)
+            out.append(f"--generation.{f.name}={shown}")
+    return out
 
 
 def plan(cfg: CompareConfig, root: Path, reward_model: str, prompts: tuple[Path, Path]

@@ -199,14 +199,16 @@ def heldout_generations(cfg: DPOConfig, policy: CausalLMLogps, tokenizer, prompt
                         initial: bool, gold=None) -> tuple[dict[str, float], list[dict]]:
     """Completions sampled from the policy on held-out prompts (`online.sampled_diagnostics`):
     kl/k1 (the mean of log pi(y|x) - log ref(y|x) summed over the completion: a sampled estimate
-    of the sequence-level KL(policy || reference), 0 while the policy is the reference), kl/k3, policy/entropy, completions/*, gold/mean with a gold function, and on the
-    built-in set `eval/sentiment` (mean VADER compound); and the samples.jsonl rows."""
+    of the sequence-level KL(policy || reference), 0 while the policy is the reference), kl/k3,
+    policy/entropy, completions/*, gold/mean with a gold function, and on the built-in set
+    `eval/sentiment` (mean VADER compound); and the samples.jsonl rows. The samples come from
+    `cfg.generation`'s backend."""
     reference = None if initial and not cfg.dpo.ref_model else \
         partial(on_reference, cfg, policy, initial=initial)
     metrics, samples = online.sampled_diagnostics(
         policy, tokenizer, prompts, reference=reference, max_new_tokens=sentiment.MAX_NEW_TOKENS,
         seed=cfg.train.seed + 7919 * (dist.rank() + 1), precision=cfg.train.precision,
-        micro_batch_size=cfg.train.micro_batch_size, gold=gold,
+        micro_batch_size=cfg.train.micro_batch_size, generation=cfg.generation, gold=gold,
         scores={"eval/sentiment": SentimentReward()} if cfg.data.path is None else None)
     return metrics, samples
 
