@@ -43,7 +43,7 @@ from tether.eval.evaluate import bon_samples, kl_to, progress_bar, sample_metric
 from tether.eval.stats import mean_and_stderr
 from tether.eval.tasks import build_task
 from tether.recipes import stages
-from tether.rewards import RewardModelScorer, call_reward
+from tether.rewards import RewardModelScorer
 
 PROXY_HELDOUT = 40  # the last pairs of the built-in set: the proxy's held-out accuracy
 
@@ -216,7 +216,7 @@ def rl_points(cfg, rl_dir: Path, reference, tokenizer, task, proxy, proxy_path,
                 write_atomic(path, json.dumps(result, indent=1, ensure_ascii=False))
             m = result["metrics"]
             points.append({"step": result["step"], "kl": m["kl/k3"], "d": math.sqrt(max(
-                0.0, m["kl/k3"])), **{k: m[k] for k in POINT_KEYS}})
+                0.0, m["kl/k3"])), **{k: m.get(k) for k in POINT_KEYS}})
     return points
 
 
