@@ -148,9 +148,9 @@ class JudgeParams:
 
 @dataclass
 class GenerationConfig:
-    """The `generation` section of grpo, ppo (and rlhf's ppo stage), eval and goodhart: which
-    engine samples the rollouts, and the sampler/trainer log-prob correction
-    (docs/generation.md)."""
+    """The `generation` section of every command that samples (grpo, ppo and rlhf's ppo stage,
+    dpo's held-out samples, eval, goodhart, compare, prefs, cai): which engine samples, and the
+    sampler/trainer log-prob correction (docs/generation.md)."""
     backend: str = "hf"  # hf: the policy samples itself (KV cache) | vllm: `tether[vllm]`
     # colocate: a vllm.LLM in the trainer process | server: the same engine in a child process
     # that tether starts and stops, weights pushed through shared memory
@@ -210,6 +210,7 @@ class DPOConfig:
     # DPO samples only for evaluations by default: gold_every 0 (about a minute per sampling)
     rewards: RewardsConfig = field(default_factory=lambda: RewardsConfig(gold_every=0))
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out samples
 
 
 @dataclass
@@ -243,6 +244,8 @@ class PrefsConfig:
     prefs: PrefsParams = field(default_factory=PrefsParams)
     precision: str = "auto"  # sampling precision: auto | bf16 | fp32
     progress: bool = True
+    # the sampler (rm's and rlhf's built set: hf); a set sampled by vllm has its own cache key
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 @dataclass
@@ -753,6 +756,9 @@ class CompareConfig:
     max_new_tokens: int = 48
     seed: int = 0
     progress: bool = True
+    # the sampler of every evaluation and of best-of-n; passed on to the ppo and grpo runs
+    # (dpo's held-out samples too) where it differs from the default
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 def _goodhart_rm() -> RMConfig:
@@ -858,3 +864,5 @@ class CAIConfig:
     rm: RMConfig = field(default_factory=_rlhf_rm)
     ppo: PPOConfig = field(default_factory=_rlhf_ppo)
     eval: EvalConfig = field(default_factory=_cai_eval)
+    # the sampler of the critique and label stages (the ppo and eval stages: their own)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)

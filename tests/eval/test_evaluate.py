@@ -73,9 +73,9 @@ def test_eval_is_deterministic_and_kl_is_zero_against_itself(tiny_model_dir, tmp
     saved = json.loads((tmp_path / "a.json").read_text())
     assert saved["task"] == "sentiment" and saved["gold"] == "sentiment"
     assert "held-out" in saved["split"]
-    keys = {"gold/mean", "gold/stderr", "kl/k1", "kl/k3", "policy/entropy", "distinct/1",
-            "distinct/2", "self_bleu", "completions/mean_length", "tax/general_nll",
-            "tax/arithmetic_accuracy"}
+    keys = {"gold/mean", "gold/stderr", "kl/k1", "kl/k3", "policy/entropy",
+            "completions/distinct_1", "completions/distinct_2", "self_bleu",
+            "completions/mean_length", "tax/general_nll", "tax/arithmetic_accuracy"}
     assert keys <= set(pol["metrics"])
     assert len(pol["samples"]) == 8  # 4 prompts x 2 samples
     assert all(-1 <= s["gold"] <= 1 for s in pol["samples"])

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from tether.eval.goodhart import (best_of_n, bon_kl, bon_weights, fit_bon, fit_rl, peak_bon,
-                                  peak_rl, r_bon, r_rl)
+from tether.eval.goodhart import (best_of_n, bon_kl, bon_points, bon_weights, fit_bon, fit_rl,
+                                  peak_bon, peak_rl, r_bon, r_rl)
 
 
 def test_bon_kl_by_hand():
@@ -31,6 +31,24 @@ def test_bon_weights_by_hand():
     assert bon_weights(64, 17).sum() == pytest.approx(1.0)
     with pytest.raises(ValueError):
         bon_weights(3, 4)
+
+
+def test_bon_points_by_hand():
+    """Two prompts, N = 3: proxy (1, 3, 2), gold (10, 30, 20) and proxy (0, 0, 1), gold (5, 5, 8).
+    n = 1: the plain means: gold (20 + 6) / 2 = 13, proxy (2 + 1/3) / 2 = 7/6; kl 0, d 0.
+    n = 2 (weights 0, 1/3, 2/3 over proxy ranks; ties by sample order): prompt 1 ranked gold
+    10, 20, 30 -> 20/3 + 60/3 = 80/3, proxy 2/3 + 6/3 = 8/3; prompt 2 ranked gold 5, 5, 8 ->
+    5/3 + 16/3 = 7, proxy 0 + 2/3 = 2/3: gold (80/3 + 7) / 2 = 101/6, proxy (8/3 + 2/3) / 2 =
+    5/3; kl = ln 2 - 1/2, d = sqrt(kl). n = 3: the argmax: gold (30 + 8) / 2 = 19, proxy 2."""
+    proxy, gold = [[1, 3, 2], [0, 0, 1]], [[10, 30, 20], [5, 5, 8]]
+    p1, p2, p3 = bon_points(proxy, gold, [1, 2, 3])
+    assert p1 == {"n": 1, "kl": 0.0, "d": 0.0, "gold/mean": pytest.approx(13),
+                  "proxy/mean": pytest.approx(7 / 6)}
+    assert p2["n"] == 2 and p2["kl"] == pytest.approx(math.log(2) - 0.5)
+    assert p2["d"] == pytest.approx(math.sqrt(math.log(2) - 0.5))
+    assert (p2["gold/mean"], p2["proxy/mean"]) == pytest.approx((101 / 6, 5 / 3))
+    assert (p3["gold/mean"], p3["proxy/mean"]) == pytest.approx((19, 2))
+    assert bon_points(proxy, gold, []) == []
 
 
 def test_best_of_n_by_hand():

@@ -18,18 +18,18 @@ HOSTILE = "<script>alert('x')</script> & <b>bold</b>"
 
 # A PPO-like run: evaluations at step 0 and at the end, "nan"/"inf" strings, a warnings line.
 METRICS = [
-    {"step": 0, "eval/reward": 0.1, "eval/accuracy": 0.25, "eval/kl": 0.0},
+    {"step": 0, "eval/reward": 0.1, "eval/accuracy": 0.25, "eval/gold": 0.0},
     {"step": 1, "loss/policy": 1.0, "loss/value": 0.5, "reward/mean": 0.1,
      "reward/arithmetic/mean": 0.2, "reward/std": 0.3, "gold/mean": 0.3, "kl/k1": 0.01,
      "kl/k3": 0.02, "policy/entropy": 2.0, "completions/mean_length": 10.0,
-     "policy/clipfrac": 0.1, "optim/lr": 1e-5},
+     "policy/clipfrac": 0.1, "optim/lr": 1e-5, "timing/update": 0.5},
     {"step": 2, "loss/policy": "nan", "loss/value": 0.4, "reward/mean": 0.2, "gold/mean": 0.35,
      "kl/k1": "inf", "kl/k3": 0.03, "policy/entropy": 1.9, "completions/mean_length": 12.0,
      "policy/clipfrac": 0.2, "policy/clipfrac_high": 0.05},
     {"step": 3, "loss/policy": 0.8, "reward/mean": 0.4, "gold/mean": 0.2, "kl/k1": 0.05,
      "policy/entropy": "nan", "warnings": ["reward_hacking", "kl_bound"],
      "warning_messages": ["proxy reward rose while gold fell", HOSTILE]},
-    {"step": 3, "eval/reward": 0.5, "eval/accuracy": 0.75, "eval/kl": 1.5},
+    {"step": 3, "eval/reward": 0.5, "eval/accuracy": 0.75, "eval/gold": 1.5},
 ]
 
 # The figures the report must draw from METRICS (title -> keys, in order of first appearance);
@@ -38,11 +38,12 @@ EXPECTED_FIGURES = {
     "Loss": ["loss/policy", "loss/value"],
     "Reward": ["reward/mean", "reward/arithmetic/mean"],
     "Gold vs proxy reward": ["gold/mean", "reward/mean"],
-    "KL to the reference": ["eval/kl", "kl/k1", "kl/k3"],
+    "KL to the reference": ["kl/k1", "kl/k3"],
     "Entropy": ["policy/entropy"],
     "Completion length": ["completions/mean_length"],
     "Clip fraction": ["policy/clipfrac", "policy/clipfrac_high"],
-    "Evaluations": ["eval/reward", "eval/accuracy"],
+    "Time per step": ["timing/update"],
+    "Evaluations": ["eval/reward", "eval/accuracy", "eval/gold"],
 }
 
 
@@ -119,7 +120,7 @@ def eval_doc(n=10):
     prompts = [f"prompt {i} {HOSTILE}" for i in range(n)]
     side = lambda name, gold: {  # noqa: E731
         "metrics": {"gold/mean": gold, "kl/k1": 0.0 if name == "reference" else 2.1,
-                    "distinct/2": None},
+                    "completions/distinct_2": None},
         "samples": [{"prompt": p, "completion": f"{name} says {HOSTILE} #{i}", "gold": gold,
                      "proxy": None} for i, p in enumerate(prompts)]}
     return {"tether_eval": 1, "date": "2026-12-04", "command": "tether eval runs/ppo",
@@ -193,9 +194,9 @@ def test_eval_table_falls_back_to_first_and_last_eval_values(jsonl_report):
     header, *rows = parser.tables["eval"]
     assert header[0] == "metric" and len(header) == 4
     table = {r[0]: [float(x) for x in r[1:]] for r in rows}
-    assert table.keys() == {"eval/reward", "eval/accuracy", "eval/kl"}
+    assert table.keys() == {"eval/reward", "eval/accuracy", "eval/gold"}
     for key, (before, after) in {"eval/reward": (0.1, 0.5), "eval/accuracy": (0.25, 0.75),
-                                 "eval/kl": (0.0, 1.5)}.items():
+                                 "eval/gold": (0.0, 1.5)}.items():
         assert table[key] == pytest.approx([before, after, after - before]), key
 
 
@@ -217,7 +218,7 @@ def test_eval_json_table_and_samples(eval_report):
     table = {r[0]: r[1:] for r in rows}
     assert [float(x) for x in table["gold/mean"]] == pytest.approx([0.1, 0.4, 0.3])
     assert [float(x) for x in table["kl/k1"]] == pytest.approx([0.0, 2.1, 2.1])
-    assert table["distinct/2"] == ["\u2014"] * 3  # null on both sides: no number, no delta
+    assert table["completions/distinct_2"] == ["\u2014"] * 3  # null on both sides: no delta
     _, *samples = parser.tables["samples"]
     assert len(samples) == 8  # at most 8 of the 10 prompts
     for i, (prompt, before, after) in enumerate(samples):

@@ -45,15 +45,15 @@ def test_tiny_compare_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert saved["rows"] == out["rows"] and (root / "compare.png").stat().st_size > 1000
     trained = {r["method"]: r for r in out["rows"][:3]}
     for r in trained.values():
-        assert r["wall_s"] > 0 and r["peak_rss_mb"] > 100  # a child process of its own
-        assert r["kl_k3"] >= 0 and -1 <= r["gold"] <= 1
+        assert r["timing/total"] > 0 and r["memory/peak_mb"] > 100  # a child process of its own
+        assert r["kl/k3"] >= 0 and -1 <= r["gold/mean"] <= 1
     bon1, bon2 = out["rows"][3:]
     # best-of-1 is the plain mean of all samples: its proxy mean is the start's mean proxy
     # score of the same kind of samples only in expectation, but its gold is a VADER mean
-    assert all(-1 <= r["gold"] <= 1 for r in (bon1, bon2))
-    assert bon1["kl_k3"] == 0.0 and abs(bon2["kl_k3"] - (0.6931472 - 0.5)) < 1e-6
-    assert out["start"]["kl_k3"] == 0.0
-    assert "distinct_2" in capsys.readouterr().out
+    assert all(-1 <= r["gold/mean"] <= 1 for r in (bon1, bon2))
+    assert bon1["kl/k3"] == 0.0 and abs(bon2["kl/k3"] - (0.6931472 - 0.5)) < 1e-6
+    assert out["start"]["kl/k3"] == 0.0
+    assert "completions/distinct_2" in capsys.readouterr().out
 
     # a second call reuses every row on disk: nothing trains again
     again = compare.run(cfg)

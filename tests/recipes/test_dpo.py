@@ -84,7 +84,7 @@ def test_reward_margin_grows(loss, tiny_model_dir, tmp_path):
     logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
     for key in ("loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/accuracy",
                 "rewards/margin", "logps/chosen", "logps/rejected", "optim/lr",
-                "optim/grad_norm", "time/step", "rewards/accuracy/easy"):
+                "optim/grad_norm", "timing/update", "rewards/accuracy/easy"):
         assert key in logged, key
 
 
@@ -392,7 +392,7 @@ def test_kto_mismatched_sequences_pair_each_prompt_with_another_completion(defau
 
 
 def test_heldout_generations_score_and_kl(tiny_model_dir, default_tokenizer, monkeypatch):
-    """eval/sentiment is the mean VADER score of completions sampled from the policy, and eval/kl
+    """eval/sentiment is the mean VADER score of completions sampled from the policy, and kl/k1
     the mean of log pi(y|x) - log ref(y|x) over them, checked against full-logit log-probs of an
     independently loaded reference; sampling leaves the training RNG untouched."""
     from tether.data.tasks import sentiment
@@ -404,7 +404,7 @@ def test_heldout_generations_score_and_kl(tiny_model_dir, default_tokenizer, mon
     policy = CausalLMLogps(load_causal_lm(cfg.model))
     prompts = [p["prompt"] for p in sentiment.heldout_prompts(3)]
     rng = torch.get_rng_state()
-    assert dpo.heldout_generations(cfg, policy, tok, prompts, initial=True)[0]["eval/kl"] == 0.0
+    assert dpo.heldout_generations(cfg, policy, tok, prompts, initial=True)[0]["kl/k1"] == 0.0
     assert torch.equal(torch.get_rng_state(), rng)  # sampling forked the RNG: resume stays exact
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # "train" the policy: it drifts away from the reference
@@ -429,13 +429,13 @@ def test_heldout_generations_score_and_kl(tiny_model_dir, default_tokenizer, mon
         assert 1 <= len(c) <= sentiment.MAX_NEW_TOKENS
         kl.append(full_logits_logp(policy.causal_lm().eval(), p, c) - full_logits_logp(ref, p, c))
     assert max(abs(k) for k in kl) > 0.1  # the drift is visible
-    assert got["eval/kl"] == pytest.approx(sum(kl) / 3, abs=1e-3, rel=1e-4)
+    assert got["kl/k1"] == pytest.approx(sum(kl) / 3, abs=1e-3, rel=1e-4)
     assert got["eval/sentiment"] == pytest.approx(
         sum(sentiment.sentiment_score(t) for t in rollout.texts) / 3, abs=1e-9)
 
 
 def test_builtin_set_run_logs_heldout_sentiment_and_kl(tiny_model_dir, tmp_path, monkeypatch):
-    """No data.path: the built-in sentiment pairs, and eval/sentiment + eval/kl before (KL 0) and
+    """No data.path: the built-in sentiment pairs, and eval/sentiment + kl/k1 before (KL 0) and
     after training on held-out prompts (a few short samples here)."""
     from tether.data.tasks import sentiment
 
@@ -449,10 +449,10 @@ def test_builtin_set_run_logs_heldout_sentiment_and_kl(tiny_model_dir, tmp_path,
     out = dpo.run(cfg)
     assert len(out["items"]) == len(sentiment.preference_rows())
     before, after = out["generations_before"], out["generations_after"]
-    assert before["eval/kl"] == 0.0 and after["eval/kl"] != 0.0
+    assert before["kl/k1"] == 0.0 and after["kl/k1"] != 0.0
     assert -1 <= before["eval/sentiment"] <= 1 and -1 <= after["eval/sentiment"] <= 1
-    logged = _metrics(tmp_path / "run", "eval/kl")
-    assert logged == {0: 0.0, 2: pytest.approx(after["eval/kl"])}
+    logged = _metrics(tmp_path / "run", "kl/k1")
+    assert logged == {0: 0.0, 2: pytest.approx(after["kl/k1"])}
 
 
 def word_count(prompts, completions, **columns):
@@ -462,7 +462,7 @@ def word_count(prompts, completions, **columns):
 
 def test_online_diagnostics_with_gold(tiny_model_dir, tmp_path, monkeypatch):
     """rewards.gold with user pairs: completions sampled for the held-out pairs' prompts before,
-    every rewards.gold_every steps and after, with gold/mean, kl/k1 (= eval/kl; 0 before any
+    every rewards.gold_every steps and after, with gold/mean, kl/k1 (0 before any
     update), kl/k3, policy/entropy, completions/*; samples.jsonl before and after; the watcher's
     proxy is rewards/margin."""
     from tether.data.tasks import sentiment
@@ -477,10 +477,9 @@ def test_online_diagnostics_with_gold(tiny_model_dir, tmp_path, monkeypatch):
     assert [x["step"] for x in gold] == [0, 1, 2, 2]  # before, each step, after
     for x in gold:
         for key in ("kl/k1", "kl/k3", "policy/entropy", "completions/mean_length",
-                    "completions/distinct_2", "eval/kl"):
+                    "completions/distinct_2"):
             assert key in x, key
         assert 1 <= x["completions/mean_length"] <= 6 and "eval/sentiment" not in x
-        assert x["eval/kl"] == x["kl/k1"]
     assert gold[0]["kl/k1"] == 0.0 and gold[0]["kl/k3"] == 0.0 and gold[-1]["kl/k3"] > 0
     assert "rewards/margin" in gold[1]
     samples = [json.loads(s) for s in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]

@@ -27,7 +27,7 @@ from tether.engine import checkpoint
 from tether.recipes import sft
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMING = ("time/step", "tokens/per_second", "memory/peak_mb")  # differ between runs by nature
+TIMING = ("timing/update", "tokens/per_second", "memory/peak_mb")  # differ between runs by nature
 
 
 def _args(model_dir, run_dir, *extra):

@@ -38,8 +38,8 @@ def test_goodhart_end_to_end_and_rerun_skips(tiny_model_dir, tmp_path, capsys):
     assert [p["n"] for p in bon] == [1, 2, 3, 4]
     assert [p["kl"] for p in bon] == pytest.approx([bon_kl(n) for n in (1, 2, 3, 4)])
     assert all(p["d"] == pytest.approx(math.sqrt(p["kl"])) for p in bon)
-    assert bon[-1]["proxy"] >= bon[0]["proxy"]  # the proxy's argmax of 4 beats its mean
-    assert saved["baseline"] == {"gold": bon[0]["gold"], "proxy": bon[0]["proxy"]}
+    assert bon[-1]["proxy/mean"] >= bon[0]["proxy/mean"]  # the proxy's argmax of 4 beats its mean
+    assert saved["baseline"] == {k: bon[0][k] for k in ("gold/mean", "proxy/mean")}
     assert [p["step"] for p in rl] == [1, 2]  # a checkpoint each step
     assert all(p["kl"] >= 0 and p["d"] == pytest.approx(math.sqrt(p["kl"])) for p in rl)
     for method in ("bon", "rl"):
@@ -73,7 +73,7 @@ def test_goodhart_end_to_end_and_rerun_skips(tiny_model_dir, tmp_path, capsys):
     args = [a.replace(str(out_dir), str(other)) for a in args]
     third = goodhart.run(load_config(GoodhartConfig, None, [*args, f"--reward_model={proxy}"]))
     assert "scoring the samples of" in capsys.readouterr().out
-    assert [p["gold"] for p in third["points"]["bon"]] == [p["gold"] for p in bon]
+    assert [p["gold/mean"] for p in third["points"]["bon"]] == [p["gold/mean"] for p in bon]
     assert json.loads((other / "bon.json").read_text())["scored_by"] == ["sentiment", str(proxy)]
 
 

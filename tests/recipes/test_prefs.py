@@ -7,6 +7,7 @@ import pytest
 
 from tether.config import PrefsParams
 from tether.data.preference import pairs_by_score
+from tether.engine.generate import TorchBackend
 from tether.errors import ConfigError, DataError
 from tether.recipes import preference_set
 
@@ -74,7 +75,7 @@ def test_killed_build_resumes_with_the_same_rows(tiny_model_dir, tmp_path, monke
     whole = preference_set.build(tiny_params(tiny_model_dir, tmp_path / "a"), precision="fp32",
                                  progress=False, say=lambda m: None)
     calls = {"n": 0}
-    real = preference_set.TorchBackend.generate
+    real = TorchBackend.generate
 
     def dies_on_third(self, *args, **kwargs):
         calls["n"] += 1
@@ -82,7 +83,7 @@ def test_killed_build_resumes_with_the_same_rows(tiny_model_dir, tmp_path, monke
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(preference_set.TorchBackend, "generate", dies_on_third)
+    monkeypatch.setattr(TorchBackend, "generate", dies_on_third)
     p = tiny_params(tiny_model_dir, tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
         preference_set.build(p, precision="fp32", progress=False, say=lambda m: None)
@@ -90,7 +91,7 @@ def test_killed_build_resumes_with_the_same_rows(tiny_model_dir, tmp_path, monke
     assert len(partial.read_text().splitlines()) == 2  # two batches kept
     with partial.open("a") as f:  # and a third cut off by the kill, half written
         f.write('{"batch": 2, "compl')
-    monkeypatch.setattr(preference_set.TorchBackend, "generate", real)
+    monkeypatch.setattr(TorchBackend, "generate", real)
     again = preference_set.build(p, precision="fp32", progress=False, say=lambda m: None)
     assert [x.read_text() for x in again] == [x.read_text() for x in whole]
 
@@ -104,13 +105,13 @@ def test_a_larger_set_reuses_the_samples_and_extends_the_smaller(tiny_model_dir,
                                  progress=False, say=lambda m: None)
     used = json.loads((small[0].parent / "meta.json").read_text())["prompts_used"]
     calls = {"n": 0}
-    real = preference_set.TorchBackend.generate
+    real = TorchBackend.generate
 
     def counted(self, *args, **kwargs):
         calls["n"] += 1
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(preference_set.TorchBackend, "generate", counted)
+    monkeypatch.setattr(TorchBackend, "generate", counted)
     big = preference_set.build(tiny_params(tiny_model_dir, tmp_path, pairs=24), precision="fp32",
                                progress=False, say=lambda m: None)
     big_used = json.loads((big[0].parent / "meta.json").read_text())["prompts_used"]

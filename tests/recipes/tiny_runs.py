@@ -17,7 +17,7 @@ from tether.config import (DPOConfig, GRPOConfig, PPOConfig, PRMConfig, RMConfig
 from tether.engine import checkpoint
 from tether.recipes import dpo, grpo, ppo, prm, rm, sft
 
-TIMING = ("time/", "timing/", "memory/", "tokens/per_second")  # differ between runs by nature
+TIMING = ("timing/", "memory/", "tokens/per_second")  # differ between runs by nature
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -198,7 +198,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[Any], *, loss_fn: LossF
     (`steps_in_backward`: the same step, fewer gradients alive at once).
 
     Returns `accumulate_gradients`' metrics plus grad_norm (before clipping), lr (used for this
-    step) and time/step in seconds.
+    step) and seconds (its wall time).
     """
     t0 = time.perf_counter()
     out = {"lr": optimizer.param_groups[0]["lr"]}
@@ -216,7 +216,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[Any], *, loss_fn: LossF
     optimizer.step()  # after steps in backward no gradient is left: a no-op, kept for the scheduler
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    out["time/step"] = time.perf_counter() - t0
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 

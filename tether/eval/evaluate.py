@@ -179,13 +179,33 @@ def sample_metrics(samples: SampleSet, task: EvalTask, proxy) -> tuple[dict, lis
     n = len(samples.texts)
     metrics.update({
         "policy/entropy": samples.entropy_sum / max(1, samples.tokens),
-        "distinct/1": distinct_n(samples.texts, 1),
-        "distinct/2": distinct_n(samples.texts, 2),
+        "completions/distinct_1": distinct_n(samples.texts, 1),
+        "completions/distinct_2": distinct_n(samples.texts, 2),
         "self_bleu": self_bleu(samples.texts),
         "completions/mean_length": samples.tokens / max(1, n),
         "completions/truncated_frac": samples.truncated / max(1, n),
     })
     return metrics, gold, proxy_scores
+
+
+def bon_samples(model: CausalLMLogps, tokenizer, task: EvalTask, proxy, cfg: EvalConfig, *,
+                precision: str, advance: Callable[[], None], texts: list[str] | None = None
+                ) -> dict[str, list[list]]:
+    """Best-of-n's samples: cfg.samples_per_prompt = N completions of each task row
+    (`sample_set`; or `texts`, saved earlier, row-major), scored by the task's gold and by the
+    proxy: {"texts", "gold", "proxy"}, each (P, N) nested lists (`goodhart.bon_points` takes
+    the scores)."""
+    N = cfg.samples_per_prompt
+    if texts is None:
+        texts = sample_set(model, tokenizer, task.rows, cfg, precision=precision,
+                           advance=advance).texts
+    prompts = [r["prompt"] for r in task.rows for _ in range(N)]
+    columns = {k: [r.get(k) for r in task.rows for _ in range(N)]
+               for k in {k for r in task.rows for k in r if k != "prompt"}}
+    gold = call_reward(task.gold_name, task.gold, prompts, texts, **columns)
+    scores = call_reward("proxy", proxy, prompts, texts)
+    rows = lambda xs: [xs[i:i + N] for i in range(0, len(xs), N)]  # noqa: E731
+    return {"texts": rows(texts), "gold": rows(gold), "proxy": rows(scores)}
 
 
 def kept_samples(samples: SampleSet, gold: list[float], proxy: list[float] | None,
@@ -321,9 +341,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     return report
 
 
-ORDER = ("gold/mean", "proxy/mean", "kl/k1", "kl/k3", "policy/entropy", "distinct/1",
-         "distinct/2", "self_bleu", "completions/mean_length", "completions/truncated_frac",
-         "tax/general_nll", "tax/arithmetic_accuracy", "tax/sentiment")
+ORDER = ("gold/mean", "proxy/mean", "kl/k1", "kl/k3", "policy/entropy",
+         "completions/distinct_1", "completions/distinct_2", "self_bleu",
+         "completions/mean_length", "completions/truncated_frac", "tax/general_nll",
+         "tax/arithmetic_accuracy", "tax/sentiment")
 
 
 def table_rows(report: dict) -> list[tuple[str, float, float]]:

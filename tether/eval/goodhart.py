@@ -3,6 +3,8 @@ scipy in, floats out. `tether goodhart` (tether/recipes/goodhart.py) measures th
 
     bon_kl(n)        KL(best-of-n || policy) = log n - (n - 1) / n  (nats; the paper's formula)
     best_of_n        unbiased best-of-n estimate of E[gold] and E[proxy] from N >= n samples
+    bon_points       one point per n: n, its KL, d = sqrt(KL), best_of_n's gold/mean and
+                     proxy/mean (goodhart's curve and compare's best-of-n rows)
     fit_bon, fit_rl  least-squares fits of R_bon(d) = d (a - b d), R_RL(d) = d (a - b log d),
                      d = sqrt(KL), R measured relative to the initial policy's mean (R(0) = 0)
     peak_bon, peak_rl  the d at which a fitted curve peaks (None when it only rises)
@@ -46,6 +48,17 @@ def best_of_n(proxy, gold, n: int) -> tuple[float, float]:
     g = np.take_along_axis(gold, order, axis=1) @ w  # (P,)
     p = np.take_along_axis(proxy, order, axis=1) @ w  # (P,)
     return float(g.mean()), float(p.mean())
+
+
+def bon_points(proxy, gold, ns) -> list[dict]:
+    """For each n of `ns`: {"n", "kl": bon_kl(n), "d": sqrt(kl), "gold/mean", "proxy/mean"} of
+    best-of-n from each prompt's N samples (`best_of_n`). proxy, gold: (P, N) scores."""
+    points = []
+    for n in ns:
+        g, p = best_of_n(proxy, gold, n)
+        kl = bon_kl(n)
+        points.append({"n": n, "kl": kl, "d": math.sqrt(kl), "gold/mean": g, "proxy/mean": p})
+    return points
 
 
 # --- the paper's functional forms ---------------------------------------------------------------

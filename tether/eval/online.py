@@ -362,16 +362,19 @@ def heldout_greedy(backend, reward_fn, prompts: list, *, max_new_tokens: int,
 @torch.no_grad()
 def sampled_diagnostics(policy, tokenizer, prompts: list, *, reference: Callable | None,
                         max_new_tokens: int, seed: int, precision: str, micro_batch_size: int,
-                        gold: Callable | None = None, scores: dict[str, Callable] | None = None
+                        generation, gold: Callable | None = None,
+                        scores: dict[str, Callable] | None = None
                         ) -> tuple[dict[str, float], list[dict]]:
-    """One completion per held-out prompt sampled from the policy (temperature 1, a generator
-    of its own: the training RNG is untouched), this rank's equal share, and what it says:
+    """One completion per held-out prompt sampled from the policy by `generation`'s backend
+    (`make_backend`; temperature 1, a generator of its own: the training RNG is untouched),
+    this rank's equal share, and what it says:
     kl/k1, kl/k3 (`sequence_kl`, against `reference(score)`, which returns score(reference
     model), the (n, C) completion log-probs; None: the policy is the reference, KL 0),
     policy/entropy (per token), completions/mean_length, completions/distinct_2, gold/mean with
     a gold function, and each of `scores` (metric name -> reward function) as a mean; plus the
     samples.jsonl rows of the first SAMPLES_KEPT prompts. ({}, []) without prompts."""
-    from tether.engine.generate import sample_complete
+    from tether.engine.backends import make_backend
+    from tether.engine.generate import SamplingParams, encode_prompt
     from tether.engine.optimize import autocast
     from tether.engine.score import completion_logps
     from tether.rewards import call_reward
@@ -380,8 +383,11 @@ def sampled_diagnostics(policy, tokenizer, prompts: list, *, reference: Callable
     if not prompts:
         return {}, []
     share = prompts[dist.rank()::dist.world_size()]
-    rollout = sample_complete(policy, tokenizer, share, max_new_tokens=max_new_tokens,
-                              seed=seed, precision=precision)
+    backend = make_backend(generation, policy, tokenizer, precision=precision, seed=seed,
+                           shared=True)  # vLLM: one engine per run, the new weights pushed
+    rollout = backend.generate([encode_prompt(tokenizer, p) for p in share], SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=1.0),
+        generator=torch.Generator(next(policy.parameters()).device).manual_seed(seed))
 
     def score(model):  # (n, C) completion log-probs, teacher-forced, 0 on padding
         with autocast(dist.device(), precision):

@@ -28,7 +28,7 @@ from tether.errors import TetherError
 MAX_SAMPLES = 8  # prompts shown in the samples section
 RECIPE_SECTIONS = ("pipeline", "dpo", "ppo", "grpo", "prm", "rm")  # first match names the recipe
 RECIPE_NAMES = {"pipeline": "rlhf"}
-KL_KEYS = ("kl/k1", "kl/k3", "policy/approx_kl", "eval/kl")
+KL_KEYS = ("kl/k1", "kl/k3", "policy/approx_kl")
 CLIP_KEYS = ("policy/clipfrac", "policy/clipfrac_low", "policy/clipfrac_high")
 
 
@@ -177,6 +177,7 @@ def figure_specs(keys: list[str]) -> list[FigureSpec]:
         FigureSpec("Entropy", pick(lambda k: k == "policy/entropy"), "nats / token"),
         FigureSpec("Completion length", pick(lambda k: k == "completions/mean_length"), "tokens"),
         FigureSpec("Clip fraction", pick(lambda k: k in CLIP_KEYS), "fraction"),
+        FigureSpec("Time per step", pick(lambda k: k.startswith("timing/")), "seconds"),
         FigureSpec("Evaluations", pick(lambda k: k.startswith("eval/") and k not in KL_KEYS),
                    panels=True),
     ]

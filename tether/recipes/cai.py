@@ -30,12 +30,13 @@ from pathlib import Path
 
 import torch
 
-from tether.config import CAIConfig, ModelConfig, PrefsParams, save_config
+from tether.config import CAIConfig, GenerationConfig, ModelConfig, PrefsParams, save_config
 from tether.data.prompts import encode_prompt
 from tether.data.tasks.sentiment import sentiment_score
 from tether.engine import checkpoint, dist
 from tether.engine.batchlog import logged_batches, settings_guard, write_atomic
-from tether.engine.generate import SamplingParams, TorchBackend, seeded
+from tether.engine.backends import close_backend, make_backend
+from tether.engine.generate import SamplingParams, seeded
 from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import resolve_precision
 from tether.errors import ConfigError
@@ -72,19 +73,24 @@ def split_prompts(rows: list[dict], n_sl: int, n_rl: int, seed: int) -> tuple[li
 
 
 class Sampler:
-    """A stage's policy behind the engine's backend (loaded on the first call); its batches go
-    to a resumable log (`tether.engine.batchlog`)."""
+    """A stage's policy behind the engine's backend (`generation`; loaded on the first call);
+    its batches go to a resumable log (`tether.engine.batchlog`). `close` when done."""
 
-    def __init__(self, model: str, precision: str):
-        self.cfg, self.backend = ModelConfig(name_or_path=model), None
+    def __init__(self, model: str, precision: str, generation: GenerationConfig):
+        self.cfg, self.backend, self.generation = ModelConfig(name_or_path=model), None, generation
         self.tokenizer = load_tokenizer(self.cfg)
         self.precision = resolve_precision(precision, torch.device("cpu"))
 
     def __call__(self, conversations: list, params: SamplingParams, generator) -> list[str]:
-        self.backend = self.backend or TorchBackend(load_causal_lm(self.cfg).eval(),
-                                                    self.tokenizer, precision=self.precision)
+        self.backend = self.backend or make_backend(self.generation, load_causal_lm(
+            self.cfg).eval(), self.tokenizer, precision=self.precision)
         ids = [encode_prompt(self.tokenizer, c) for c in conversations]
         return self.backend.generate(ids, params, generator=generator).texts  # (N * G,)
+
+    def close(self) -> None:
+        if self.backend is not None:
+            close_backend(self.backend)
+            self.backend = None
 
 
 # --- critique: answer -> (critique -> revision) x rounds --------------------------------------
@@ -140,7 +146,7 @@ def critique_stage(cfg: CAIConfig, stage_dir: Path, prompts: list[dict], princip
                              "rounds", "max_new_tokens", "temperature", "seed", "batch_prompts")}})
     flat = pick_principles(len(prompts) * c.rounds, len(principles), seed=c.seed, stage="sl")
     picks = [flat[i * c.rounds:(i + 1) * c.rounds] for i in range(len(prompts))]
-    sample = Sampler(c.model, c.precision)
+    sample = Sampler(c.model, c.precision, cfg.generation)
     params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature)
     n_batches = -(-len(prompts) // B)
     with progress_bar(c.progress) as bar:
@@ -148,6 +154,7 @@ def critique_stage(cfg: CAIConfig, stage_dir: Path, prompts: list[dict], princip
         records = logged_batches(log, n_batches, lambda b: critique_batch(
             sample, prompts[b * B:(b + 1) * B], principles, picks[b * B:(b + 1) * B],
             params=params, seed=c.seed, batch=b), progress=lambda n: bar.update(task, completed=n))
+    sample.close()
     rows, dropped = sft_rows(prompts, records, min_words=c.min_words)
     if not rows:
         raise ConfigError(f"every one of the {len(prompts)} revisions was degenerate "
@@ -180,13 +187,14 @@ def sample_pairs(cfg: CAIConfig, log: Path, policy: Path, prompts: list[dict], b
                  bar) -> list[str]:
     """Two responses per prompt from the SL-CAI model: (2 * len(prompts),) texts, pairs adjacent."""
     c = cfg.cai
-    sample = Sampler(str(policy), c.precision)
+    sample = Sampler(str(policy), c.precision, cfg.generation)
     params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.rl_temperature,
                             group_size=2)
     task = bar.add_task("cai: sample response pairs", total=len(batches))
     records = logged_batches(log, len(batches), lambda b: {"responses": sample(
         [prompts[i]["prompt"] for i in batches[b]], params, seeded(c.seed, b))},
         progress=lambda n: bar.update(task, completed=n))
+    sample.close()
     return [t for rec in records for t in rec["responses"]]
 
 
@@ -368,7 +376,7 @@ def train_summary(name: str, run_dir: Path) -> dict:
     return out
 
 
-EVAL_KEYS = ("gold/mean", "kl/k1", "policy/entropy", "distinct/2", "tax/general_nll",
+EVAL_KEYS = ("gold/mean", "kl/k1", "policy/entropy", "completions/distinct_2", "tax/general_nll",
              "tax/arithmetic_accuracy")
 
 

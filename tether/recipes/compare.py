@@ -22,12 +22,12 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from tether.config import CompareConfig, EvalConfig, save_config
+from tether.config import CompareConfig, EvalConfig, GenerationConfig, save_config
 from tether.engine.batchlog import write_atomic
 from tether.engine.run import rerun
 from tether.errors import ConfigError, TetherError
@@ -65,13 +65,27 @@ def rerun_flags(run_dir: Path) -> list[str]:
     return [f"--run.{key}={str(value).lower()}" for key, value in rerun(run_dir).items()]
 
 
+def generation_flags(gen: GenerationConfig) -> list[str]:
+    """`--generation.key=value` for each setting of `gen` that is not the default."""
+    default = GenerationConfig()
+    out = []
+    for f in fields(gen):
+        value = getattr(gen, f.name)
+        if value != getattr(default, f.name):
+            shown = "null" if value is None else str(value).lower() if isinstance(value, bool) \
+                else str(value)
+            out.append(f"--generation.{f.name}={shown}")
+    return out
+
+
 def plan(cfg: CompareConfig, root: Path, reward_model: str, prompts: tuple[Path, Path]
          ) -> list[Method]:
     """The training runs, in order; every one starts from cfg.model."""
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
         raise ConfigError(f"methods: unknown {unknown}; choose from {', '.join(METHODS)}")
-    start = [f"--model.name_or_path={cfg.model}", f"--train.seed={cfg.seed}"]
+    start = [f"--model.name_or_path={cfg.model}", f"--train.seed={cfg.seed}",
+             *generation_flags(cfg.generation)]  # every method samples with compare's sampler
     data = [f"--data.path={prompts[0]}", f"--data.eval_path={prompts[1]}"]
     out = []
     if "dpo" in cfg.methods:
@@ -101,57 +115,55 @@ def eval_config(cfg: CompareConfig, model: str, reward_model: str, output: Path)
                       reward_model=reward_model, num_prompts=cfg.num_prompts,
                       samples_per_prompt=cfg.samples_per_prompt,
                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, tax=False,
-                      output=str(output), progress=cfg.progress)
+                      output=str(output), progress=cfg.progress, generation=cfg.generation)
+
+
+ROW_KEYS = ("gold/mean", "gold/stderr", "proxy/mean", "kl/k1", "kl/k3", "policy/entropy",
+            "completions/distinct_2")  # a row's eval metrics, named as in eval.json
 
 
 def row_from_eval(name: str, report: dict, seconds: float, peak_mb: float | None) -> dict:
     m = report["results"]["policy"]["metrics"]
-    return {"method": name, "gold": m["gold/mean"], "gold_stderr": m["gold/stderr"],
-            "proxy": m.get("proxy/mean"), "kl_k1": m["kl/k1"], "kl_k3": m["kl/k3"],
-            "entropy": m["policy/entropy"], "distinct_2": m["distinct/2"],
-            "wall_s": round(seconds, 1), "peak_rss_mb": None if peak_mb is None else
-            round(peak_mb)}
+    return {"method": name, **{k: m.get(k) for k in ROW_KEYS}, "timing/total": round(seconds, 1),
+            "memory/peak_mb": None if peak_mb is None else round(peak_mb)}
 
 
 def best_of_n_rows(cfg: CompareConfig, reward_model: str) -> list[dict]:
     """Best-of-n rows: max(bon_n) samples per held-out prompt from the starting policy, scored
-    by gold and proxy; for each n the unbiased best-of-n gold and proxy over all samples
-    (`tether.eval.goodhart.best_of_n`), distinct-2 of the proxy-best of each prompt's first n,
-    KL = log n - (n-1)/n (an upper bound; Gao et al. 2022). Wall time: sampling and scoring all
-    max(bon_n) samples; peak RSS is not separable in this process (None)."""
+    by gold and proxy (`tether.eval.evaluate.bon_samples`); for each n the unbiased best-of-n
+    gold and proxy over all samples and KL = log n - (n-1)/n (an upper bound; Gao et al. 2022)
+    for both kl/k1 and kl/k3 (`tether.eval.goodhart.bon_points`), and distinct-2 of the
+    proxy-best of each prompt's first n. Wall time: sampling and scoring all max(bon_n) samples;
+    peak RSS is not separable in this process (None)."""
     from tether.engine.logprobs import CausalLMLogps
     from tether.engine.models import load_causal_lm, load_tokenizer
     from tether.engine.optimize import resolve_precision
-    from tether.eval.evaluate import model_config, sample_set
-    from tether.eval.goodhart import best_of_n, bon_kl
+    from tether.eval.evaluate import bon_samples, model_config
+    from tether.eval.goodhart import bon_points
     from tether.eval.online import distinct_n
     from tether.eval.tasks import build_task
-    from tether.rewards import RewardModelScorer, call_reward
+    from tether.rewards import RewardModelScorer
 
     t0 = time.perf_counter()
-    N = max(cfg.bon_n)
     ecfg = replace(eval_config(cfg, cfg.model, reward_model, Path(cfg.output_dir) / "bon"),
-                   samples_per_prompt=N)  # sampling settings only: nothing is written there
+                   samples_per_prompt=max(cfg.bon_n))  # sampling settings only: nothing written
     task = build_task("sentiment", n=cfg.num_prompts, gold=None)
     mc = model_config(cfg.model)
     policy = CausalLMLogps(load_causal_lm(mc)).eval()
-    samples = sample_set(policy, load_tokenizer(mc), task.rows, ecfg,
-                         precision=resolve_precision("auto", torch.device("cpu")),
-                         advance=lambda: None)
-    gold = torch.tensor(call_reward("sentiment", task.gold, samples.prompts, samples.texts)
-                        ).view(-1, N)  # (P, N)
-    proxy = torch.tensor(call_reward("reward_model", RewardModelScorer(reward_model),
-                                     samples.prompts, samples.texts)).view(-1, N)  # (P, N)
+    bon = bon_samples(policy, load_tokenizer(mc), task, RewardModelScorer(reward_model), ecfg,
+                      precision=resolve_precision("auto", torch.device("cpu")),
+                      advance=lambda: None)
     seconds = time.perf_counter() - t0
     rows = []
-    for n in cfg.bon_n:
-        gold_mean, proxy_mean = best_of_n(proxy, gold, n)  # (E[gold], E[proxy])
-        best = proxy[:, :n].argmax(dim=1)  # (P,) the proxy-best of each prompt's first n
-        picked = [samples.texts[p * N + int(j)] for p, j in enumerate(best)]
-        rows.append({"method": f"bon-{n}", "gold": float(gold_mean), "gold_stderr": None,
-                     "proxy": float(proxy_mean), "kl_k1": bon_kl(n), "kl_k3": bon_kl(n),
-                     "entropy": None, "distinct_2": distinct_n(picked, 2),
-                     "wall_s": round(seconds, 1), "peak_rss_mb": None})
+    for point in bon_points(bon["proxy"], bon["gold"], cfg.bon_n):
+        n = point["n"]
+        picked = [texts[max(range(n), key=proxy.__getitem__)]  # the proxy-best of the first n
+                  for texts, proxy in zip(bon["texts"], bon["proxy"])]
+        rows.append({"method": f"bon-{n}", "gold/mean": point["gold/mean"], "gold/stderr": None,
+                     "proxy/mean": point["proxy/mean"], "kl/k1": point["kl"],
+                     "kl/k3": point["kl"], "policy/entropy": None,
+                     "completions/distinct_2": distinct_n(picked, 2),
+                     "timing/total": round(seconds, 1), "memory/peak_mb": None})
     return rows
 
 
@@ -166,15 +178,15 @@ def plot_frontier(rows: list[dict], start: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ax.errorbar([0.0], [start["gold"]], yerr=[start["gold_stderr"] or 0], fmt="k*", ms=10,
+    ax.errorbar([0.0], [start["gold/mean"]], yerr=[start["gold/stderr"] or 0], fmt="k*", ms=10,
                 label="starting policy")
     for kind, marker in (("dpo", "o"), ("ppo", "s"), ("grpo", "^"), ("bon", "D")):
         mine = [r for r in rows if r["method"].startswith(kind)]
         if mine:
-            ax.errorbar([r["kl_k3"] for r in mine], [r["gold"] for r in mine],
-                        yerr=[r["gold_stderr"] or 0 for r in mine], fmt=marker, label=kind)
+            ax.errorbar([r["kl/k3"] for r in mine], [r["gold/mean"] for r in mine],
+                        yerr=[r["gold/stderr"] or 0 for r in mine], fmt=marker, label=kind)
             for r in mine:
-                ax.annotate(r["method"], (r["kl_k3"], r["gold"]), fontsize=7,
+                ax.annotate(r["method"], (r["kl/k3"], r["gold/mean"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("symlog", linthresh=0.1)  # KLs span 0.1 to tens of nats
     ax.set_xlabel("KL(policy || starting policy), nats per completion (k3; best-of-n: bound)")
@@ -192,8 +204,7 @@ def print_table(rows: list[dict]) -> None:
     from tether.eval.evaluate import wide_console
 
     table = Table(title="tether compare: sentiment, held-out prompts")
-    cols = ("method", "gold", "gold_stderr", "proxy", "kl_k1", "kl_k3", "entropy", "distinct_2",
-            "wall_s", "peak_rss_mb")
+    cols = ("method", *ROW_KEYS, "timing/total", "memory/peak_mb")
     for c in cols:
         table.add_column(c, justify="left" if c == "method" else "right", no_wrap=True)
     show = lambda v: "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
@@ -255,7 +266,7 @@ def run(cfg: CompareConfig) -> dict:
             row = row_from_eval(m.name, report, seconds, peak_mb)
             save_row(m.run_dir / ROW, row)
         rows.append(row)
-        say(f"{m.name}: gold {row['gold']:.3f}, KL (k3) {row['kl_k3']:.2f}")
+        say(f"{m.name}: gold {row['gold/mean']:.3f}, KL (k3) {row['kl/k3']:.2f}")
     if "bon" in cfg.methods:
         bon_path = root / "bon" / ROW
         bon = cached_row(bon_path)

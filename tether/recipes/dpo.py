@@ -93,7 +93,7 @@ class Objective:
         return ", ".join([self.name, *(f"{k}={v:g}" for k, v in self.coefficients.items())])
 
 
-TRAIN_STEP_KEYS = {"loss", "units", "grad_norm", "lr", "time/step"}
+TRAIN_STEP_KEYS = {"loss", "units", "grad_norm", "lr", "seconds"}
 
 
 def build_objective(dc: PreferenceConfig) -> Objective:
@@ -198,18 +198,19 @@ def evaluate(policy, batches: list[PreferenceBatch], loss_fn, device, precision,
 def heldout_generations(cfg: DPOConfig, policy: CausalLMLogps, tokenizer, prompts: list, *,
                         initial: bool, gold=None) -> tuple[dict[str, float], list[dict]]:
     """Completions sampled from the policy on held-out prompts (`online.sampled_diagnostics`):
-    kl/k1, also as `eval/kl` (the mean of log pi(y|x) - log ref(y|x) summed over the completion:
-    a sampled estimate of the sequence-level KL(policy || reference), 0 while the policy is the
-    reference), kl/k3, policy/entropy, completions/*, gold/mean with a gold function, and on the
-    built-in set `eval/sentiment` (mean VADER compound); and the samples.jsonl rows."""
+    kl/k1 (the mean of log pi(y|x) - log ref(y|x) summed over the completion: a sampled estimate
+    of the sequence-level KL(policy || reference), 0 while the policy is the reference), kl/k3,
+    policy/entropy, completions/*, gold/mean with a gold function, and on the built-in set
+    `eval/sentiment` (mean VADER compound); and the samples.jsonl rows. The samples come from
+    `cfg.generation`'s backend."""
     reference = None if initial and not cfg.dpo.ref_model else \
         partial(on_reference, cfg, policy, initial=initial)
     metrics, samples = online.sampled_diagnostics(
         policy, tokenizer, prompts, reference=reference, max_new_tokens=sentiment.MAX_NEW_TOKENS,
         seed=cfg.train.seed + 7919 * (dist.rank() + 1), precision=cfg.train.precision,
-        micro_batch_size=cfg.train.micro_batch_size, gold=gold,
+        micro_batch_size=cfg.train.micro_batch_size, generation=cfg.generation, gold=gold,
         scores={"eval/sentiment": SentimentReward()} if cfg.data.path is None else None)
-    return ({**metrics, "eval/kl": metrics["kl/k1"]} if metrics else {}), samples
+    return metrics, samples
 
 
 def run(cfg: DPOConfig) -> dict:
@@ -304,7 +305,7 @@ def run(cfg: DPOConfig) -> dict:
                                               initial=start_step == 0, gold=diag.gold)
     diag.log(logger, start_step, {"eval/loss": eval_before[0],
                                   "eval/rewards/accuracy": eval_before[1], **gen_before,
-                                  "time/reference": t_ref, **truncated}, samples)
+                                  "timing/reference": t_ref, **truncated}, samples)
 
     # --- train ----------------------------------------------------------------------------------
     history, margins = [], []
@@ -343,7 +344,7 @@ def run(cfg: DPOConfig) -> dict:
             metrics.update({f"group_weights/{name or 'none'}": w
                             for name, w in zip(groups, group_weights.tolist())})
         metrics.update({"optim/lr": m["lr"], "optim/grad_norm": m["grad_norm"],
-                        "pairs/step": pairs, "time/step": step_time,
+                        "pairs/step": pairs, "timing/update": step_time,
                         "tokens/per_second": tokens.item() / step_time,
                         "memory/peak_mb": peak_memory_mb(),
                         "epoch": (step + 1) / steps_per_epoch})
@@ -373,8 +374,8 @@ def run(cfg: DPOConfig) -> dict:
     if "eval/sentiment" in gen_after:
         logger.print(f"held-out sentiment ({len(heldout)} sampled completions, VADER compound): "
                      f"{gen_before['eval/sentiment']:+.3f} -> {gen_after['eval/sentiment']:+.3f}; "
-                     f"KL(policy || reference) {gen_before['eval/kl']:.2f} -> "
-                     f"{gen_after['eval/kl']:.2f} nats per completion")
+                     f"KL(policy || reference) {gen_before['kl/k1']:.2f} -> "
+                     f"{gen_after['kl/k1']:.2f} nats per completion")
     session.finish(write_report)
     return {"losses": history, "margins": margins, "eval_before": eval_before,
             "eval_after": eval_after, "generations_before": gen_before,

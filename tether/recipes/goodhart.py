@@ -39,11 +39,11 @@ from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import resolve_precision
 from tether.errors import ConfigError
 from tether.eval import goodhart as gh
-from tether.eval.evaluate import kl_to, progress_bar, sample_metrics, sample_set
+from tether.eval.evaluate import bon_samples, kl_to, progress_bar, sample_metrics, sample_set
 from tether.eval.stats import mean_and_stderr
 from tether.eval.tasks import build_task
 from tether.recipes import stages
-from tether.rewards import RewardModelScorer, call_reward
+from tether.rewards import RewardModelScorer
 
 PROXY_HELDOUT = 40  # the last pairs of the built-in set: the proxy's held-out accuracy
 
@@ -124,36 +124,22 @@ def best_of_n_stage(cfg, root, policy, tokenizer, task, proxy, proxy_path, preci
         say(f"best-of-n: {path} holds the samples and their scores, skipped")
         return saved
     t0 = time.perf_counter()
+    ecfg = eval_config(cfg, cfg.n_max, precision)
     if saved is not None:
         say(f"best-of-n: scoring the samples of {path} with the proxy {proxy_path}")
-        texts = [t for row in saved["texts"] for t in row]
+        scored = bon_samples(policy, tokenizer, task, proxy, ecfg, precision=precision,
+                             advance=lambda: None,
+                             texts=[t for row in saved["texts"] for t in row])
     else:
-        ecfg = eval_config(cfg, cfg.n_max, precision)
         with progress_bar(cfg.progress) as progress:
             bar = progress.add_task(f"best-of-n: {cfg.n_max} samples x {len(task.rows)} prompts",
                                     total=-(-len(task.rows) // ecfg.batch_size))
-            texts = sample_set(policy, tokenizer, task.rows, ecfg, precision=precision,
-                               advance=lambda: progress.advance(bar)).texts
-    prompts = [r["prompt"] for r in task.rows for _ in range(cfg.n_max)]
-    columns = {k: [r.get(k) for r in task.rows for _ in range(cfg.n_max)]
-               for k in task.rows[0] if k != "prompt"}
-    gold = call_reward(task.gold_name, task.gold, prompts, texts, **columns)
-    scores = call_reward("proxy", proxy, prompts, texts)
-    rows = lambda xs: [xs[i:i + cfg.n_max] for i in range(0, len(xs), cfg.n_max)]  # noqa: E731
-    out = {"key": key, "scored_by": [task.gold_name, proxy_path], "gold": rows(gold),
-           "proxy": rows(scores), "texts": rows(texts),
+            scored = bon_samples(policy, tokenizer, task, proxy, ecfg, precision=precision,
+                                 advance=lambda: progress.advance(bar))
+    out = {"key": key, "scored_by": [task.gold_name, proxy_path], **scored,
            "seconds": round(time.perf_counter() - t0, 1)}
     write_atomic(path, json.dumps(out, indent=1, ensure_ascii=False))
     return out
-
-
-def bon_points(bon: dict, n_max: int) -> list[dict]:
-    points = []
-    for n in range(1, n_max + 1):
-        g, p = gh.best_of_n(bon["proxy"], bon["gold"], n)
-        kl = gh.bon_kl(n)
-        points.append({"n": n, "kl": kl, "d": math.sqrt(kl), "gold": g, "proxy": p})
-    return points
 
 
 # --- rl: GRPO against the proxy, then each checkpoint evaluated ------------------------------
@@ -229,12 +215,13 @@ def rl_points(cfg, rl_dir: Path, reference, tokenizer, task, proxy, proxy_path,
                                          key, precision, progress)
                 write_atomic(path, json.dumps(result, indent=1, ensure_ascii=False))
             m = result["metrics"]
-            points.append({"step": result["step"], "kl": m["kl/k3"], "kl_k1": m["kl/k1"],
-                           "d": math.sqrt(max(0.0, m["kl/k3"])), "gold": m["gold/mean"],
-                           "gold_stderr": m["gold/stderr"], "proxy": m["proxy/mean"],
-                           "proxy_stderr": m["proxy/stderr"],
-                           "entropy": m["policy/entropy"], "distinct_2": m["distinct/2"]})
+            points.append({"step": result["step"], "kl": m["kl/k3"], "d": math.sqrt(max(
+                0.0, m["kl/k3"])), **{k: m.get(k) for k in POINT_KEYS}})
     return points
+
+
+POINT_KEYS = ("gold/mean", "gold/stderr", "proxy/mean", "proxy/stderr", "kl/k1", "kl/k3",
+              "policy/entropy", "completions/distinct_2")  # an RL point's eval metrics
 
 
 # --- fit, verdict, plot, table ----------------------------------------------------------------
@@ -249,8 +236,9 @@ def fit_curves(points: dict[str, list[dict]], baseline: dict) -> dict:
         fit_fn, peak_fn, _ = FORMS[method]
         d_max = max((p["d"] for p in pts), default=0.0)
         for reward in ("gold", "proxy"):
+            key = f"{reward}/mean"
             try:
-                f = fit_fn([p["d"] for p in pts], [p[reward] - baseline[reward] for p in pts])
+                f = fit_fn([p["d"] for p in pts], [p[key] - baseline[key] for p in pts])
             except (ValueError, RuntimeError) as err:
                 fits.setdefault(method, {})[reward] = {"error": str(err)}
                 continue
@@ -270,10 +258,10 @@ def verdict(method: str, pts: list[dict], fit: dict) -> str:
     """Whether gold turned down inside the measured range, by the fit and by the points."""
     if "error" in fit:
         return f"{method}: no fit ({fit['error']})"
-    best = max(pts, key=lambda p: p["gold"])
+    best = max(pts, key=lambda p: p["gold/mean"])
     seen = (f"highest measured gold at d = {best['d']:.2f}"
-            + (" (the largest d)" if best is pts[-1] else f", {pts[-1]['gold'] - best['gold']:+.3f}"
-               f" at d = {pts[-1]['d']:.2f}"))
+            + (" (the largest d)" if best is pts[-1] else
+               f", {pts[-1]['gold/mean'] - best['gold/mean']:+.3f} at d = {pts[-1]['d']:.2f}"))
     if fit["peak_in_range"]:
         return (f"{method}: gold peaks at d = {fit['peak_d']:.2f}, inside the measured range "
                 f"(d <= {fit['d_max']:.2f}): gold diverges from proxy; {seen}")
@@ -296,8 +284,8 @@ def plot(points: dict[str, list[dict]], baseline: dict, fits: dict, path: Path) 
         grid = np.linspace(0, d_max * 1.15, 200)
         for axis, reward, colour, marker in ((ax, "gold", "tab:blue", "o"),
                                              (right, "proxy", "tab:orange", "s")):
-            axis.plot([0] + [p["d"] for p in pts], [0] + [p[reward] - baseline[reward]
-                                                          for p in pts],
+            key = f"{reward}/mean"
+            axis.plot([0] + [p["d"] for p in pts], [0] + [p[key] - baseline[key] for p in pts],
                       marker, color=colour, ms=4, label=f"{reward} (measured)")
             fit = fits.get(method, {}).get(reward, {})
             if "a" in fit:
@@ -367,8 +355,8 @@ def run(cfg: GoodhartConfig) -> dict:
     tokenizer = load_tokenizer(model_cfg)
     bon = best_of_n_stage(cfg, root, initial, tokenizer, task, proxy, proxy_path, precision)
     seconds["bon"] = bon["seconds"]
-    points = {"bon": bon_points(bon, cfg.n_max)}
-    baseline = {"gold": points["bon"][0]["gold"], "proxy": points["bon"][0]["proxy"]}
+    points = {"bon": gh.bon_points(bon["proxy"], bon["gold"], range(1, cfg.n_max + 1))}
+    baseline = {k: points["bon"][0][k] for k in ("gold/mean", "proxy/mean")}
 
     # --- rl: GRPO against the proxy, each checkpoint scored by both rewards -----------------
     rl_record = rl_stage(cfg, root, proxy_path)

@@ -34,13 +34,14 @@ from pathlib import Path
 
 import torch
 
-from tether.config import ModelConfig, PrefsParams
+from tether.config import GenerationConfig, ModelConfig, PrefsParams
 from tether.data.formats import read_rows, validate_row
 from tether.data.preference import pairs_by_score
 from tether.data.prompts import PROMPT_FORMATS, encode_prompt
 from tether.engine import dist
 from tether.engine.batchlog import read_partial, write_atomic
-from tether.engine.generate import SamplingParams, TorchBackend, seeded
+from tether.engine.backends import close_backend, make_backend
+from tether.engine.generate import SamplingParams, seeded
 from tether.engine.locks import lock
 from tether.engine.models import cache_dir, load_causal_lm, load_tokenizer, resolve_model_dir
 from tether.engine.optimize import resolve_precision
@@ -71,12 +72,16 @@ def load_prompts(p: PrefsParams) -> list[dict]:
 PAIRING = ("pairs", "heldout_pairs", "min_gap")  # settings that change the pairs, not the samples
 
 
-def cache_key(p: PrefsParams, prompts: list[dict], model_dir: Path, *, samples_only=False) -> str:
+def cache_key(p: PrefsParams, prompts: list[dict], model_dir: Path, *, samples_only=False,
+              generation: GenerationConfig | None = None) -> str:
     """Hash of everything that changes the rows: the settings but `cache_dir` (batch_prompts
-    stays in: it changes the seeds), the prompts, and the sampling model's directory and
-    weight-file sizes. `samples_only` leaves out the pairing settings (`PAIRING`)."""
+    stays in: it changes the seeds), the prompts, the sampling model's directory and
+    weight-file sizes, and the sampler's settings unless it is the default (hf). `samples_only`
+    leaves out the pairing settings (`PAIRING`)."""
     drop = ("cache_dir", "model", "prompts") + (PAIRING if samples_only else ())
     settings = {k: v for k, v in asdict(p).items() if k not in drop}
+    if generation is not None and generation.backend != "hf":
+        settings["generation"] = asdict(generation)
     weights = sorted((f.name, f.stat().st_size) for f in model_dir.glob("*.safetensors"))
     blob = json.dumps([settings, prompts, str(model_dir.resolve()), weights], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -86,13 +91,15 @@ def cache_root(p: PrefsParams) -> Path:
     return Path(p.cache_dir) if p.cache_dir else cache_dir() / "prefs"
 
 
-def build_dir(p: PrefsParams, prompts: list[dict], model_dir: Path) -> Path:
-    return cache_root(p) / cache_key(p, prompts, model_dir)
+def build_dir(p: PrefsParams, prompts: list[dict], model_dir: Path,
+              generation: GenerationConfig | None = None) -> Path:
+    return cache_root(p) / cache_key(p, prompts, model_dir, generation=generation)
 
 
-def samples_path(p: PrefsParams, prompts: list[dict], model_dir: Path) -> Path:
+def samples_path(p: PrefsParams, prompts: list[dict], model_dir: Path,
+                 generation: GenerationConfig | None = None) -> Path:
     """The sampled batches, shared by every set that differs only in `PAIRING`."""
-    key = cache_key(p, prompts, model_dir, samples_only=True)
+    key = cache_key(p, prompts, model_dir, samples_only=True, generation=generation)
     return cache_root(p) / "samples" / key / "samples.jsonl"
 
 
@@ -109,14 +116,16 @@ def check(p: PrefsParams) -> None:
                           "must be > 0")
 
 
-def build(p: PrefsParams, *, precision: str = "auto", progress: bool = True,
-          say=print) -> tuple[Path, Path]:
-    """(train.jsonl, heldout.jsonl) of the built set: read from the cache, else built there."""
+def build(p: PrefsParams, *, precision: str = "auto", progress: bool = True, say=print,
+          generation: GenerationConfig | None = None) -> tuple[Path, Path]:
+    """(train.jsonl, heldout.jsonl) of the built set: read from the cache, else built there,
+    sampled by `generation`'s backend (None: the default, hf)."""
     check(p)
+    generation = generation or GenerationConfig()
     prompts = load_prompts(p)
     model_cfg = ModelConfig(name_or_path=p.model)
     model_dir = resolve_model_dir(model_cfg)
-    out = build_dir(p, prompts, model_dir)
+    out = build_dir(p, prompts, model_dir, generation)
     paths = tuple(out / f for f in FILES)
     if all(path.is_file() for path in paths):
         say(f"prefs: cached set {out}")
@@ -125,7 +134,7 @@ def build(p: PrefsParams, *, precision: str = "auto", progress: bool = True,
         raise ConfigError(f"the preference set {out} is not built yet: run `tether prefs` (or "
                           "the recipe on one process) once first")
     out.mkdir(parents=True, exist_ok=True)
-    partial_path = samples_path(p, prompts, model_dir)
+    partial_path = samples_path(p, prompts, model_dir, generation)
     partial_path.parent.mkdir(parents=True, exist_ok=True)
     order = list(range(len(prompts)))
     random.Random(f"prefs-{p.seed}").shuffle(order)
@@ -153,8 +162,9 @@ def build(p: PrefsParams, *, precision: str = "auto", progress: bool = True,
             if b not in done:
                 if backend is None:
                     lm = load_causal_lm(model_cfg).eval()
-                    backend = TorchBackend(lm, tokenizer, precision=resolve_precision(
-                        precision, torch.device("cpu")))
+                    backend = make_backend(generation, lm, tokenizer, seed=p.seed,
+                                           precision=resolve_precision(precision,
+                                                                       torch.device("cpu")))
                 rollout = backend.generate([encode_prompt(tokenizer, r["prompt"]) for r in chunk],
                                            params, generator=seeded(p.seed, b))
                 columns = {k: [r.get(k) for r in chunk for _ in range(G)]
@@ -170,6 +180,8 @@ def build(p: PrefsParams, *, precision: str = "auto", progress: bool = True,
                 side += pairs_by_score(row, texts[i * G:(i + 1) * G], scores[i * G:(i + 1) * G],
                                        min_gap=p.min_gap)
             bar.update(task, completed=min(len(train), p.pairs) + min(len(held), p.heldout_pairs))
+    if backend is not None:
+        close_backend(backend)
     if len(train) < p.pairs or len(held) < p.heldout_pairs:
         raise ConfigError(f"all {len(prompts)} prompts gave only {len(train)} training and "
                           f"{len(held)} held-out pairs (prefs.pairs {p.pairs}, "

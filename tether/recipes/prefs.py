@@ -8,6 +8,7 @@ from tether.recipes.preference_set import build
 
 
 def run(cfg: PrefsConfig) -> dict:
-    train, held = build(cfg.prefs, precision=cfg.precision, progress=cfg.progress)
+    train, held = build(cfg.prefs, precision=cfg.precision, progress=cfg.progress,
+                        generation=cfg.generation)
     print(f"train pairs: {train}\nheld-out pairs: {held}")
     return {"train": train, "heldout": held}

@@ -209,7 +209,7 @@ def run(cfg: PRMConfig) -> dict:
             raise FloatingPointError(f"step {step + 1}: {err}") from None
         metrics = {"loss/prm": m["loss"], "prm/step_accuracy": m["correct_steps"] / m["steps"],
                    "prm/steps": m["steps"], "optim/lr": m["lr"],
-                   "optim/grad_norm": m["grad_norm"], "time/step": m["time/step"],
+                   "optim/grad_norm": m["grad_norm"], "timing/update": m["seconds"],
                    "memory/peak_mb": peak_memory_mb(), "epoch": (step + 1) / steps_per_epoch}
         if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
             metrics.update(evaluate_now())

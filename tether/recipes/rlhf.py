@@ -125,9 +125,7 @@ def summary(name: str, out: dict) -> dict:
                 for k in ("eval/accuracy", "eval/spearman")}
     history = out["history"]
     first, last = (history[0], history[-1]) if history else ({}, {})
-    return {"reward_mean": [first.get("reward/mean"), last.get("reward/mean")],
-            "gold_mean": [first.get("gold/mean"), last.get("gold/mean")],
-            "kl_k1": [first.get("kl/k1"), last.get("kl/k1")],
+    return {**{k: [first.get(k), last.get(k)] for k in ("reward/mean", "gold/mean", "kl/k1")},
             "eval": {k: [out["eval_before"].get(k), out["eval_after"].get(k)]
                      for k in out["eval_before"]}}
 
@@ -145,7 +143,7 @@ def describe(name: str, record: dict) -> str:
         return (f"held-out pair accuracy {pair(record.get('accuracy'), '{:.1%}')}, Spearman "
                 f"with gold {pair(record.get('spearman'))}")
     held = ", ".join(f"{k} {pair(v)}" for k, v in (record.get("eval") or {}).items())
-    gold = record.get("gold_mean") or [None]
-    return (f"reward {pair(record.get('reward_mean'))}, KL {pair(record.get('kl_k1'))}"
+    gold = record.get("gold/mean") or [None]
+    return (f"reward {pair(record.get('reward/mean'))}, KL {pair(record.get('kl/k1'))}"
             + (f", gold {pair(gold)}" if gold[-1] is not None else "")
             + (f"; held-out greedy: {held}" if held else ""))

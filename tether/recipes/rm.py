@@ -298,7 +298,7 @@ def run(cfg: RMConfig) -> dict:
         n = m["units"]
         metrics = {"loss/rm": m["loss"], **{k: m[k] / n for k in m if k.startswith("rm/")},
                    "optim/lr": m["lr"], "optim/grad_norm": m["grad_norm"], "pairs/step": n,
-                   "time/step": m["time/step"], "memory/peak_mb": peak_memory_mb(),
+                   "timing/update": m["seconds"], "memory/peak_mb": peak_memory_mb(),
                    "epoch": (step + 1) / steps_per_epoch}
         if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
             metrics.update(evaluate(model, eval_batches, device, tc.precision))

@@ -138,8 +138,8 @@ def run(cfg: SFTConfig) -> dict:
             raise FloatingPointError(f"step {step + 1}: {err}") from None
         tokens = dist.all_reduce_sum(sum(int(b.attention_mask.sum()) for b in micro_batches))
         metrics = {"loss/sft": m["loss"], "optim/lr": m["lr"], "optim/grad_norm": m["grad_norm"],
-                   "tokens/loss": m["units"], "tokens/per_second": tokens.item() / m["time/step"],
-                   "time/step": m["time/step"], "memory/peak_mb": peak_memory_mb(),
+                   "tokens/loss": m["units"], "tokens/per_second": tokens.item() / m["seconds"],
+                   "timing/update": m["seconds"], "memory/peak_mb": peak_memory_mb(),
                    "epoch": (step + 1) / steps_per_epoch}
         if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
             metrics["eval/loss"] = evaluate(policy, eval_batches, device, tc.precision)
