@@ -337,3 +337,19 @@ def test_ppo_through_vllm_stand_in(fake_vllm, tiny_model_dir, tmp_path):
     out = ppo.run(cfg)
     assert FakeLLM.instances[0].reloads == 1 + 2
     assert all(0 <= h["generation/logp_diff"] < 1e-3 for h in out["history"])
+
+
+def test_vllm_usage_statistics_are_off_unless_the_user_says_otherwise(monkeypatch):
+    """Before vllm is imported, VLLM_NO_USAGE_STATS and DO_NOT_TRACK are set to 1; a value the
+    user set is kept."""
+    import os
+    import sys
+    import types
+
+    from tether.engine import vllm_backend
+
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.delenv("VLLM_NO_USAGE_STATS", raising=False)
+    monkeypatch.setenv("DO_NOT_TRACK", "0")
+    vllm_backend.import_vllm()
+    assert os.environ["VLLM_NO_USAGE_STATS"] == "1" and os.environ["DO_NOT_TRACK"] == "0"

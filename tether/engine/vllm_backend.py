@@ -41,8 +41,16 @@ INSTALL_HINT = ("pip install 'tether[vllm]' (a GPU machine), or `make vllm` for 
                 "its own venv (docs/generation.md)")
 
 
+# vLLM reports usage statistics to its authors unless told not to; tether tells it, before the
+# import, unless the user set these themselves (a server child inherits them)
+NO_USAGE_STATS = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
 def import_vllm():
-    """The vllm module, or a one-line ConfigError saying how to install it."""
+    """The vllm module (usage statistics off, `NO_USAGE_STATS`), or a one-line ConfigError
+    saying how to install it."""
+    for key, value in NO_USAGE_STATS.items():
+        os.environ.setdefault(key, value)
     try:
         import vllm
     except ImportError as err:
