@@ -185,6 +185,23 @@ def test_a_log_made_with_other_settings_is_an_error_naming_the_key(tiny_model_di
             label.run(_cfg(tiny_model_dir, _write(data, RESPONSE_ROWS[:1]), out))
 
 
+def test_a_judge_that_never_judged_binds_nothing(tiny_model_dir, tmp_path):
+    """A mistyped --judge.model fails before any pair is judged; the corrected command then
+    runs (issue 35: the log once refused it, "judged with '/nope'"), and its settings head the
+    log. A settings line left alone by an older run binds nothing either."""
+    data = _write(tmp_path / "in.jsonl", RESPONSE_ROWS[:1])
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError):
+        label.run(_cfg(tmp_path / "nope", data, out))
+    assert (out / "judged.jsonl").read_text() == ""
+    (out / "judged.jsonl").write_text(json.dumps(
+        {"batch": "settings", "settings": {"judge.model": "/nope"}}) + "\n")
+    label.run(_cfg(tiny_model_dir, data, out))
+    head = _lines(out / "judged.jsonl")[0]
+    assert head["batch"] == "settings" and head["settings"]["judge.model"] == str(tiny_model_dir)
+    assert [r["batch"] for r in _lines(out / "judged.jsonl")] == ["settings", 0]
+
+
 def test_dpo_trains_from_soft_labels(tiny_model_dir, tmp_path, monkeypatch):
     """DPO with per-pair smoothing eps = 1 - p (cDPO): with h = beta * ((pc - rc) - (pr - rr)),
 

@@ -204,12 +204,11 @@ def run(cfg: LabelConfig) -> dict:
         lock(log, f"another process is labelling into {out}; wait for it or use another "
                   "label.output_dir")  # one judge per log: a second would append the same pairs
         done = read_partial(log_path)  # read under the lock; a torn last line is cut off
-        if "settings" in done:
-            check_settings(done["settings"]["settings"], settings, log_path)
-        elif done:
+        bound = any(b != "settings" for b in done)  # only a judged batch binds the settings
+        if bound and "settings" not in done:
             raise ConfigError(f"{log_path} has no settings line: not a `tether label` log")
-        else:
-            append(log, {"batch": "settings", "settings": settings})
+        if bound:
+            check_settings(done["settings"]["settings"], settings, log_path)
         judged = judged_pairs(done)
         todo = [pair for pair in pairs if pair.key not in judged]
         batch = 1 + max((b for b in done if b != "settings"), default=-1)
@@ -228,6 +227,10 @@ def run(cfg: LabelConfig) -> dict:
                       "position_disagree": result.position_disagree.tolist(),
                       "option_mass": result.option_mass.tolist(),
                       "seconds": time.perf_counter() - t0}
+            if not bound:  # the first judgement: this run's settings head the log
+                log.truncate(0)  # a settings line no judgement followed binds nothing
+                append(log, {"batch": "settings", "settings": settings})
+                bound = True
             append(log, record)
             judged.update(judged_pairs({batch: record}))
             done[batch], batch = record, batch + 1
