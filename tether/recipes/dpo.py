@@ -1,7 +1,8 @@
 """Direct preference optimisation and its family: each loss a row of `tether.losses.PREFERENCE_LOSSES`.
 
 Stages: data -> model -> score (reference log-probs once, cached on disk) -> (resume) -> eval ->
-[collate -> optimize -> group weights -> log -> checkpoint]* -> eval.
+[collate -> optimize -> group weights -> log -> checkpoint]* -> eval; each a function, sharing
+one `DPORun` (`set_up`). The reference is `tether.engine.reference.load_reference`'s.
 
 Chosen and rejected go through the policy in one forward, their shared prompt run once per pair
 and the lm_head on completion tokens only (`tether.engine.reference.sequence_logps`). A

@@ -1,9 +1,11 @@
 """Group-relative policy optimisation and its family: grpo, dr_grpo, dapo, gspo, rloo.
 
-Stages per step: generate (G samples for each of the step's prompts, one prefill per prompt) ->
-score (reward functions; reference log-probs if beta > 0; old log-probs if num_iterations > 1) ->
-advantages (relative to the group, per the loss type) -> update (num_iterations optimizer steps
-over the rollout, micro-batched, normalised over the whole step) -> log -> checkpoint.
+Stages per step, each a function the loop calls: generate (G samples for each of the step's
+prompts, one prefill per prompt) -> score (reward functions) -> advantages (relative to the
+group, per the loss type) -> rows_to_forward (rows whose loss can be non-zero, micro-batched) ->
+score_logprobs (reference log-probs if beta > 0; old log-probs if num_iterations > 1) -> update
+(num_iterations optimizer steps over the rollout, normalised over the whole step) -> log ->
+checkpoint. What the stages share (policy, reference, sampler, optimizer, ...) is one `GRPORun`.
 Held-out accuracy (greedy) before and after training; KL, diversity, the gold reward and the
 warnings of docs/diagnostics.md through `tether.eval.online`. Prompts may carry a user `group`
 (segment): each group can have its own rewards, is logged on its own, and with

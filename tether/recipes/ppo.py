@@ -1,6 +1,7 @@
 """RLHF-PPO with four models: policy, critic (value head), frozen reference, reward.
 
-Stages of every step (verl's order): generate -> score -> advantages -> update -> log/checkpoint.
+Stages of every step (verl's order), each a function the loop calls, sharing one `PPORun`:
+generate -> score -> advantages -> update -> kl control -> log -> checkpoint.
   generate    the policy samples completions for a batch of prompts (`engine.generate`)
   score       no-grad: the policy's log-probs and entropy, the reference's log-probs, the
               critic's values, the sequence reward (reward model or reward functions)
