@@ -143,9 +143,13 @@ def test_zero_advantage_rows_leave_no_gradient(peaked_model_dir, default_tokeniz
 def test_reference_only_when_beta_positive(peaked_model_dir, tmp_path, monkeypatch):
     """beta = 0 loads one model (the policy); beta > 0 loads a frozen reference too, except with
     LoRA, where the reference is the policy with its adapter disabled."""
+    from tether.engine import reference
+
     calls = []
     real = grpo.load_causal_lm
-    monkeypatch.setattr(grpo, "load_causal_lm", lambda cfg: calls.append(cfg) or real(cfg))
+    count = lambda cfg: calls.append(cfg) or real(cfg)  # noqa: E731
+    monkeypatch.setattr(grpo, "load_causal_lm", count)  # the policy
+    monkeypatch.setattr(reference, "load_causal_lm", count)  # the reference (load_reference)
     out = _run(peaked_model_dir, tmp_path / "b0", "--train.max_steps=1")
     assert len(calls) == 1 and out["reference"] is None
     assert "kl/k3" not in out["history"][0]

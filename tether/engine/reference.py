@@ -4,6 +4,10 @@ The DPO family compares each sequence's summed completion log-prob under the pol
 same under a frozen reference. The reference's never change, so they are computed once in a
 no-grad pass (`reference_logps`) and kept in `$TETHER_CACHE/ref_logps/<key>.safetensors`
 (`cached_pair_logps`), keyed by everything that decides them (`reference_cache_path`).
+
+`load_reference` chooses the reference model once for every recipe that has one (DPO, GRPO,
+PPO): a frozen copy, the LoRA policy with its adapter disabled, or none; `Reference.use` gives
+the model to score with.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import gc
 import hashlib
 import json
 import random
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -138,19 +144,75 @@ def cached_pair_logps(n_items: int, needed: list[int], path: Path, *, use_cache:
                    f"that this run uses and the cache lacked; cache: {path})")
 
 
-def with_reference(policy: CausalLMLogps, fn: Callable, *, load: ModelConfig | None,
-                   lora: bool, chunk_size: int):
-    """fn(reference) for a frozen reference that costs no second copy where it can: a model
-    loaded from `load` (then deleted), else the LoRA policy with its adapter disabled, else the
-    policy itself (the caller knows it has not been updated yet)."""
-    if load is not None:
-        ref = CausalLMLogps(load_causal_lm(load), chunk_size=chunk_size)
-        try:
-            return fn(ref.to(dist.device()))
-        finally:
-            del ref
-            gc.collect()
-    if lora:
-        with policy.model.disable_adapter():
-            return fn(policy)
-    return fn(policy)
+# --- the reference model, chosen once for every recipe that has one ----------------------------
+
+
+@dataclass
+class Reference:
+    """The model a policy is tethered to, chosen once by `load_reference`:
+
+    - "copy": a frozen model loaded from `source` (the policy's initial weights, or a separate
+      reference model); resident (`model`, loaded once) or loaded for each `use` and freed after;
+    - "adapter": the LoRA policy with its adapter disabled (its base model: no second copy);
+    - "none": no reference (the recipe needs none, and one would cost a copy).
+    The recipe decides whether it needs one; this only decides what it is."""
+    kind: str  # "copy" | "adapter" | "none"
+    policy: CausalLMLogps
+    source: ModelConfig | None = None  # the reference's weights ("adapter": the policy's base)
+    model: CausalLMLogps | None = None  # the resident frozen copy ("copy", resident)
+    initial: bool = False  # "copy" of the policy's own initial weights
+    chunk_size: int = 0
+
+    @property
+    def description(self) -> str:
+        """For the run's first line."""
+        return {"copy": "frozen copy", "adapter": "adapter-disabled base",
+                "none": "no reference"}[self.kind]
+
+    @contextmanager
+    def use(self, *, policy_unchanged: bool = False) -> Iterator[CausalLMLogps]:
+        """The reference to score with, for the duration of the block: the resident copy; the
+        policy itself while `policy_unchanged` and the copy is of its initial weights; a copy
+        loaded now (then freed); or the LoRA policy with its adapter disabled."""
+        if self.kind == "none":
+            raise RuntimeError("this run has no reference model")
+        if self.kind == "adapter":
+            with self.policy.model.disable_adapter():
+                yield self.policy
+        elif self.model is not None:
+            yield self.model
+        elif self.initial and policy_unchanged:
+            yield self.policy
+        else:
+            ref = CausalLMLogps(load_causal_lm(self.source), chunk_size=self.chunk_size)
+            try:
+                yield ref.to(dist.device())
+            finally:
+                del ref
+                gc.collect()
+
+    def apply(self, fn: Callable, *, policy_unchanged: bool = False):
+        """fn(reference model), within `use`."""
+        with self.use(policy_unchanged=policy_unchanged) as ref:
+            return fn(ref)
+
+
+def load_reference(model_cfg: ModelConfig, policy: CausalLMLogps, *, needed: bool,
+                   ref_model: str | None = None, resident: bool = True,
+                   chunk_size: int) -> Reference:
+    """The reference of `policy` (loaded from `model_cfg`): `ref_model` when given, else the
+    policy's initial weights, as the LoRA policy with its adapter disabled (always available: it
+    costs nothing) or, when `needed`, a frozen copy (`resident`: loaded now, frozen and sharded
+    like the policy; else loaded for each `Reference.use`)."""
+    base = replace(model_cfg, lora=replace(model_cfg.lora, r=0))
+    if ref_model is None and model_cfg.lora.r > 0:
+        return Reference("adapter", policy, base, chunk_size=chunk_size)
+    if not needed:
+        return Reference("none", policy)
+    source = base if ref_model is None else replace(base, name_or_path=ref_model, gguf_file=None)
+    model = None
+    if resident:
+        model = CausalLMLogps(load_causal_lm(source), chunk_size=chunk_size)
+        model = dist.shard(model.requires_grad_(False).to(dist.device())).eval()
+    return Reference("copy", policy, source, model, initial=ref_model is None,
+                     chunk_size=chunk_size)

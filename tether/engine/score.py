@@ -25,6 +25,7 @@ from tether.engine.logprobs import chunked_token_logps
 from tether.engine.optimize import autocast
 
 if TYPE_CHECKING:
+    from tether.engine.reference import Reference
     from tether.engine.rollout_batches import GRPOBatch
 
 
@@ -176,23 +177,20 @@ def sequence_rewards(reward_fn, prompts: list, completions: list[str],
 
 
 def score_rollout(rollout, prompts: list, columns: dict[str, list[Any]], *, policy: nn.Module,
-                  reference: nn.Module | None, critic: TokenValues, reward_fn,
+                  reference: Reference, critic: TokenValues, reward_fn,
                   micro_batch_size: int) -> Scored:
     """The score stage of RLHF-PPO: the policy's log-probs through its training forward (the
     'old' policy of the update), the sampler's entropy (computed here when the backend does not
-    report it), the reference's log-probs (the policy with its LoRA adapter disabled when
-    `reference` is None), the critic's values and the rewards of the completions of `prompts`
+    report it), the reference's log-probs (`reference.use`: a frozen copy or the policy with
+    its LoRA adapter disabled), the critic's values and the rewards of the completions of `prompts`
     (one per rollout row; `columns` likewise)."""
     mbs = micro_batch_size
     logps = completion_logps(policy, rollout, micro_batch_size=mbs)
     entropy = rollout.entropy
     if entropy is None:
         logps, entropy = policy_logps_and_entropy(policy, rollout, micro_batch_size=mbs)
-    if reference is None:
-        with policy.model.disable_adapter():
-            ref_logps = completion_logps(policy, rollout, micro_batch_size=mbs)
-    else:
-        ref_logps = completion_logps(reference, rollout, micro_batch_size=mbs)
+    with reference.use() as ref:
+        ref_logps = completion_logps(ref, rollout, micro_batch_size=mbs)
     values = completion_values(critic, rollout, micro_batch_size=mbs)
     rewards, components = sequence_rewards(reward_fn, prompts, rollout.texts, columns)
     return Scored(logps, entropy, ref_logps, values, rewards, components)

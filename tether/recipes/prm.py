@@ -139,6 +139,58 @@ def evaluate(model, batches: list[StepBatch], device, precision: str,
 # ------------------------------------------------------------------------------ the loop
 
 
+def load_data(cfg: PRMConfig, tokenizer) -> tuple[list[StepExample], list[StepExample],
+                                                 list[StepBatch]]:
+    """(train solutions, eval solutions, this rank's held-out batches): stepwise rows -> token
+    ids with one labelled score position per step; without data.path the built-in set."""
+    tc, pc = cfg.train, cfg.prm
+    builtin = builtin_stepwise_rows() if cfg.data.path is None else None
+    train_examples, eval_examples = load_stepwise_data(
+        cfg.data, tokenizer, separator=pc.step_separator, rows=builtin,
+        source="built-in running-sum stepwise set" if builtin else None)
+    if len(train_examples) < tc.batch_size:
+        raise ConfigError(f"train.batch_size ({tc.batch_size}) exceeds the "
+                          f"{len(train_examples)} training solutions; lower it or add data")
+    eval_share = eval_examples[dist.rank()::dist.world_size()]
+    eval_batches = [collate_steps(eval_share[i:i + tc.micro_batch_size], tokenizer.pad_token_id)
+                    for i in range(0, len(eval_share), tc.micro_batch_size)]
+    return train_examples, eval_examples, eval_batches
+
+
+def load_model(cfg: PRMConfig, pad_id: int, device):
+    """Causal LM backbone + new token-classification head (hidden -> 1); in train mode."""
+    model = load_value_model(cfg.model, pad_id)
+    if cfg.train.gradient_checkpointing:
+        unwrap(model).gradient_checkpointing_enable()
+    model = dist.shard(model.to(device))
+    return model.train()
+
+
+def save(model, tokenizer, out_dir: Path, pc):
+    """A plain HF directory that AutoModelForTokenClassification loads (LoRA: the adapter folded
+    in, the head kept), with the separator and aggregate -> the model saved."""
+    if dist.world_size() == 1 and dist.is_main():  # under FSDP2: `tether export` from checkpoints
+        if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter in, keep the head
+            model = model.merge_and_unload()
+        # the separator and aggregate travel with the weights (ProcessRewardScorer reads them)
+        model.config.tether_prm = {"step_separator": pc.step_separator,
+                                   "aggregate": pc.aggregate}
+        checkpoint.export(model.eval(), tokenizer, out_dir, force=True)  # its own output
+    dist.barrier()
+    return model
+
+
+def summarise(logger, pc, n_eval: int, eval_before: dict, eval_after: dict, out_dir: Path):
+    """Held-out step / solution / first-error accuracy before -> after; where the model is."""
+    fmt = lambda key: f"{eval_before[key]:.1%} -> {eval_after[key]:.1%}"  # noqa: E731
+    logger.print(f"held-out solutions ({n_eval}): step accuracy "
+                 f"{fmt('eval/step_accuracy')}, solution accuracy ({pc.aggregate}) "
+                 f"{fmt('eval/solution_accuracy')}, first error found "
+                 f"{fmt('eval/first_error_accuracy')}")
+    logger.print(f"process reward model: {out_dir} (tether.rewards.ProcessRewardScorer, or "
+                 "AutoModelForTokenClassification.from_pretrained)")
+
+
 def run(cfg: PRMConfig) -> dict:
     dist.init()
     device = dist.device()
@@ -151,29 +203,14 @@ def run(cfg: PRMConfig) -> dict:
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
 
-    # --- data: stepwise rows -> token ids with one labelled score position per step -----------
+    # --- data and model -------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model)
-    builtin = builtin_stepwise_rows() if cfg.data.path is None else None
-    train_examples, eval_examples = load_stepwise_data(
-        cfg.data, tokenizer, separator=pc.step_separator, rows=builtin,
-        source="built-in running-sum stepwise set" if builtin else None)
-    if len(train_examples) < tc.batch_size:
-        raise ConfigError(f"train.batch_size ({tc.batch_size}) exceeds the "
-                          f"{len(train_examples)} training solutions; lower it or add data")
     pad_id = tokenizer.pad_token_id
     collate = lambda examples: collate_steps(examples, pad_id)  # noqa: E731
+    train_examples, eval_examples, eval_batches = load_data(cfg, tokenizer)
     steps_per_epoch = len(train_examples) // tc.batch_size
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.epochs * steps_per_epoch)
-    eval_share = eval_examples[dist.rank()::dist.world_size()]
-    eval_batches = [collate(eval_share[i:i + tc.micro_batch_size])
-                    for i in range(0, len(eval_share), tc.micro_batch_size)]
-
-    # --- model: causal LM backbone + new token-classification head (hidden -> 1) --------------
-    model = load_value_model(cfg.model, pad_id)
-    if tc.gradient_checkpointing:
-        unwrap(model).gradient_checkpointing_enable()
-    model = dist.shard(model.to(device))
-    model.train()
+    model = load_model(cfg, pad_id, device)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
 
@@ -224,23 +261,9 @@ def run(cfg: PRMConfig) -> dict:
     eval_after = evaluate_now()
     logger.log(total_steps, eval_after)
 
-    # --- save: a plain HF directory that AutoModelForTokenClassification loads ----------------
     out_dir = run_dir / "process_reward_model"
-    if dist.world_size() == 1 and dist.is_main():  # under FSDP2: `tether export` from checkpoints
-        if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter in, keep the head
-            model = model.merge_and_unload()
-        # the separator and aggregate travel with the weights (ProcessRewardScorer reads them)
-        model.config.tether_prm = {"step_separator": pc.step_separator,
-                                   "aggregate": pc.aggregate}
-        checkpoint.export(model.eval(), tokenizer, out_dir, force=True)  # its own output
-    dist.barrier()
-    fmt = lambda key: f"{eval_before[key]:.1%} -> {eval_after[key]:.1%}"  # noqa: E731
-    logger.print(f"held-out solutions ({len(eval_examples)}): step accuracy "
-                 f"{fmt('eval/step_accuracy')}, solution accuracy ({pc.aggregate}) "
-                 f"{fmt('eval/solution_accuracy')}, first error found "
-                 f"{fmt('eval/first_error_accuracy')}")
-    logger.print(f"process reward model: {out_dir} (tether.rewards.ProcessRewardScorer, or "
-                 "AutoModelForTokenClassification.from_pretrained)")
+    model = save(model, tokenizer, out_dir, pc)
+    summarise(logger, pc, len(eval_examples), eval_before, eval_after, out_dir)
     session.finish(write_report)
     return {"losses": history, "eval_before": eval_before, "eval_after": eval_after,
             "model": model, "tokenizer": tokenizer, "run_dir": run_dir,

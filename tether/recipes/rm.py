@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -226,6 +227,51 @@ def evaluate(model, batches: list[PairBatch], device, precision: str) -> dict[st
 # ------------------------------------------------------------------------------ the loop
 
 
+def load_data(cfg: RMConfig, tokenizer) -> tuple[list[RewardPair], list[RewardPair], Callable,
+                                                list[PairBatch]]:
+    """(train pairs, eval pairs, collate, this rank's held-out batches): preference rows ->
+    (chosen, rejected) token sequences; without data.path the built set (sampled, ordered by
+    gold, cached: `tether prefs`)."""
+    tc = cfg.train
+    if cfg.data.path is None:
+        train_path, held_path = build_prefs(cfg.prefs, precision=tc.precision,
+                                            progress=cfg.run.progress, say=print)
+        cfg.data = replace(cfg.data, path=str(train_path), eval_path=str(held_path))
+    train_pairs, eval_pairs = load_reward_pairs(cfg.data, tokenizer, margin_key=cfg.rm.margin_key)
+    if len(train_pairs) < tc.batch_size:
+        raise ConfigError(f"train.batch_size ({tc.batch_size}) exceeds the {len(train_pairs)} "
+                          "training pairs; lower it or add data")
+    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id,
+                      with_margin=cfg.rm.margin_key is not None)
+    eval_share = eval_pairs[dist.rank()::dist.world_size()]
+    eval_batches = [collate(eval_share[i:i + tc.micro_batch_size])
+                    for i in range(0, len(eval_share), tc.micro_batch_size)]
+    return train_pairs, eval_pairs, collate, eval_batches
+
+
+def load_model(cfg: RMConfig, pad_id: int, device):
+    """Causal LM backbone + new score head, fp32 master weights (rm.train_layers: the top
+    layers only); in train mode."""
+    model = load_reward_model(cfg.model, pad_id)
+    if cfg.rm.train_layers is not None:
+        freeze_trunk(model, cfg.rm.train_layers)
+    if cfg.train.gradient_checkpointing:
+        unwrap(model).gradient_checkpointing_enable()
+    model = dist.shard(model.to(device))
+    return model.train()
+
+
+def save(model, tokenizer, out_dir: Path):
+    """A plain HF directory that AutoModelForSequenceClassification loads (LoRA: the adapter
+    folded in, the score head kept) -> the model saved."""
+    if dist.world_size() == 1 and dist.is_main():  # under FSDP2: `tether export` from checkpoints
+        if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter in, keep the score head
+            model = model.merge_and_unload()
+        checkpoint.export(model.eval(), tokenizer, out_dir, force=True)  # its own output
+    dist.barrier()
+    return model
+
+
 def run(cfg: RMConfig) -> dict:
     dist.init()
     device = dist.device()
@@ -235,33 +281,12 @@ def run(cfg: RMConfig) -> dict:
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
 
-    # --- data: preference rows -> (chosen, rejected) token sequences ---------------------------
+    # --- data and model -------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model)
-    if cfg.data.path is None:  # the built set: sampled, ordered by gold, cached (`tether prefs`)
-        train_path, held_path = build_prefs(cfg.prefs, precision=tc.precision,
-                                            progress=cfg.run.progress, say=print)
-        cfg.data = replace(cfg.data, path=str(train_path), eval_path=str(held_path))
-    train_pairs, eval_pairs = load_reward_pairs(cfg.data, tokenizer, margin_key=cfg.rm.margin_key)
-    if len(train_pairs) < tc.batch_size:
-        raise ConfigError(f"train.batch_size ({tc.batch_size}) exceeds the {len(train_pairs)} "
-                          "training pairs; lower it or add data")
-    pad_id = tokenizer.pad_token_id
-    with_margin = cfg.rm.margin_key is not None
-    collate = lambda pairs: collate_pairs(pairs, pad_id, with_margin)  # noqa: E731
+    train_pairs, eval_pairs, collate, eval_batches = load_data(cfg, tokenizer)
     steps_per_epoch = len(train_pairs) // tc.batch_size
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.epochs * steps_per_epoch)
-    eval_share = eval_pairs[dist.rank()::dist.world_size()]
-    eval_batches = [collate(eval_share[i:i + tc.micro_batch_size])
-                    for i in range(0, len(eval_share), tc.micro_batch_size)]
-
-    # --- model: causal LM backbone + new score head, fp32 master weights ----------------------
-    model = load_reward_model(cfg.model, pad_id)
-    if cfg.rm.train_layers is not None:
-        freeze_trunk(model, cfg.rm.train_layers)
-    if tc.gradient_checkpointing:
-        unwrap(model).gradient_checkpointing_enable()
-    model = dist.shard(model.to(device))
-    model.train()
+    model = load_model(cfg, tokenizer.pad_token_id, device)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     loss_fn = partial(rm_loss, center_coef=cfg.rm.center_coef)
@@ -312,13 +337,8 @@ def run(cfg: RMConfig) -> dict:
     eval_after = evaluate(model, eval_batches, device, tc.precision)
     logger.log(total_steps, eval_after)
 
-    # --- save: a plain HF directory that AutoModelForSequenceClassification loads -------------
     out_dir = run_dir / "reward_model"
-    if dist.world_size() == 1 and dist.is_main():  # under FSDP2: `tether export` from checkpoints
-        if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter in, keep the score head
-            model = model.merge_and_unload()
-        checkpoint.export(model.eval(), tokenizer, out_dir, force=True)  # its own output
-    dist.barrier()
+    model = save(model, tokenizer, out_dir)
     logger.print(f"held-out pairs ({len(eval_pairs)}): accuracy {eval_before['eval/accuracy']:.1%}"
                  f" -> {eval_after['eval/accuracy']:.1%}, margin {eval_before['eval/margin']:.3f}"
                  f" -> {eval_after['eval/margin']:.3f}, ECE {eval_before['eval/ece']:.3f} -> "

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from tether.config import SFTConfig
-from tether.data.collate import Batch, block_causal_mask, pack_examples, packed_collate, pad_collate
+from tether.data.collate import (Batch, Example, block_causal_mask, pack_examples, packed_collate,
+                                 pad_collate)
 from tether.data.formats import load_sft_examples, truncation_counts, truncation_message
 from tether.data.tasks import builtin_sft_rows, heldout_problems, task_accuracy
 from tether.engine import dist
@@ -64,17 +67,19 @@ def task_eval(policy: CausalLMLogps, tokenizer, problems: list[dict]) -> dict[st
     return {"eval/accuracy": correct / len(problems)}
 
 
-def run(cfg: SFTConfig) -> dict:
-    dist.init()
-    device = dist.device()
-    tc, run_dir = cfg.train, Path(cfg.run.output_dir)
-    tc.precision = resolve_precision(tc.precision, device)
-    micro_steps = check_batch_sizes(cfg)
-    torch.manual_seed(tc.seed)
-    random.seed(tc.seed)
+@dataclass
+class SFTData:
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    train_items: list  # the examples, or rows packed from them (data.packing)
+    collate: Callable  # items -> Batch
+    eval_batches: list[Batch]  # this rank's share of the held-out examples
+    problems: list[dict]  # held-out built-in problems, answered greedily before and after
 
-    # --- data: rows -> validated, tokenised examples (or packed rows) --------------------------
-    tokenizer = load_tokenizer(cfg.model)
+
+def load_data(cfg: SFTConfig, tokenizer) -> SFTData:
+    """Rows -> validated, tokenised examples (or packed rows); the held-out batches."""
+    tc = cfg.train
     builtin_rows = builtin_sft_rows() if cfg.data.path is None else None
     train_examples, eval_examples = load_sft_examples(
         cfg.data, tokenizer, rows=builtin_rows,
@@ -90,19 +95,38 @@ def run(cfg: SFTConfig) -> dict:
     if len(train_items) < tc.batch_size:
         raise ConfigError(f"train.batch_size ({tc.batch_size}) exceeds the {len(train_items)} "
                           "training examples; lower it or add data")
-    steps_per_epoch = len(train_items) // tc.batch_size
-    total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.epochs * steps_per_epoch)
     eval_share = eval_examples[dist.rank()::dist.world_size()]
     eval_batches = [pad_collate(eval_share[i:i + tc.micro_batch_size], pad_id)
                     for i in range(0, len(eval_share), tc.micro_batch_size)]
+    return SFTData(train_examples, eval_examples, train_items, collate, eval_batches, problems)
 
-    # --- model: fp32 master weights, chunked log-prob head, FSDP2 when distributed ------------
+
+def load_policy(cfg: SFTConfig, device) -> CausalLMLogps:
+    """fp32 master weights, chunked log-prob head, FSDP2 when distributed; in train mode."""
     model = load_causal_lm(cfg.model)
-    if tc.gradient_checkpointing:
+    if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    policy = dist.shard(CausalLMLogps(model, chunk_size=tc.logprob_chunk_size).to(device))
-    policy.train()
+    policy = dist.shard(CausalLMLogps(model, chunk_size=cfg.train.logprob_chunk_size).to(device))
+    return policy.train()
+
+
+def run(cfg: SFTConfig) -> dict:
+    dist.init()
+    device = dist.device()
+    tc, run_dir = cfg.train, Path(cfg.run.output_dir)
+    tc.precision = resolve_precision(tc.precision, device)
+    micro_steps = check_batch_sizes(cfg)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+
+    # --- data and model -------------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_data(cfg, tokenizer)
+    train_items, eval_batches, problems = data.train_items, data.eval_batches, data.problems
+    steps_per_epoch = len(train_items) // tc.batch_size
+    total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.epochs * steps_per_epoch)
+    policy = load_policy(cfg, device)
     optimizer = build_optimizer(policy, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
 
@@ -111,10 +135,11 @@ def run(cfg: SFTConfig) -> dict:
                         scheduler=scheduler)
     start_step, logger = session.step, session.logger
     n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    logger.print(f"sft: {len(train_examples)} train / {len(eval_examples)} eval examples, "
-                 f"{total_steps} steps of {tc.batch_size}, {n_params / 1e6:.1f}M trainable "
-                 f"parameters, {tc.precision} on {device}, world size {dist.world_size()}")
-    examples = train_examples + eval_examples
+    logger.print(f"sft: {len(data.train_examples)} train / {len(data.eval_examples)} eval "
+                 f"examples, {total_steps} steps of {tc.batch_size}, {n_params / 1e6:.1f}M "
+                 f"trainable parameters, {tc.precision} on {device}, world size "
+                 f"{dist.world_size()}")
+    examples = data.train_examples + data.eval_examples
     truncated = truncation_counts([(e,) for e in examples])
     if note := truncation_message(truncated, len(examples), cfg.data.max_length):
         logger.print(note)
@@ -127,7 +152,7 @@ def run(cfg: SFTConfig) -> dict:
     for step in session.steps():  # Ctrl-C: save, stop
         items = step_items(train_items, step, tc.batch_size, tc.seed)[
             dist.shard_indices(tc.batch_size)]
-        micro_batches = [collate(items[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size])
+        micro_batches = [data.collate(items[i * tc.micro_batch_size:(i + 1) * tc.micro_batch_size])
                          .to(device) for i in range(micro_steps)]
         try:
             m = train_step(policy, micro_batches, loss_fn=sft_loss,
