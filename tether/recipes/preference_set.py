@@ -136,10 +136,7 @@ def build(p: PrefsParams, *, precision: str = "auto", progress: bool = True, say
     out.mkdir(parents=True, exist_ok=True)
     partial_path = samples_path(p, prompts, model_dir, generation)
     partial_path.parent.mkdir(parents=True, exist_ok=True)
-    order = list(range(len(prompts)))
-    random.Random(f"prefs-{p.seed}").shuffle(order)
-    batches = [[prompts[i] for i in order[s:s + p.batch_prompts]]
-               for s in range(0, len(order), p.batch_prompts)]
+    batches = shuffled_batches(prompts, p)
     tokenizer, lm, backend = load_tokenizer(model_cfg), None, None
     gold = load_reward(p.gold)
     params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
@@ -187,15 +184,28 @@ def build(p: PrefsParams, *, precision: str = "auto", progress: bool = True, say
                           f"{len(held)} held-out pairs (prefs.pairs {p.pairs}, "
                           f"prefs.heldout_pairs {p.heldout_pairs}): lower them or prefs.min_gap, "
                           "raise prefs.samples_per_prompt, or add prompts (prefs.prompts)")
-    train, held = train[:p.pairs], held[:p.heldout_pairs]
-    for path, rows in zip(paths, (train, held)):
-        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    gaps = [r["score_chosen"] - r["score_rejected"] for r in train + held]
     meta = {"settings": asdict(p), "model": str(model_dir), "samples": str(partial_path),
-            "train_pairs": len(train),
-            "heldout_pairs": len(held), "prompts_used": used,
-            "mean_gap": sum(gaps) / len(gaps), "seconds": round(time.perf_counter() - t0, 1)}
-    write_atomic(out / "meta.json", json.dumps(meta, indent=1))
-    say(f"prefs: {len(train)} train + {len(held)} held-out pairs (mean gold gap "
+            "prompts_used": used}
+    write_set(out, train[:p.pairs], held[:p.heldout_pairs], meta, time.perf_counter() - t0)
+    say(f"prefs: {p.pairs} train + {p.heldout_pairs} held-out pairs (mean gold gap "
         f"{meta['mean_gap']:.3f}) in {meta['seconds']:.0f} s -> {out}")
     return paths
+
+
+def shuffled_batches(prompts: list[dict], p: PrefsParams) -> list[list[dict]]:
+    """The prompts in the seed's order, `prefs.batch_prompts` at a time (one resume point each)."""
+    order = list(range(len(prompts)))
+    random.Random(f"prefs-{p.seed}").shuffle(order)
+    return [[prompts[i] for i in order[s:s + p.batch_prompts]]
+            for s in range(0, len(order), p.batch_prompts)]
+
+
+def write_set(out: Path, train: list[dict], held: list[dict], meta: dict, seconds: float) -> None:
+    """train.jsonl, heldout.jsonl and meta.json (the counts and the mean gold gap added to
+    `meta`), each atomically."""
+    for path, rows in zip((out / f for f in FILES), (train, held)):
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    gaps = [r["score_chosen"] - r["score_rejected"] for r in train + held]
+    meta.update({"train_pairs": len(train), "heldout_pairs": len(held),
+                 "mean_gap": sum(gaps) / len(gaps), "seconds": round(seconds, 1)})
+    write_atomic(out / "meta.json", json.dumps(meta, indent=1))
