@@ -78,6 +78,18 @@ CASES = [  # (name, argv, message)
     ("grad_norm_negative", ["sft", "--train.max_grad_norm=-1"],
      r"'train.max_grad_norm' must be >= 0"),
     ("dpo_beta_negative", ["dpo", "--dpo.beta=-0.1"], r"'dpo.beta' must be > 0, got -0.1"),
+    ("output_dir_empty", ["sft", *RECIPE, "--run.output_dir="],
+     r"config key 'run.output_dir' is empty: name a folder"),
+    ("rlhf_output_dir_empty", ["rlhf", "--pipeline.output_dir=''"],
+     r"config key 'pipeline.output_dir' must be a folder \(empty would write into the current"),
+    ("reward_module_syntax_error", ["grpo", *RECIPE, "--grpo.rewards=broken_rewards:f"],
+     r"reward function 'broken_rewards:f': importing module 'broken_rewards' raised SyntaxError: "
+     r".*broken_rewards.py, line 1\)"),
+    ("reward_module_raises_on_import", ["grpo", *RECIPE, "--grpo.rewards=angry_rewards:f"],
+     r"reward function 'angry_rewards:f': importing module 'angry_rewards' raised RuntimeError: "
+     r"no config here"),
+    ("gguf_garbage", ["sft", *RECIPE, "--model.name_or_path={tmp}/random.gguf"],
+     r"model.name_or_path: {tmp}/random.gguf is not a GGUF file"),
     ("epochs_infinite", ["sft", "--train.max_steps=-1", "--train.epochs=inf"],
      r"config key 'train.epochs' must be a finite number, got inf"),
     ("lr_infinite", ["sft", "--train.lr=inf"], r"'train.lr' must be a finite number, got inf"),
@@ -226,6 +238,13 @@ SETUPS = {
     "resume_only_checkpoint_corrupt": lambda tmp, run, model: _corrupt_checkpoint(run),
     "resume_checkpoint_of_another_model": lambda tmp, run, model: _foreign_checkpoint(run),
     "resume_only_checkpoint_byte_flipped": lambda tmp, run, model: _flipped_checkpoint(run),
+    # the test runs in tmp (monkeypatch.chdir): a reward module beside the config is found there
+    "reward_module_syntax_error": lambda tmp, run, model: (tmp / "broken_rewards.py").write_text(
+        "def f(:\n"),
+    "reward_module_raises_on_import": lambda tmp, run, model: (
+        tmp / "angry_rewards.py").write_text("raise RuntimeError('no config here')\n"),
+    "gguf_garbage": lambda tmp, run, model: (tmp / "random.gguf").write_bytes(
+        bytes(range(256)) * 8),
     **{name: lambda tmp, run, model: _user_files(tmp, run) for name in USER_FILE_CASES},
     "run_dir_in_use": lambda tmp, run, model: _lock_held_by_4242(run),
     "run_dir_holds_an_earlier_run": lambda tmp, run, model: _earlier_run(run),

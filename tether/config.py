@@ -569,6 +569,7 @@ def _build(cls: type, values: dict, prefix: str):
 _POSITIVE, _NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
 _FRACTION, _BELOW_ONE = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
 _TOP_P = (lambda v: 0 < v <= 1, "in (0, 1]")
+_A_FOLDER = (lambda v: v.strip() != "", "a folder (empty would write into the current one)")
 _MAX_STEPS = (lambda v: v >= -1, ">= -1 (-1: train.epochs decides)")
 _GROUP = (lambda v: v >= 2, ">= 2 (advantages compare the samples of a group)")
 _SAMPLING = {"max_new_tokens": _POSITIVE, "temperature": _POSITIVE, "top_p": _TOP_P,
@@ -650,7 +651,7 @@ def _check_choice(cls: type, name: str, value: Any, key: str) -> None:
 
 def _check_limit(cls: type, name: str, value: Any, key: str) -> None:
     test, what = _LIMITS.get(cls, {}).get(name, (None, ""))
-    if test is not None and isinstance(value, (int, float)) and not test(value):
+    if test is not None and isinstance(value, (int, float, str)) and not test(value):
         raise ConfigError(f"config key '{key}' must be {what}, got {value!r}")
 
 
@@ -866,3 +867,7 @@ class CAIConfig:
     eval: EvalConfig = field(default_factory=_cai_eval)
     # the sampler of the critique and label stages (the ppo and eval stages: their own)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+_LIMITS.update({cls: {"output_dir": _A_FOLDER}
+                for cls in (PipelineConfig, LabelParams, CompareConfig, GoodhartConfig, CAIParams)})

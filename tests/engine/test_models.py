@@ -13,19 +13,19 @@ def test_gguf_file_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     import hashlib
 
     gguf = tmp_path / "m.Q4.gguf"
-    gguf.write_bytes(b"x" * 10)
+    gguf.write_bytes(b"GGUF" + b"x" * 6)  # the magic bytes, then anything
     calls = []
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "convert_gguf", lambda src, out: calls.append((src, out)) or out)
     out = models.resolve_model_dir(ModelConfig(name_or_path=str(gguf)))
-    digest = hashlib.sha256(b"x" * 10).hexdigest()[:16]
+    digest = hashlib.sha256(b"GGUF" + b"x" * 6).hexdigest()[:16]
     assert calls == [(gguf, tmp_path / "cache" / "models" / f"m.Q4-{digest}")]
     assert out == tmp_path / "cache" / "models" / f"m.Q4-{digest}"
     models.resolve_model_dir(ModelConfig(name_or_path=str(tmp_path), gguf_file="m.Q4.gguf"))
     assert calls[1] == calls[0]
     other = tmp_path / "other" / "m.Q4.gguf"  # same name, same size, one byte different
     other.parent.mkdir()
-    other.write_bytes(b"x" * 9 + b"y")
+    other.write_bytes(b"GGUF" + b"x" * 5 + b"y")
     assert models.resolve_model_dir(ModelConfig(name_or_path=str(other))) != out
 
 

@@ -45,6 +45,20 @@ def default_gguf_path() -> Path:
     return path
 
 
+def read_gguf(gguf_path: Path):
+    """(tokenizer, fp32 model) of a GGUF file; a file transformers cannot read (cut short,
+    corrupt, an architecture it lacks) is a ConfigError naming it."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError, IndexError, TypeError) as err:
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ConfigError(f"model.name_or_path: cannot read the GGUF file {gguf_path} "
+                          f"({first})") from None
+    return tokenizer, model
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """De-quantise a GGUF model once into a plain fp32 safetensors HF directory (atomic)."""
     if (out_dir / "config.json").is_file():
@@ -52,9 +66,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer, model = read_gguf(gguf_path)
         # The loaded model is flagged as quantised although its weights are plain fp32 tensors;
         # drop the flag so that save_pretrained writes an ordinary checkpoint.
         model.hf_quantizer = None
@@ -102,6 +114,10 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
     if gguf is not None:
         if not gguf.is_file():
             raise ConfigError(f"model.gguf_file: no GGUF file at {gguf}")
+        with gguf.open("rb") as f:
+            if f.read(4) != b"GGUF":  # every GGUF file starts with these four bytes
+                raise ConfigError(f"model.name_or_path: {gguf} is not a GGUF file (it does not "
+                                  "start with the GGUF magic bytes)")
         return convert_gguf(gguf, cache_dir() / "models" / gguf_cache_name(gguf))
     if not (path / "config.json").is_file():
         raise ConfigError(

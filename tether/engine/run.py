@@ -89,6 +89,9 @@ class Run:
         """Lock RUN_DIR, refuse or clear an earlier run, resume, save config.yaml, open the
         logger."""
         rc, run_dir = cfg.run, Path(cfg.run.output_dir)
+        if not rc.output_dir.strip():
+            raise ConfigError("config key 'run.output_dir' is empty: name a folder (an empty one "
+                              "would write into the current folder)")
         if dist.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
             _hold(run_dir)

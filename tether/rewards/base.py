@@ -4,6 +4,8 @@ all rows, or one per user group)."""
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import math
 import numbers
 from dataclasses import dataclass
@@ -70,17 +72,41 @@ def call_reward(name: str, fn: RewardFn, prompts: list, completions: list[str],
     return check_scores(name, scores, len(completions))
 
 
+def import_user_module(spec: str, module_name: str):
+    """The user's module: looked up on sys.path (installed packages, PYTHONPATH), then in the
+    current folder, so `tether` finds a my_rewards.py beside the config as `python -m tether`
+    does. Any failure of the import (missing, a SyntaxError, an exception the module raises
+    on import) is one RewardError naming the spec."""
+    def attempt():
+        try:
+            return importlib.import_module(module_name), None
+        except ModuleNotFoundError as err:
+            if err.name and module_name.startswith(err.name):  # the module itself is missing
+                return None, err
+            raise
+    try:
+        module, missing = attempt()
+        if module is None and os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())  # after everything installed: never shadows a package
+            module, missing = attempt()
+    except Exception as err:  # noqa: BLE001 - user code may raise anything on import
+        where = f" ({err.filename}, line {err.lineno})" if isinstance(err, SyntaxError) else ""
+        raise RewardError(f"reward function '{spec}': importing module '{module_name}' raised "
+                          f"{type(err).__name__}: {getattr(err, 'msg', None) or err}{where}") \
+            from None
+    if module is None:
+        raise RewardError(f"reward function '{spec}': cannot import module '{module_name}' "
+                          f"({missing}; looked on sys.path and in {os.getcwd()})")
+    return module
+
+
 def load_python_reward(spec: str) -> RewardFn:
     """The function named by "package.module:function" (imported now, only when named)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise RewardError(f"reward function '{spec}': expected 'module:function', e.g. "
                           "'my_rewards:length_penalty'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise RewardError(f"reward function '{spec}': cannot import module '{module_name}' "
-                          f"({err})") from err
+    module = import_user_module(spec, module_name)
     fn = module
     for part in attr.split("."):
         if not hasattr(fn, part):
