@@ -12,7 +12,7 @@ import torch
 from tether.config import DataConfig, DPOConfig, ModelConfig, PreferenceConfig, load_config
 from tether.data.collate import pad_collate
 from tether.data.preference import tokenize_preference_rows
-from tether.engine.generate import sample_complete
+from tether.engine.generate import SamplingParams, TorchBackend, encode_prompt
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.models import load_causal_lm
 from tether.errors import ConfigError
@@ -411,8 +411,10 @@ def test_heldout_generations_score_and_kl(tiny_model_dir, default_tokenizer, mon
         for p in policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     got = dpo.heldout_generations(cfg, policy, tok, prompts, initial=False)[0]
-    rollout = sample_complete(policy, tok, prompts, max_new_tokens=sentiment.MAX_NEW_TOKENS,
-                              seed=cfg.train.seed + 7919, precision="fp32")
+    rollout = TorchBackend(policy, tok, precision="fp32").generate(  # the same draw, by hand
+        [encode_prompt(tok, p) for p in prompts],
+        SamplingParams(max_new_tokens=sentiment.MAX_NEW_TOKENS, temperature=1.0),
+        generator=torch.Generator().manual_seed(cfg.train.seed + 7919))
     ref = load_causal_lm(cfg.model).eval()
 
     def full_logits_logp(lm, prompt_ids, completion_ids):

@@ -341,15 +341,3 @@ def greedy_complete(wrapper: nn.Module, tokenizer, prompts: list, *, max_new_tok
         ids = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
         texts += backend.generate(ids, params).texts
     return texts
-
-
-def sample_complete(wrapper: nn.Module, tokenizer, prompts: list, *, max_new_tokens: int,
-                    seed: int, precision: str = "fp32") -> Rollout:
-    """One completion per prompt from the policy's own distribution (temperature 1, no top-k /
-    top-p), drawn with a seeded generator of its own: the global RNG is untouched, so a run that
-    evaluates this way still resumes exactly."""
-    device = next(wrapper.parameters()).device
-    return TorchBackend(wrapper, tokenizer, precision=precision).generate(
-        [encode_prompt(tokenizer, p) for p in prompts],
-        SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0),
-        generator=torch.Generator(device).manual_seed(seed))

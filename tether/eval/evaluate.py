@@ -31,7 +31,7 @@ from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import autocast, resolve_precision
 from tether.engine.score import completion_logps
 from tether.errors import ConfigError
-from tether.eval.online import distinct_n, prompt_text
+from tether.eval.online import all_gather, distinct_n, prompt_text
 from tether.eval.stats import mean_and_stderr, self_bleu, sequence_kl
 from tether.eval.tasks import EvalTask, arithmetic_rows, build_task, sentiment_rows
 from tether.rewards import RewardModelScorer, call_reward
@@ -121,13 +121,16 @@ class SampleSet:
 @torch.no_grad()
 def sample_set(model: CausalLMLogps, tokenizer, rows: list[dict], cfg: EvalConfig, *,
                precision: str, advance: Callable[[], None]) -> SampleSet:
-    """cfg.samples_per_prompt completions per row, batch_size rows at a time, from one seeded
-    generator: the same seed and batch size give the same completions on CPU."""
+    """cfg.samples_per_prompt completions per row, batch_size rows at a time, from one generator
+    seeded with cfg.seed on the model's device (the global RNG is untouched, so a training run
+    that evaluates this way still resumes exactly): the same seed and batch size give the same
+    completions."""
     G = cfg.samples_per_prompt
-    backend = make_backend(cfg.generation, model, tokenizer, precision=precision, shared=True)
+    backend = make_backend(cfg.generation, model, tokenizer, precision=precision, seed=cfg.seed,
+                           shared=True)  # vLLM: one engine per process, the new weights pushed
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, group_size=G)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
     out = SampleSet([], {}, [])
     for start in range(0, len(rows), cfg.batch_size):
         chunk = rows[start:start + cfg.batch_size]
@@ -146,46 +149,85 @@ def sample_set(model: CausalLMLogps, tokenizer, rows: list[dict], cfg: EvalConfi
     return out
 
 
-@torch.no_grad()
-def kl_to(reference: CausalLMLogps, policy: CausalLMLogps, samples: SampleSet, *,
-          precision: str, batch_size: int) -> tuple[list[float], list[float]]:
-    """Per-completion (k1, k3) of the policy's samples against the reference (stats.sequence_kl),
-    both models teacher-forced in the same precision."""
-    k1s, k3s = [], []
-    for rollout in samples.rollouts:
-        with autocast(torch.device("cpu"), precision):
-            logps = completion_logps(policy, rollout, micro_batch_size=batch_size)
-            ref = completion_logps(reference, rollout, micro_batch_size=batch_size)
-        k1, k3 = sequence_kl(logps.float(), ref.float(), rollout.completion_mask)
-        k1s += k1.tolist()
-        k3s += k3.tolist()
-    return k1s, k3s
-
-
 # --- score: the metrics of one sample set -----------------------------------------------------
 
 
-def sample_metrics(samples: SampleSet, task: EvalTask, proxy) -> tuple[dict, list[float],
-                                                                       list[float] | None]:
-    """Gold and proxy means (with standard errors), entropy, diversity, length."""
-    gold = call_reward(task.gold_name, task.gold, samples.prompts, samples.texts,
-                       **samples.columns)
-    metrics = {}
-    metrics["gold/mean"], metrics["gold/stderr"] = mean_and_stderr(gold)
+@dataclass
+class Heldout:
+    """`heldout_metrics`' answer: this rank's samples and per-completion scores, and the metrics
+    of all ranks' completions."""
+    samples: SampleSet  # this rank's
+    metrics: dict[str, float]
+    gold: list[float] | None  # one per completion of this rank (None without a gold function)
+    proxy: list[float] | None  # likewise, with a proxy
+
+
+@torch.no_grad()
+def heldout_metrics(model: CausalLMLogps, tokenizer, rows: list[dict], cfg: EvalConfig, *,
+                    gold: Callable | None, proxy: Callable | None = None,
+                    reference: Callable | None = None, scores: dict[str, Callable] | None = None,
+                    micro_batch_size: int, precision: str, gold_name: str = "gold",
+                    advance: Callable[[], None] = lambda: None) -> Heldout:
+    """The one held-out sampling-and-scoring path (`tether eval`, goodhart, DPO's in-run
+    diagnostics): `sample_set` of this rank's `rows`, scored, each metric over every rank's
+    completions (gathered: under torchrun the means are global):
+
+      gold/mean, gold/stderr       the gold function (`gold_name` in its errors; None: left out)
+      proxy/mean, proxy/stderr     the proxy reward (None: left out)
+      <name>                       the mean of each of `scores` (metric name -> reward function)
+      kl/k1, kl/k3 (+ _stderr)     `stats.sequence_kl` of each completion against the reference:
+                                   `reference(fn)` returns fn(reference model), fn scoring the
+                                   completions (so a recipe keeps its LoRA / reload handling);
+                                   None: the model is its own reference, KL 0.0
+      policy/entropy               per completion token, the sampler's (vLLM gives none: left out)
+      completions/distinct_1, _2, self_bleu, completions/mean_length (tokens, EOS included),
+      completions/truncated_frac
+
+    Both models are teacher-forced in `precision`, micro_batch_size rows a forward."""
+    samples = sample_set(model, tokenizer, rows, cfg, precision=precision, advance=advance)
+    texts = all_gather(samples.texts)
+    n = len(texts)
+    metrics: dict[str, float] = {}
+    golds = None if gold is None else call_reward(gold_name, gold, samples.prompts,
+                                                  samples.texts, **samples.columns)
+    if golds is not None:
+        metrics["gold/mean"], metrics["gold/stderr"] = mean_and_stderr(all_gather(golds))
     proxy_scores = None
     if proxy is not None:
         proxy_scores = call_reward("reward_model", proxy, samples.prompts, samples.texts)
-        metrics["proxy/mean"], metrics["proxy/stderr"] = mean_and_stderr(proxy_scores)
-    n = len(samples.texts)
+        metrics["proxy/mean"], metrics["proxy/stderr"] = mean_and_stderr(
+            all_gather(proxy_scores))
+    for name, fn in (scores or {}).items():
+        metrics[name] = mean_and_stderr(all_gather(call_reward(
+            name, fn, samples.prompts, samples.texts, **samples.columns)))[0]
+    tokens = sum(all_gather([samples.tokens]))
+    if samples.entropy_sum == samples.entropy_sum:  # nan: the sampler gave no entropy
+        metrics["policy/entropy"] = sum(all_gather([samples.entropy_sum])) / max(1, tokens)
     metrics.update({
-        "policy/entropy": samples.entropy_sum / max(1, samples.tokens),
-        "completions/distinct_1": distinct_n(samples.texts, 1),
-        "completions/distinct_2": distinct_n(samples.texts, 2),
-        "self_bleu": self_bleu(samples.texts),
-        "completions/mean_length": samples.tokens / max(1, n),
-        "completions/truncated_frac": samples.truncated / max(1, n),
+        "completions/distinct_1": distinct_n(texts, 1),
+        "completions/distinct_2": distinct_n(texts, 2),
+        "self_bleu": self_bleu(texts),
+        "completions/mean_length": tokens / max(1, n),
+        "completions/truncated_frac": sum(all_gather([samples.truncated])) / max(1, n),
     })
-    return metrics, gold, proxy_scores
+    if reference is None:
+        metrics.update({"kl/k1": 0.0, "kl/k3": 0.0})
+    else:
+        device = next(model.parameters()).device
+
+        def score(lm) -> list[torch.Tensor]:  # (b, C) completion log-probs per rollout
+            with autocast(device, precision):
+                return [completion_logps(lm, r, micro_batch_size=micro_batch_size).float()
+                        for r in samples.rollouts]
+
+        k1s, k3s = [], []
+        for rollout, logps, ref in zip(samples.rollouts, score(model), reference(score)):
+            k1, k3 = sequence_kl(logps, ref, rollout.completion_mask)
+            k1s += k1.tolist()
+            k3s += k3.tolist()
+        metrics["kl/k1"], metrics["kl/k1_stderr"] = mean_and_stderr(all_gather(k1s))
+        metrics["kl/k3"], metrics["kl/k3_stderr"] = mean_and_stderr(all_gather(k3s))
+    return Heldout(samples, metrics, golds, proxy_scores)
 
 
 def bon_samples(model: CausalLMLogps, tokenizer, task: EvalTask, proxy, cfg: EvalConfig, *,
@@ -307,22 +349,18 @@ def evaluate(cfg: EvalConfig) -> dict:
     with progress_bar(cfg.progress) as progress:
         for name, model in (("policy", policy), ("reference", reference)):
             bar = progress.add_task(f"sample {name}", total=batches)
-            samples = sample_set(model, tokenizer, task.rows, cfg, precision=precision,
-                                 advance=lambda b=bar: progress.advance(b))
-            metrics, gold, proxy_scores = sample_metrics(samples, task, proxy)
-            if name == "policy":
-                k1, k3 = kl_to(reference, policy, samples, precision=precision,
-                               batch_size=cfg.batch_size)
-                metrics["kl/k1"], metrics["kl/k1_stderr"] = mean_and_stderr(k1)
-                metrics["kl/k3"], metrics["kl/k3_stderr"] = mean_and_stderr(k3)
-            else:
-                metrics.update({"kl/k1": 0.0, "kl/k3": 0.0})
+            held = heldout_metrics(
+                model, tokenizer, task.rows, cfg, gold=task.gold, gold_name=task.gold_name,
+                proxy=proxy, reference=(lambda fn: fn(reference)) if name == "policy" else None,
+                micro_batch_size=cfg.batch_size, precision=precision,
+                advance=lambda b=bar: progress.advance(b))
+            metrics = held.metrics
             if cfg.tax:
                 bar = progress.add_task(f"alignment tax ({name})", total=1)
                 metrics.update(tax_metrics(model, tokenizer, task, cfg, precision=precision))
                 progress.advance(bar)
             results[name] = {"metrics": metrics,
-                             "samples": kept_samples(samples, gold, proxy_scores,
+                             "samples": kept_samples(held.samples, held.gold, held.proxy,
                                                      cfg.samples_per_prompt)}
     report = {
         "tether_eval": 1, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -7,7 +7,7 @@
     Diagnostics            one run's gold reward, watcher and samples.jsonl, as the recipes use
                            them: `rollout_metrics` each step, `log` for every metrics line
     heldout_greedy         held-out greedy evaluation (PPO, GRPO) with the samples it wrote
-    sampled_diagnostics    sampled held-out completions with KL, entropy, diversity (DPO)
+    (DPO's sampled held-out completions go through `tether eval`'s `heldout_metrics`)
 
 Every metric is defined in docs/metrics.md, every warning in docs/diagnostics.md. Recipes call
 this module; it imports no recipe.
@@ -357,57 +357,6 @@ def heldout_greedy(backend, reward_fn, prompts: list, *, max_new_tokens: int,
             sum(v for v, m in zip(values, mine) if m)).item() / groups.count(name)
             for k, values in per_row.items() if values is not None})
     return metrics, sample_rows(asked, texts, reward=total.tolist(), gold=golds)
-
-
-@torch.no_grad()
-def sampled_diagnostics(policy, tokenizer, prompts: list, *, reference: Callable | None,
-                        max_new_tokens: int, seed: int, precision: str, micro_batch_size: int,
-                        generation, gold: Callable | None = None,
-                        scores: dict[str, Callable] | None = None
-                        ) -> tuple[dict[str, float], list[dict]]:
-    """One completion per held-out prompt sampled from the policy by `generation`'s backend
-    (`make_backend`; temperature 1, a generator of its own: the training RNG is untouched),
-    this rank's equal share, and what it says:
-    kl/k1, kl/k3 (`sequence_kl`, against `reference(score)`, which returns score(reference
-    model), the (n, C) completion log-probs; None: the policy is the reference, KL 0),
-    policy/entropy (per token), completions/mean_length, completions/distinct_2, gold/mean with
-    a gold function, and each of `scores` (metric name -> reward function) as a mean; plus the
-    samples.jsonl rows of the first SAMPLES_KEPT prompts. ({}, []) without prompts."""
-    from tether.engine.backends import make_backend
-    from tether.engine.generate import SamplingParams, encode_prompt
-    from tether.engine.optimize import autocast
-    from tether.engine.score import completion_logps
-    from tether.rewards import call_reward
-
-    prompts = prompts[:len(prompts) - len(prompts) % dist.world_size()]  # equal shares
-    if not prompts:
-        return {}, []
-    share = prompts[dist.rank()::dist.world_size()]
-    backend = make_backend(generation, policy, tokenizer, precision=precision, seed=seed,
-                           shared=True)  # vLLM: one engine per run, the new weights pushed
-    rollout = backend.generate([encode_prompt(tokenizer, p) for p in share], SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=1.0),
-        generator=torch.Generator(next(policy.parameters()).device).manual_seed(seed))
-
-    def score(model):  # (n, C) completion log-probs, teacher-forced, 0 on padding
-        with autocast(dist.device(), precision):
-            return completion_logps(model, rollout, micro_batch_size=micro_batch_size)
-
-    logps = score(policy)
-    ref = logps if reference is None else reference(score)
-    mask, n = rollout.completion_mask, len(prompts)
-    metrics = {"kl/k1": sequence_kl(logps, ref, mask, "k1"),
-               "kl/k3": sequence_kl(logps, ref, mask, "k3"),
-               "completions/mean_length": dist.all_reduce_sum(mask.sum().item()).item() / n,
-               "completions/distinct_2": distinct_n(all_gather(rollout.texts), 2)}
-    if rollout.entropy is not None:
-        metrics["policy/entropy"] = dist.global_mean(rollout.entropy[mask].sum().item(),
-                                                     mask.sum().item())
-    golds = None if gold is None else call_reward("gold", gold, share, rollout.texts)
-    named = {**({"gold/mean": golds} if golds is not None else {}),
-             **{k: call_reward(k, fn, share, rollout.texts) for k, fn in (scores or {}).items()}}
-    metrics.update({k: dist.all_reduce_sum(sum(v)).item() / n for k, v in named.items()})
-    return metrics, sample_rows(share, rollout.texts, gold=golds)
 
 
 def rollout_kl(rollout, batches: list) -> dict[str, float]:

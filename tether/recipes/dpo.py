@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from tether.config import DPOConfig, PreferenceConfig, choice_error
+from tether.config import DPOConfig, EvalConfig, PreferenceConfig, choice_error
 from tether.data.formats import truncation_counts, truncation_message
 from tether.data.preference import (PreferenceBatch, builtin_sentiment_rows, collate_preference,
                                     load_preference_data)
@@ -46,6 +46,7 @@ from tether.engine.reference import (Reference, cached_pair_logps, items_used, k
 from tether.engine.run import Run
 from tether.errors import ConfigError
 from tether.eval import online
+from tether.eval.evaluate import heldout_metrics
 from tether.eval.report import write_report
 from tether.losses import (PREFERENCE_LOSSES, PreferenceLoss, group_robust_weights, masked_mean,
                            preference_coefficients)
@@ -196,22 +197,35 @@ def evaluate(policy, batches: list[PreferenceBatch], loss_fn, device, precision,
 # --- held-out generations: ground-truth score, KL to the reference, online diagnostics ------
 
 
+IN_RUN_KEYS = ("kl/k1", "kl/k3", "completions/mean_length", "completions/distinct_2",
+               "policy/entropy", "gold/mean", "eval/sentiment")  # what a DPO run logs of them
+
+
 def heldout_generations(cfg: DPOConfig, policy: CausalLMLogps, tokenizer, prompts: list, *,
                         initial: bool, gold=None) -> tuple[dict[str, float], list[dict]]:
-    """Completions sampled from the policy on held-out prompts (`online.sampled_diagnostics`):
-    kl/k1 (the mean of log pi(y|x) - log ref(y|x) summed over the completion: a sampled estimate
-    of the sequence-level KL(policy || reference), 0 while the policy is the reference), kl/k3,
-    policy/entropy, completions/*, gold/mean with a gold function, and on the built-in set
-    `eval/sentiment` (mean VADER compound); and the samples.jsonl rows. The samples come from
-    `cfg.generation`'s backend."""
+    """One completion per held-out prompt sampled from the policy (`cfg.generation`'s backend,
+    temperature 1, a seeded generator of its own: the training RNG is untouched), each rank an
+    equal share, scored by `tether eval`'s path (`evaluate.heldout_metrics`): kl/k1 (the mean of
+    log pi(y|x) - log ref(y|x) summed over the completion: a sampled estimate of the
+    sequence-level KL(policy || reference), 0 while the policy is the reference), kl/k3,
+    policy/entropy, completions/mean_length, completions/distinct_2, gold/mean with a gold
+    function, and on the built-in set `eval/sentiment` (mean VADER compound); and the
+    samples.jsonl rows of the first SAMPLES_KEPT prompts. ({}, []) without prompts."""
+    prompts = prompts[:len(prompts) - len(prompts) % dist.world_size()]  # equal shares
+    if not prompts:
+        return {}, []
+    share = prompts[dist.rank()::dist.world_size()]
     reference = None if initial and not cfg.dpo.ref_model else \
         partial(reference_of(cfg, policy).apply, policy_unchanged=initial)
-    metrics, samples = online.sampled_diagnostics(
-        policy, tokenizer, prompts, reference=reference, max_new_tokens=sentiment.MAX_NEW_TOKENS,
-        seed=cfg.train.seed + 7919 * (dist.rank() + 1), precision=cfg.train.precision,
-        micro_batch_size=cfg.train.micro_batch_size, generation=cfg.generation, gold=gold,
-        scores={"eval/sentiment": SentimentReward()} if cfg.data.path is None else None)
-    return metrics, samples
+    sampler = EvalConfig(samples_per_prompt=1, max_new_tokens=sentiment.MAX_NEW_TOKENS,
+                         temperature=1.0, top_p=1.0, batch_size=len(share),  # one batch
+                         seed=cfg.train.seed + 7919 * (dist.rank() + 1), generation=cfg.generation)
+    held = heldout_metrics(
+        policy, tokenizer, [{"prompt": p} for p in share], sampler, gold=gold, reference=reference,
+        scores={"eval/sentiment": SentimentReward()} if cfg.data.path is None else None,
+        micro_batch_size=cfg.train.micro_batch_size, precision=cfg.train.precision)
+    metrics = {k: held.metrics[k] for k in IN_RUN_KEYS if k in held.metrics}
+    return metrics, online.sample_rows(share, held.samples.texts, gold=held.gold)
 
 
 # --- the run ----------------------------------------------------------------------------------

@@ -39,8 +39,7 @@ from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import resolve_precision
 from tether.errors import ConfigError
 from tether.eval import goodhart as gh
-from tether.eval.evaluate import bon_samples, kl_to, progress_bar, sample_metrics, sample_set
-from tether.eval.stats import mean_and_stderr
+from tether.eval.evaluate import bon_samples, heldout_metrics, progress_bar
 from tether.eval.tasks import build_task
 from tether.recipes import stages
 from tether.rewards import RewardModelScorer
@@ -186,14 +185,12 @@ def eval_checkpoint(cfg, ckpt: Path, sections: dict, reference, tokenizer, task,
     policy = CausalLMLogps(lm).eval()
     ecfg = eval_config(cfg, cfg.rl_samples, precision)
     bar = progress.add_task(f"rl: {ckpt.name}", total=-(-len(task.rows) // ecfg.batch_size))
-    samples = sample_set(policy, tokenizer, task.rows, ecfg, precision=precision,
-                         advance=lambda: progress.advance(bar))
-    metrics, _, _ = sample_metrics(samples, task, proxy)
-    k1, k3 = kl_to(reference, policy, samples, precision=precision, batch_size=16)
-    metrics["kl/k1"], metrics["kl/k1_stderr"] = mean_and_stderr(k1)
-    metrics["kl/k3"], metrics["kl/k3_stderr"] = mean_and_stderr(k3)
+    held = heldout_metrics(policy, tokenizer, task.rows, ecfg, gold=task.gold,
+                           gold_name=task.gold_name, proxy=proxy,
+                           reference=lambda fn: fn(reference), micro_batch_size=16,
+                           precision=precision, advance=lambda: progress.advance(bar))
     step = json.loads((ckpt / checkpoint.STATE).read_text())["step"]
-    return {"key": key, "step": step, "metrics": metrics, "texts": samples.texts[:8]}
+    return {"key": key, "step": step, "metrics": held.metrics, "texts": held.samples.texts[:8]}
 
 
 def rl_points(cfg, rl_dir: Path, reference, tokenizer, task, proxy, proxy_path,
