@@ -33,11 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable
 
+import torch
+
 from tether.config import save_config, to_dict
 from tether.engine import checkpoint, dist
 from tether.engine.interrupt import TrainingSteps
 from tether.engine.locks import lock_with_pid
 from tether.engine.metrics import MetricsLogger
+from tether.engine.optimize import resolve_precision
 from tether.errors import ConfigError
 
 LOCK = ".tether.lock"
@@ -58,6 +61,15 @@ SAME_MATHS = ("run.output_dir", "run.save_every", "run.save_every_minutes", "run
               "rewards.")
 HOW_TO_START = ("run.resume", "run.overwrite", "run.allow_config_change")  # not compared
 _HELD: dict[Path, IO] = {}  # run directories this process holds the lock of
+
+
+def init_process(train) -> torch.device:
+    """A trainer's first act: torchrun's process group (world size 1 without it), this rank's
+    device, and `train.precision` resolved for it (auto -> bf16 or fp32)."""
+    dist.init()
+    device = dist.device()
+    train.precision = resolve_precision(train.precision, device)
+    return device
 
 
 @dataclass

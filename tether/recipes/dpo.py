@@ -39,11 +39,11 @@ from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer, resolve_model_dir
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, check_batch_sizes,
-                                   resolve_precision, step_items, train_step)
+                                   step_items, train_step)
 from tether.engine.reference import (Reference, cached_pair_logps, items_used, kto_kl,
                                      load_reference, reference_cache_path, reference_logps,
                                      sequence_logps)
-from tether.engine.run import Run
+from tether.engine.run import Run, init_process
 from tether.errors import ConfigError
 from tether.eval import online
 from tether.eval.evaluate import heldout_metrics
@@ -325,10 +325,8 @@ def reference_stage(cfg: DPOConfig, objective: Objective, policy: CausalLMLogps,
 
 def set_up(cfg: DPOConfig) -> DPORun:
     """Data, the policy, the reference log-probs, the optimizer and its schedule."""
-    dist.init()
-    device = dist.device()
     tc = cfg.train
-    tc.precision = resolve_precision(tc.precision, device)
+    device = init_process(tc)
     micro_steps = check_batch_sizes(cfg)
     objective = build_objective(cfg.dpo)
     unpaired = not objective.row.paired

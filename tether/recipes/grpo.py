@@ -41,11 +41,11 @@ from tether.engine.generate import GenerationBackend, Rollout, SamplingParams
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer
-from tether.engine.optimize import (build_optimizer, build_scheduler, resolve_precision, step_items,
+from tether.engine.optimize import (build_optimizer, build_scheduler, step_items,
                                    train_step)
 from tether.engine.reference import Reference, load_reference
 from tether.engine.rollout_batches import GRPOBatch, micro_batches
-from tether.engine.run import Run
+from tether.engine.run import Run, init_process
 from tether.engine.score import score_logps
 from tether.errors import ConfigError
 from tether.eval import online
@@ -182,10 +182,8 @@ class StepScores:
 def set_up(cfg: GRPOConfig, cleanup: ExitStack) -> GRPORun:
     """Objective, rewards, prompts and user groups, the policy, its reference, the sampler
     (stopped by `cleanup`), the optimizer and its schedule."""
-    dist.init()
-    device = dist.device()
     tc, gc_ = cfg.train, cfg.grpo
-    tc.precision = resolve_precision(tc.precision, device)
+    device = init_process(tc)
     obj = build_objective(gc_, cfg.generation)
     rewards = build_rewards(gc_, device)
     if gc_.prompts_per_step % dist.world_size():

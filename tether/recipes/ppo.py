@@ -41,10 +41,10 @@ from tether.engine.generate import GenerationBackend, Rollout, SamplingParams, s
 from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer, load_value_model
-from tether.engine.optimize import build_scheduler, resolve_precision, step_items, train_step
+from tether.engine.optimize import build_scheduler, step_items, train_step
 from tether.engine.reference import Reference, load_reference
 from tether.engine.rollout_batches import PPOBatch
-from tether.engine.run import Run
+from tether.engine.run import Run, init_process
 from tether.engine.score import Scored, TokenValues, score_rollout
 from tether.errors import ConfigError
 from tether.eval import online
@@ -238,10 +238,8 @@ def load_models(cfg: PPOConfig, tokenizer, device) -> ActorCritic:
 def set_up(cfg: PPOConfig, cleanup: ExitStack) -> PPORun:
     """Batch sizes checked, prompts, the four models, the optimizer and its schedule, the
     sampler (stopped by `cleanup`)."""
-    dist.init()
-    device = dist.device()
     tc, pc = cfg.train, cfg.ppo
-    tc.precision = resolve_precision(tc.precision, device)
+    device = init_process(tc)
     rows_per_rank, mini_rows = check_batch_sizes(cfg)
     if pc.temperature != 1.0:
         raise ConfigError("ppo.temperature must be 1.0: the PPO ratio compares log-probs of the "

@@ -30,8 +30,8 @@ from tether.engine import checkpoint, dist
 from tether.engine.metrics import peak_memory_mb
 from tether.engine.models import load_tokenizer, load_value_model, unwrap
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, check_batch_sizes,
-                                   resolve_precision, step_items, train_step)
-from tether.engine.run import Run
+                                   step_items, train_step)
+from tether.engine.run import Run, init_process
 from tether.errors import ConfigError
 from tether.eval.report import write_report
 from tether.losses import process_reward_loss
@@ -192,10 +192,8 @@ def summarise(logger, pc, n_eval: int, eval_before: dict, eval_after: dict, out_
 
 
 def run(cfg: PRMConfig) -> dict:
-    dist.init()
-    device = dist.device()
     tc, pc, run_dir = cfg.train, cfg.prm, Path(cfg.run.output_dir)
-    tc.precision = resolve_precision(tc.precision, device)
+    device = init_process(tc)
     if pc.aggregate not in AGGREGATES:
         raise ConfigError(f"prm.aggregate must be one of {', '.join(AGGREGATES)}, got "
                           f"{pc.aggregate!r}")

@@ -33,8 +33,8 @@ from tether.engine import checkpoint, dist
 from tether.engine.metrics import peak_memory_mb
 from tether.engine.models import freeze_trunk, load_reward_model, load_tokenizer, unwrap
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, check_batch_sizes,
-                                   resolve_precision, step_items, train_step)
-from tether.engine.run import Run
+                                   step_items, train_step)
+from tether.engine.run import Run, init_process
 from tether.errors import ConfigError, DataError
 from tether.eval.report import write_report
 from tether.losses import bradley_terry_loss
@@ -273,10 +273,8 @@ def save(model, tokenizer, out_dir: Path):
 
 
 def run(cfg: RMConfig) -> dict:
-    dist.init()
-    device = dist.device()
     tc, run_dir = cfg.train, Path(cfg.run.output_dir)
-    tc.precision = resolve_precision(tc.precision, device)
+    device = init_process(tc)
     micro_steps = check_batch_sizes(cfg)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)

@@ -26,8 +26,8 @@ from tether.engine.logprobs import CausalLMLogps
 from tether.engine.metrics import peak_memory_mb
 from tether.engine.models import load_causal_lm, load_tokenizer
 from tether.engine.optimize import (autocast, build_optimizer, build_scheduler, check_batch_sizes,
-                                   resolve_precision, step_items, train_step)
-from tether.engine.run import Run
+                                   step_items, train_step)
+from tether.engine.run import Run, init_process
 from tether.errors import ConfigError
 from tether.eval.report import write_report
 from tether.losses import nll_loss
@@ -112,10 +112,8 @@ def load_policy(cfg: SFTConfig, device) -> CausalLMLogps:
 
 
 def run(cfg: SFTConfig) -> dict:
-    dist.init()
-    device = dist.device()
     tc, run_dir = cfg.train, Path(cfg.run.output_dir)
-    tc.precision = resolve_precision(tc.precision, device)
+    device = init_process(tc)
     micro_steps = check_batch_sizes(cfg)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
